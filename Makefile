@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Every target is idempotent; demo and test run setup first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# All caches live in the ignored .cache/ so every rank, CI run and `make` call shares them.
+export DS_GPT_CACHE ?= $(CURDIR)/.cache
+export TORCH_EXTENSIONS_DIR ?= $(DS_GPT_CACHE)/torch_extensions
+export TIKTOKEN_CACHE_DIR ?= $(DS_GPT_CACHE)/tiktoken
+EXTRAS ?=
+DEMO_OUT ?= out/demo
+
+.PHONY: setup demo test test-fast clean-cluster
+
+setup: $(VENV)/.installed
+	$(PY) -m ds_gpt.assets
+ifneq ($(EXTRAS),)
+	$(PY) -m pip install -q -r requirements-$(EXTRAS).txt
+endif
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+demo: setup
+	$(PY) -m ds_gpt.prepare --dataset shakespeare
+	deepspeed --num_gpus 2 ds_gpt/train.py --deepspeed_config ds_configs/zero1.json \
+		--config config/demo_cpu.toml --out_dir $(DEMO_OUT)
+	$(PY) -m ds_gpt.sample --out_dir $(DEMO_OUT) --start "ROMEO:" --num_samples 1 \
+		--max_new_tokens 60 --temperature 0.8 --top_k 200 --seed 1337
+	$(PY) -m ds_gpt.report $(DEMO_OUT)
+	@echo "metrics: $(DEMO_OUT)/metrics.jsonl  report: $(DEMO_OUT)/report.md  tensorboard: tensorboard --logdir $(DEMO_OUT)/tb"
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m 'not slow'

@@ -1,0 +1,45 @@
+"""Shared test fixtures. Add fixtures by appending; keep each one small and documented."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+# One cache for every test process and rank: JIT-built DeepSpeed ops, tiktoken ranks, corpora.
+os.environ.setdefault("DS_GPT_CACHE", str(REPO_ROOT / ".cache"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ["DS_GPT_CACHE"]) / "torch_extensions"))
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(os.environ["DS_GPT_CACHE"]) / "tiktoken"))
+
+
+def write_token_bins(data_dir: Path, n_train: int = 20_000, n_val: int = 4_000,
+                     vocab: int = 512, seed: int = 0) -> Path:
+    """Write a small synthetic corpus as flat uint16 train.bin/val.bin (nanoGPT's format).
+
+    The ids follow a learnable pattern (a noisy +1 sequence) so a tiny model's loss drops fast.
+    """
+    rng = np.random.default_rng(seed)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("val", n_val)):
+        start = rng.integers(0, vocab, size=n)
+        ids = (np.cumsum(np.ones(n, dtype=np.int64)) + start[0]) % vocab
+        noise = rng.random(n) < 0.1
+        ids[noise] = rng.integers(0, vocab, size=int(noise.sum()))
+        ids.astype(np.uint16).tofile(data_dir / f"{name}.bin")
+    return data_dir
+
+
+@pytest.fixture
+def token_bins(tmp_path: Path) -> Path:
+    """A fresh synthetic corpus directory (train.bin, val.bin; no meta.json, like nanoGPT's)."""
+    return write_token_bins(tmp_path / "data")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
