@@ -1,0 +1,147 @@
+"""Export a run's weights for nanoGPT, Hugging Face transformers, or plain torch.
+
+    python -m ds_gpt.export --out_dir out/gpt2 --format hf --dest hf/gpt2-ours
+    python -m ds_gpt.export --out_dir out/gpt2 --tag global_step5000 --format nanogpt --dest ng/
+    python -m ds_gpt.export --out_dir out/gpt2 --format fp32 --dest fp32/
+
+The newest complete checkpoint (or --tag), of any ZeRO stage, is consolidated to fp32 by
+ds_gpt.checkpoint. What DEST receives:
+  nanogpt  ckpt.pt: model, model_args, iter_num, best_val_loss, config, and a fresh AdamW state
+           in nanoGPT's layout (the trained moments stay in the DeepSpeed checkpoint), so
+           nanoGPT's sample.py loads it and its train.py can resume from it.
+  hf       config.json + model.safetensors for GPT2LMHeadModel.from_pretrained(DEST), offline;
+           the padded vocab is trimmed to --hf_vocab_size (50257 for our 50304).
+  fp32     model.pt: our GPT's plain state_dict (torch.load + GPT.load_state_dict), and
+           model_args.json beside it.
+DEST is written as a temporary sibling and renamed into place: an interrupted export leaves
+no half-written DEST. A non-empty DEST is replaced only with --force.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ds_gpt.errors import UserError, run_cli
+from ds_gpt.interop import (GPT2_VOCAB_SIZE, check_state_dict, hf_config, nanogpt_checkpoint,
+                            nanogpt_optimizer_state_from, to_hf_state_dict)
+from ds_gpt.model import GPT, GPTConfig
+
+FORMATS = ("nanogpt", "hf", "fp32")
+PADDED_GPT2_VOCAB = 50304
+
+
+def default_hf_vocab_size(vocab_size: int) -> int:
+    """GPT-2's 50257 for our padded 50304; any other vocabulary is taken as it is."""
+    return GPT2_VOCAB_SIZE if vocab_size == PADDED_GPT2_VOCAB else vocab_size
+
+
+def _plain(obj):
+    """JSON-safe primitives only, so nanoGPT's torch.load(weights_only=True) accepts the file."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def write_nanogpt(dest: Path, state_dict: dict[str, torch.Tensor], client_state: dict) -> None:
+    model_args = client_state["model_args"]
+    config = _plain(client_state.get("config") or {})
+    # The run's own AdamW settings (our config.json layout), else nanoGPT's defaults.
+    params = (config.get("ds_config") or {}).get("optimizer", {}).get("params", {})
+    betas = params.get("betas", (0.9, 0.95))
+    with torch.device("meta"):  # only the parameter layout is needed for the optimizer groups
+        model = GPT(GPTConfig(**model_args))
+    optimizer = nanogpt_optimizer_state_from(
+        model, learning_rate=float(params.get("lr", 6e-4)), weight_decay=float(params.get("weight_decay", 0.1)),
+        betas=(float(betas[0]), float(betas[1])))
+    ckpt = nanogpt_checkpoint(state_dict, model_args, iter_num=client_state.get("iter_num", 0),
+                              best_val_loss=client_state.get("best_val_loss"), config=config,
+                              optimizer=optimizer)
+    torch.save(ckpt, dest / "ckpt.pt")
+
+
+def write_hf(dest: Path, state_dict: dict[str, torch.Tensor], client_state: dict,
+             hf_vocab_size: int | None = None) -> None:
+    from safetensors.torch import save_file
+
+    model_args = client_state["model_args"]
+    vocab = hf_vocab_size or default_hf_vocab_size(model_args["vocab_size"])
+    tensors = to_hf_state_dict(state_dict, model_args, vocab)
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    (dest / "config.json").write_text(json.dumps(hf_config(model_args, vocab), indent=2) + "\n")
+
+
+def write_fp32(dest: Path, state_dict: dict[str, torch.Tensor], client_state: dict) -> None:
+    torch.save({k: v.detach().to("cpu", torch.float32) for k, v in state_dict.items()}, dest / "model.pt")
+    meta = {k: client_state.get(k) for k in ("model_args", "iter_num", "best_val_loss")}
+    (dest / "model_args.json").write_text(json.dumps(_plain(meta), indent=2) + "\n")
+
+
+def _check_dest(dest: Path, force: bool) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"--dest {dest} exists and is not a directory")
+    if dest.is_dir() and any(dest.iterdir()) and not force:
+        raise UserError(f"--dest {dest} is not empty", hint="pick a new --dest, or add --force to replace it")
+
+
+def export(state_dict: dict[str, torch.Tensor], client_state: dict, fmt: str, dest: str | os.PathLike, *,
+           hf_vocab_size: int | None = None, force: bool = False) -> Path:
+    """Write `state_dict` (our GPT's keys) in `fmt` to the directory `dest`, atomically."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if "model_args" not in client_state:
+        raise UserError("the checkpoint carries no model_args: it was not written by ds_gpt.train")
+    check_state_dict(client_state["model_args"], state_dict, "checkpoint")
+    dest = Path(dest)
+    _check_dest(dest, force)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        if fmt == "nanogpt":
+            write_nanogpt(tmp, state_dict, client_state)
+        elif fmt == "hf":
+            write_hf(tmp, state_dict, client_state, hf_vocab_size)
+        else:
+            write_fp32(tmp, state_dict, client_state)
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from the rest of a shared group
+        old = None
+        if dest.exists():  # replace: move the old aside first, so a crash leaves one of the two
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+        tmp.rename(dest)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ds_gpt.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out_dir", required=True, help="the run directory holding the DeepSpeed checkpoints")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step5000 (default: the newest)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="what to write (see above)")
+    p.add_argument("--dest", required=True, help="output directory")
+    p.add_argument("--hf_vocab_size", type=int, default=None,
+                   help="hf: rows of the embedding to keep (default 50257 for vocab 50304, else all)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --dest")
+    args = p.parse_args(argv)
+
+    from ds_gpt.checkpoint import load_fp32_state_dict  # the one place that consolidates ZeRO shards
+
+    if not Path(args.out_dir).is_dir():
+        raise UserError(f"--out_dir {args.out_dir} does not exist")
+    _check_dest(Path(args.dest), args.force)  # fail before the (slow) consolidation
+    state_dict, client_state = load_fp32_state_dict(args.out_dir, tag=args.tag)
+    dest = export(state_dict, client_state, args.format, args.dest,
+                  hf_vocab_size=args.hf_vocab_size, force=args.force)
+    print(f"exported {args.format} (iter {client_state.get('iter_num', '?')}) to {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, prog="ds_gpt.export")

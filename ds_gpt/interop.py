@@ -1,0 +1,403 @@
+"""Weights in and out: nanoGPT's ckpt.pt, Hugging Face GPT-2 directories, OpenAI's GPT-2.
+
+Our GPT uses nanoGPT's parameter names exactly, so nanoGPT is a rename-free mapping:
+  - torch.compile'd nanoGPT models save keys with an `_orig_mod.` prefix: stripped on import;
+  - nanoGPT's non-flash attention registers a causal-mask buffer `transformer.h.N.attn.bias`:
+    dropped on import (we always use SDPA's causal kernel) and never written on export, because
+    nanoGPT on torch >= 2.0 takes the flash path and has no such buffer to load strictly.
+Hugging Face's GPT2LMHeadModel has the same names under the same `transformer.` prefix, but:
+  - c_attn, c_proj and c_fc are `Conv1D` layers whose weights are stored [in, out], the
+    transpose of nn.Linear's [out, in];
+  - the vocabulary is GPT-2's 50257, while we pad to 50304 (a multiple of 64) for fast matmuls.
+    Import pads with the mean embedding row (as transformers' resize_token_embeddings does), so
+    the never-seen padding ids start with an average logit instead of 0, which would outrank
+    every real token of GPT-2, whose logits are mostly negative. Export trims the padding;
+  - `attn.bias` / `attn.masked_bias` there are mask buffers, not weights: ignored;
+  - OpenAI's checkpoints use the tanh GELU ("gelu_new"); we run the exact GELU, as nanoGPT's
+    from_pretrained does (the difference is below 1e-3 per activation). Export writes
+    activation_function "gelu", so transformers runs our weights exactly as we do.
+
+transformers is an optional extra (`make setup EXTRAS=hf`), imported only to read HF weights.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from ds_gpt.errors import UserError
+from ds_gpt.model import GPT, GPTConfig
+
+NANOGPT_PREFIX = "nanogpt:"
+OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE; 50304 is it padded up to a multiple of 64
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_INSTALL_HINT = "make setup EXTRAS=hf  (installs requirements-hf.txt: transformers)"
+
+
+@dataclass
+class InitWeights:
+    """Weights to start a run from, in our GPT's terms."""
+
+    model_args: dict  # GPTConfig fields (block_size, vocab_size, n_layer, n_head, n_embd, dropout, bias)
+    state_dict: dict[str, torch.Tensor]  # our GPT's keys, fp32
+    iter_num: int = 0
+    optimizer_state: dict | None = None  # nanoGPT's torch AdamW state_dict, when present
+    best_val_loss: float | None = None
+    source: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# checks shared by every source
+
+
+def check_compatible(model_args: dict, expected: dict) -> None:
+    """Raise one UserError naming every field of `expected` that `model_args` contradicts."""
+    diffs = [f"{k}: checkpoint has {model_args.get(k)!r}, requested {v!r}"
+             for k, v in expected.items() if model_args.get(k) != v]
+    if diffs:
+        raise UserError("the checkpoint does not match the requested model: " + "; ".join(diffs),
+                        hint="drop the conflicting model flags to take the checkpoint's values")
+
+
+def _config_from(model_args: dict, source: str) -> GPTConfig:
+    names = {f.name for f in fields(GPTConfig)}
+    missing = sorted(n for n in names - set(model_args) if n != "dropout")
+    if missing:
+        raise UserError(f"{source}: model_args lacks {', '.join(missing)}")
+    return GPTConfig(**{k: v for k, v in model_args.items() if k in names})
+
+
+def check_state_dict(model_args: dict, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Every key and shape of GPT(model_args), nothing more, or a UserError listing what differs."""
+    with torch.device("meta"):  # shapes only: no memory, no init time even for gpt2-xl
+        want = {k: tuple(v.shape) for k, v in GPT(_config_from(model_args, source)).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state_dict.items()}
+    problems = [f"{k} has shape {have[k]}, model_args imply {want[k]}"
+                for k in want if k in have and have[k] != want[k]]
+    problems += [f"missing {k}" for k in want if k not in have]
+    problems += [f"unexpected {k}" for k in have if k not in want]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise UserError(f"{source}: weights do not fit model_args {model_args}: {shown}")
+
+
+def _fp32(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# nanoGPT
+
+
+def from_nanogpt_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """nanoGPT's model state_dict -> ours: strip `_orig_mod.`, drop the causal-mask buffers."""
+    out = {}
+    for k, v in state_dict.items():
+        k = k.removeprefix("_orig_mod.")
+        if not k.endswith(".attn.bias"):
+            out[k] = v
+    return out
+
+
+def load_nanogpt(path: str | os.PathLike) -> InitWeights:
+    """Read nanoGPT's ckpt.pt (model, optimizer, model_args, iter_num, best_val_loss, config)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.is_file():
+        raise UserError(f"no nanoGPT checkpoint at {path}", hint="--init_from nanogpt:OUT_DIR/ckpt.pt")
+    try:  # weights_only: a checkpoint is data, never code to run
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad input file
+        raise UserError(f"cannot read {path} as a nanoGPT checkpoint: {err}") from err
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(f"{path} is not a nanoGPT checkpoint: it needs the keys 'model' and 'model_args'")
+    source = f"{NANOGPT_PREFIX}{path}"
+    model_args = _config_from(dict(ckpt["model_args"]), source).to_dict()
+    state_dict = _fp32(from_nanogpt_state_dict(ckpt["model"]))
+    check_state_dict(model_args, state_dict, source)
+    best = ckpt.get("best_val_loss")
+    return InitWeights(
+        model_args=model_args,
+        state_dict=state_dict,
+        iter_num=int(ckpt.get("iter_num", 0)),
+        optimizer_state=ckpt.get("optimizer"),
+        best_val_loss=None if best is None else float(best),
+        source=source,
+    )
+
+
+def nanogpt_checkpoint(state_dict: dict[str, torch.Tensor], model_args: dict, *, iter_num: int = 0,
+                       best_val_loss: float | None = None, config: dict | None = None,
+                       optimizer: dict | None = None) -> dict:
+    """The dict nanoGPT's train.py saves, from our weights. nanoGPT's sample.py/model.py load it
+    strictly: same keys, lm_head.weight tied to transformer.wte.weight, no mask buffers."""
+    check_state_dict(model_args, state_dict, "export")
+    model = {k: v.detach().to("cpu", torch.float32) for k, v in state_dict.items()}
+    model["lm_head.weight"] = model["transformer.wte.weight"]  # one tensor, saved once, as nanoGPT's
+    ckpt = {
+        "model": model,
+        "model_args": dict(model_args),
+        "iter_num": int(iter_num),
+        "best_val_loss": float("inf") if best_val_loss is None else float(best_val_loss),
+        "config": dict(config or {}),
+    }
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face GPT2LMHeadModel
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """HF GPT2LMHeadModel state_dict -> ours: transpose Conv1D weights, pad the vocabulary."""
+    out = {}
+    for k, v in hf.items():
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # mask buffers
+        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # bare GPT2Model
+        out[k] = v.t().contiguous() if k.endswith(CONV1D_WEIGHTS) else v
+    wte = out["transformer.wte.weight"]
+    if vocab_size < wte.size(0):
+        raise UserError(f"vocab_size {vocab_size} is smaller than the source's {wte.size(0)}")
+    if vocab_size > wte.size(0):
+        pad = wte.mean(dim=0, keepdim=True).expand(vocab_size - wte.size(0), -1)
+        wte = torch.cat([wte, pad])
+    out["transformer.wte.weight"] = wte
+    out["lm_head.weight"] = wte  # tied, whatever the source saved
+    return _fp32(out)
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], model_args: dict,
+                     hf_vocab_size: int) -> dict[str, torch.Tensor]:
+    """Ours -> HF GPT2LMHeadModel tensors (contiguous, unshared, as safetensors needs).
+
+    lm_head.weight is left out: HF ties it to transformer.wte.weight, as save_pretrained does.
+    A bias=False model gets zero biases, which compute the same thing (HF GPT-2 always has them).
+    """
+    if hf_vocab_size > model_args["vocab_size"]:
+        raise UserError(f"--hf_vocab_size {hf_vocab_size} exceeds the model's vocab_size {model_args['vocab_size']}")
+    out = {}
+    for k, v in state_dict.items():
+        if k == "lm_head.weight":
+            continue
+        v = v.detach().to("cpu", torch.float32)
+        if k == "transformer.wte.weight":
+            v = v[:hf_vocab_size]
+        out[k] = (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous().clone()
+    if not model_args["bias"]:
+        with torch.device("meta"):
+            ref = GPT(_config_from({**model_args, "bias": True}, "export")).state_dict()
+        for k, v in ref.items():
+            if k.endswith(".bias") and k not in out:
+                out[k] = torch.zeros(v.shape)
+    return out
+
+
+def hf_config(model_args: dict, hf_vocab_size: int) -> dict:
+    """config.json for GPT2LMHeadModel, for the fields that decide what the model computes."""
+    eos = GPT2_VOCAB_SIZE - 1 if hf_vocab_size > GPT2_VOCAB_SIZE - 1 else None  # <|endoftext|>
+    p = float(model_args.get("dropout", 0.0))
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": hf_vocab_size,
+        "n_positions": model_args["block_size"],
+        "n_embd": model_args["n_embd"],
+        "n_layer": model_args["n_layer"],
+        "n_head": model_args["n_head"],
+        "n_inner": None,  # 4 * n_embd, as our MLP
+        "activation_function": "gelu",  # exact erf GELU, our nn.GELU()
+        "resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "dtype": "float32",
+    }
+
+
+def _model_args_from_hf(cfg, vocab_size: int, source: str) -> dict:
+    """GPTConfig fields from a transformers GPT2Config, refusing variants our GPT cannot run."""
+    problems = []
+    if cfg.model_type != "gpt2":
+        problems.append(f"model_type {cfg.model_type!r} (need 'gpt2')")
+    if cfg.n_inner not in (None, 4 * cfg.n_embd):
+        problems.append(f"n_inner {cfg.n_inner} (need 4 * n_embd)")
+    if cfg.activation_function not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        problems.append(f"activation_function {cfg.activation_function!r}")
+    if abs(cfg.layer_norm_epsilon - 1e-5) > 1e-12:
+        problems.append(f"layer_norm_epsilon {cfg.layer_norm_epsilon} (need 1e-5)")
+    if not cfg.scale_attn_weights or cfg.scale_attn_by_inverse_layer_idx:
+        problems.append("non-standard attention scaling")
+    if not getattr(cfg, "tie_word_embeddings", True):
+        problems.append("untied lm_head")
+    if problems:
+        raise UserError(f"{source}: not a GPT-2 our model can run: " + "; ".join(problems))
+    return GPTConfig(block_size=cfg.n_positions, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=True).to_dict()
+
+
+def load_hf(name_or_dir: str, *, vocab_size: int = 50304) -> InitWeights:
+    """OpenAI's GPT-2 by name (HF cache first, then the hub) or any local HF GPT-2 directory."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise UserError(f"--init_from {name_or_dir} needs the optional transformers package",
+                        hint=HF_INSTALL_HINT) from err
+    from huggingface_hub import is_offline_mode
+
+    transformers.logging.set_verbosity_error()
+    local = Path(name_or_dir).is_dir()
+    source = str(Path(name_or_dir).resolve()) if local else name_or_dir
+    attempts = [True] if local or is_offline_mode() else [True, False]
+    err: Exception | None = None
+    for local_only in attempts:  # the cache first: no network round trip when it is there
+        try:
+            hf = transformers.GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32,
+                                                              local_files_only=local_only)
+            break
+        except (OSError, ValueError) as e:  # not cached / no network / not a model dir
+            err = e
+    else:
+        where = ("a directory with config.json and model.safetensors" if local else
+                 f"the Hugging Face cache or hub (offline: fetch it elsewhere with "
+                 f"`hf download openai-community/{name_or_dir} --local-dir DIR`, then --init_from DIR)")
+        raise UserError(f"cannot load GPT-2 weights {name_or_dir!r} from {where}: {err}")
+    if vocab_size < hf.config.vocab_size:
+        raise UserError(f"{source}: its vocab_size {hf.config.vocab_size} exceeds the requested {vocab_size}")
+    model_args = _model_args_from_hf(hf.config, vocab_size, source)
+    state_dict = from_hf_state_dict(hf.state_dict(), vocab_size)
+    check_state_dict(model_args, state_dict, source)
+    return InitWeights(model_args=model_args, state_dict=state_dict, source=source)
+
+
+def load_init_weights(spec: str, *, vocab_size: int = 50304) -> InitWeights:
+    """Weights for `--init_from SPEC`: "nanogpt:PATH/ckpt.pt", "gpt2[-medium|-large|-xl]", or
+    a local HF GPT-2 directory. `vocab_size` is the padded size HF/OpenAI weights are extended
+    to; a nanoGPT checkpoint keeps its own (its optimizer state is shaped by it)."""
+    if spec.startswith(NANOGPT_PREFIX):
+        return load_nanogpt(spec[len(NANOGPT_PREFIX):])
+    if spec in OPENAI_MODELS or Path(spec).is_dir():
+        return load_hf(spec, vocab_size=vocab_size)
+    raise UserError(f"--init_from {spec!r}: not a known source",
+                    hint=f"use nanogpt:PATH/ckpt.pt, one of {', '.join(OPENAI_MODELS)}, or a HF model directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# nanoGPT's AdamW state
+#
+# nanoGPT's configure_optimizers builds two groups from model.named_parameters() (tied lm_head
+# counted once, as transformer.wte.weight): decay = every tensor with dim >= 2, then no_decay =
+# the rest, each in named_parameters order. torch numbers the parameters 0..N-1 across the groups
+# in that order, so index i of the saved state is the i-th name of nanogpt_param_names(model).
+# Our GPT registers its modules in nanoGPT's order, so the names are the same.
+
+
+def nanogpt_param_names(model: torch.nn.Module) -> list[str]:
+    """Parameter names in the order of nanoGPT's optimizer state indices."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+
+
+def _nanogpt_moments(model: torch.nn.Module, state: dict) -> tuple[dict[str, dict], float]:
+    """{name: {exp_avg, exp_avg_sq}} and the shared step count, checked against the model."""
+    names = nanogpt_param_names(model)
+    groups = state.get("param_groups", [])
+    indices = [i for g in groups for i in g["params"]]
+    n_decay = sum(1 for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2)
+    if len(indices) != len(names) or len(groups) != 2 or len(groups[0]["params"]) != n_decay:
+        sizes = [len(g["params"]) for g in groups]
+        raise UserError(f"nanoGPT optimizer state has groups of {sizes} parameters; this model needs "
+                        f"[{n_decay}, {len(names) - n_decay}] (decay, no_decay)")
+    params = dict(model.named_parameters())
+    moments, steps = {}, set()
+    for name, idx in zip(names, indices):
+        s = state["state"].get(idx) or state["state"].get(str(idx))
+        if s is None:
+            continue  # never stepped: fresh moments
+        if s["exp_avg"].shape != params[name].shape:
+            raise UserError(f"nanoGPT optimizer state for {name} has shape {tuple(s['exp_avg'].shape)}, "
+                            f"the parameter {tuple(params[name].shape)}")
+        moments[name] = {"exp_avg": s["exp_avg"].float(), "exp_avg_sq": s["exp_avg_sq"].float()}
+        steps.add(float(s["step"]))
+    if len(steps) > 1:
+        raise UserError(f"nanoGPT optimizer state has differing step counts {sorted(steps)}")
+    if moments and len(moments) != len(names):
+        raise UserError("nanoGPT optimizer state covers only some parameters")
+    return moments, steps.pop() if steps else 0.0
+
+
+def apply_nanogpt_optimizer_state(optimizer, model: torch.nn.Module, nanogpt_optimizer_state: dict) -> None:
+    """Load nanoGPT's AdamW moments and step count into `optimizer`, by parameter name.
+
+    `optimizer` is either a torch optimizer over `model`'s own parameters (also DeepSpeed's
+    engine.optimizer at ZeRO stage 0 in fp32), or DeepSpeed's ZeRO-1/2 or bf16 optimizer, whose
+    fp32 master partitions are filled through DeepSpeed's fragment API, so every rank sets its
+    own slice. Learning rate and betas stay the optimizer's own: the run's schedule owns them.
+    """
+    moments, step = _nanogpt_moments(model, nanogpt_optimizer_state)
+    if not moments:
+        return
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise UserError("--resume_optimizer is not supported with ZeRO stage 3",
+                        hint="use a ZeRO stage 0-2 ds_config for the first run, or drop --resume_optimizer")
+    flats = getattr(optimizer, "single_partition_of_fp32_groups", None) or \
+        getattr(optimizer, "fp32_groups_flat_partition", None)
+    if flats is not None:  # DeepSpeed: the base optimizer steps flat fp32 partitions
+        from deepspeed.utils import safe_set_full_optimizer_state
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        base = optimizer.optimizer
+        for i, flat in enumerate(flats):
+            st = base.state[flat]  # empty until the first step: create it, then link the fragments
+            st["step"] = torch.tensor(step, dtype=torch.float32, device=_step_device(flat, base.param_groups[i]))
+            st.setdefault("exp_avg", torch.zeros_like(flat))
+            st.setdefault("exp_avg_sq", torch.zeros_like(flat))
+            lazy_init_hp_params_optimizer_state(optimizer.bit16_groups[i], flat, base.state)
+        for name, p in model.named_parameters():
+            if name in moments:
+                for key, value in moments[name].items():
+                    safe_set_full_optimizer_state(p, value.to(p.device), key)
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = name_of.get(id(p))
+            if name is None:
+                raise UserError("the optimizer holds parameters that are not the model's "
+                                "(build it over model.parameters(), or pass DeepSpeed's engine.optimizer)")
+            optimizer.state[p] = {
+                "step": torch.tensor(step, dtype=torch.float32, device=_step_device(p, group)),
+                "exp_avg": moments[name]["exp_avg"].to(p.device, p.dtype).clone(),
+                "exp_avg_sq": moments[name]["exp_avg_sq"].to(p.device, p.dtype).clone(),
+            }
+
+
+def _step_device(p: torch.Tensor, group: dict) -> torch.device:
+    # torch's Adam keeps `step` on the CPU unless the fused or capturable kernels read it on device.
+    return p.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+
+
+def nanogpt_optimizer_state_from(model: torch.nn.Module, *, learning_rate: float = 6e-4,
+                                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)) -> dict:
+    """A fresh AdamW state_dict in nanoGPT's layout (two groups, no moments yet).
+
+    Exports carry this rather than the trained moments (ZeRO keeps them partitioned and
+    ds_gpt.checkpoint consolidates weights only): nanoGPT's `init_from='resume'` then loads the
+    checkpoint and restarts Adam's moments from zero at the saved iter_num.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas).state_dict()

@@ -1,0 +1,276 @@
+"""Interop: nanoGPT ckpt.pt and Hugging Face GPT-2 in and out (fp32, CPU, tiny models).
+
+Reference implementations are the real ones: transformers' GPT2LMHeadModel (the optional extra,
+requirements-hf.txt) and nanoGPT's loading code, reproduced below as its sample.py has it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_gpt.errors import UserError
+from ds_gpt.export import export
+from ds_gpt.interop import (apply_nanogpt_optimizer_state, check_compatible, load_init_weights,
+                            nanogpt_param_names)
+from ds_gpt.model import GPT, GPTConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True)
+
+
+def tiny_gpt(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **overrides}))
+    with torch.no_grad():  # non-trivial biases and norms, so a mapping mistake shows in the logits
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def batch(vocab: int, seed: int = 1, B: int = 2, T: int = 16) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def our_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        logits, _ = model(idx, targets=idx)  # targets: logits at every position
+    return logits
+
+
+def hf_logits(model_dir: Path, idx: torch.Tensor) -> torch.Tensor:
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def client_state(model: GPT, **extra) -> dict:
+    return {"model_args": model.config.to_dict(), "iter_num": 7, "best_val_loss": 2.5, **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face out and in
+
+
+@pytest.mark.parametrize("overrides,hf_vocab", [({}, None), ({"vocab_size": 160}, 128), ({"bias": False}, None)],
+                         ids=["same-vocab", "trimmed-vocab", "no-bias"])
+def test_hf_export_gives_our_logits(tmp_path, overrides, hf_vocab):
+    model = tiny_gpt(**overrides)
+    dest = export(model.state_dict(), client_state(model), "hf", tmp_path / "hf", hf_vocab_size=hf_vocab)
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
+    idx = batch(hf_vocab or model.config.vocab_size)
+    ours, theirs = our_logits(model, idx), hf_logits(dest, idx)
+    assert theirs.shape[-1] == (hf_vocab or model.config.vocab_size)
+    torch.testing.assert_close(theirs, ours[..., :theirs.shape[-1]], atol=1e-4, rtol=0)
+
+
+def save_random_hf_gpt2(path: Path, vocab: int = 100, activation: str = "gelu") -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=64, n_layer=2, n_head=2,
+                     activation_function=activation, bos_token_id=None, eos_token_id=None)
+    hf = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.save_pretrained(path)
+
+
+@pytest.mark.parametrize("activation,atol", [("gelu", 1e-4), ("gelu_new", 2e-3)])
+def test_local_hf_dir_loads_with_transformers_logits(tmp_path, activation, atol):
+    save_random_hf_gpt2(tmp_path / "hf", activation=activation)
+    init = load_init_weights(str(tmp_path / "hf"), vocab_size=128)  # 100 padded to 128
+    assert init.model_args == dict(TINY, vocab_size=128)
+    assert init.iter_num == 0 and init.optimizer_state is None
+    model = GPT(GPTConfig(**init.model_args)).eval()
+    model.load_state_dict(init.state_dict)  # strict: every key, every shape
+    idx = batch(100)
+    ours, theirs = our_logits(model, idx), hf_logits(tmp_path / "hf", idx)
+    # gelu_new (OpenAI's tanh GELU) runs as the exact GELU here, as in nanoGPT: close, not equal.
+    torch.testing.assert_close(ours[..., :100], theirs, atol=atol, rtol=0)
+    # Padding rows are the mean embedding: their logit is the mean of the real ones, never 0.
+    torch.testing.assert_close(ours[..., 100:], theirs.mean(-1, keepdim=True).expand(-1, -1, 28), atol=1e-4, rtol=0)
+
+
+def test_openai_name_offline_says_how_to_get_it(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    code = ("from ds_gpt.interop import load_init_weights\n"
+            "from ds_gpt.errors import run_cli\n"
+            "run_cli(lambda: load_init_weights('gpt2') and 0, prog='t')\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "cannot load GPT-2 weights 'gpt2'" in r.stderr and "--init_from DIR" in r.stderr
+
+
+def test_without_transformers_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when absent
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(UserError, match="transformers") as err:
+        load_init_weights(str(tmp_path / "hf"))
+    assert "make setup EXTRAS=hf" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# nanoGPT in and out
+
+
+def nanogpt_adamw(model: GPT) -> torch.optim.AdamW:
+    """nanoGPT's configure_optimizers: decay (dim >= 2) then no-decay, named_parameters order."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95))
+
+
+def train_steps(model: GPT, opt: torch.optim.Optimizer, n: int, seed: int = 5) -> None:
+    model.train()
+    for i in range(n):
+        idx = batch(model.config.vocab_size, seed=seed + i, T=32)
+        _, loss = model(idx[:, :-1], targets=idx[:, 1:].contiguous())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def write_nanogpt_ckpt(path: Path, model: GPT, opt: torch.optim.Optimizer, iter_num: int = 2) -> dict:
+    """A ckpt.pt as nanoGPT's train.py writes it from a torch.compile'd, non-flash model."""
+    sd = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    T = model.config.block_size
+    for i in range(model.config.n_layer):  # non-flash CausalSelfAttention's causal-mask buffer
+        sd[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
+    ckpt = {"model": sd, "optimizer": opt.state_dict(), "model_args": model.config.to_dict(),
+            "iter_num": iter_num, "best_val_loss": torch.tensor(3.25), "config": {"learning_rate": 1e-2}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def nanogpt_load(ckpt_path: Path) -> GPT:
+    """nanoGPT's sample.py, verbatim in logic: GPTConfig(**model_args), strip, strict load."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu")  # weights_only=True: torch's default
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    state_dict = checkpoint["model"]
+    unwanted_prefix = "_orig_mod."
+    for k, v in list(state_dict.items()):
+        if k.startswith(unwanted_prefix):
+            state_dict[k[len(unwanted_prefix):]] = state_dict.pop(k)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def test_nanogpt_to_ours_to_nanogpt_is_bitwise(tmp_path):
+    src = tiny_gpt()
+    opt = nanogpt_adamw(src)
+    train_steps(src, opt, 2)
+    original = write_nanogpt_ckpt(tmp_path / "ng" / "ckpt.pt", src, opt)
+
+    init = load_init_weights(f"nanogpt:{tmp_path / 'ng' / 'ckpt.pt'}")
+    assert init.model_args == src.config.to_dict()
+    assert (init.iter_num, init.best_val_loss) == (2, 3.25)
+    assert init.optimizer_state["param_groups"][0]["params"] == original["optimizer"]["param_groups"][0]["params"]
+    ours = GPT(GPTConfig(**init.model_args))
+    ours.load_state_dict(init.state_dict)
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+
+    dest = export(ours.state_dict(), {"model_args": init.model_args, "iter_num": init.iter_num,
+                                      "best_val_loss": init.best_val_loss}, "nanogpt", tmp_path / "back")
+    back = torch.load(dest / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert set(back) == {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"}
+    assert (back["iter_num"], back["best_val_loss"], back["model_args"]) == (2, 3.25, src.config.to_dict())
+    want = {k.removeprefix("_orig_mod."): v for k, v in original["model"].items() if not k.endswith(".attn.bias")}
+    assert set(back["model"]) == set(want)
+    for k, v in want.items():
+        assert back["model"][k].dtype == v.dtype and torch.equal(back["model"][k], v), k
+
+    reloaded = nanogpt_load(dest / "ckpt.pt")  # nanoGPT's own loading path, strict
+    idx = batch(src.config.vocab_size)
+    assert torch.equal(our_logits(reloaded, idx), our_logits(src, idx))
+    nanogpt_adamw(reloaded).load_state_dict(back["optimizer"])  # its train.py resume step
+
+
+def test_nanogpt_optimizer_state_continues_the_run(tmp_path):
+    # The reference: nanoGPT's own optimizer going on for one more step.
+    ref = tiny_gpt()
+    ref_opt = nanogpt_adamw(ref)
+    train_steps(ref, ref_opt, 3)
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", ref, ref_opt, iter_num=3)
+    train_steps(ref, ref_opt, 1, seed=100)
+
+    init = load_init_weights(f"nanogpt:{tmp_path / 'ckpt.pt'}")
+    model = GPT(GPTConfig(**init.model_args))
+    model.load_state_dict(init.state_dict)
+    opt = torch.optim.AdamW(model.optimizer_param_groups(0.1), lr=1e-2, betas=(0.9, 0.95))
+    apply_nanogpt_optimizer_state(opt, model, init.optimizer_state)
+    train_steps(model, opt, 1, seed=100)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_nanogpt_param_order_is_nanogpts():
+    names = nanogpt_param_names(tiny_gpt())
+    assert names[:3] == ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight"]
+    assert "lm_head.weight" not in names and names[-1] == "transformer.ln_f.bias"
+
+
+# ---------------------------------------------------------------------------------------------
+# mismatches say what differs
+
+
+def test_check_compatible_names_each_field():
+    with pytest.raises(UserError) as err:
+        check_compatible(dict(TINY), {"vocab_size": 50304, "bias": False, "n_layer": 2})
+    msg = str(err.value)
+    assert "vocab_size: checkpoint has 128, requested 50304" in msg and "bias: checkpoint has True" in msg
+    assert "n_layer" not in msg
+    check_compatible(dict(TINY), {"vocab_size": 128})
+
+
+def test_inconsistent_nanogpt_checkpoint_is_named(tmp_path):
+    model = tiny_gpt()
+    ckpt = write_nanogpt_ckpt(tmp_path / "ckpt.pt", model, nanogpt_adamw(model))
+    ckpt["model_args"]["vocab_size"] = 50304  # the args say one vocab, the tensors another
+    ckpt["model_args"]["bias"] = False
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(UserError) as err:
+        load_init_weights(f"nanogpt:{tmp_path / 'bad.pt'}")
+    assert "transformer.wte.weight has shape (128, 64), model_args imply (50304, 64)" in str(err.value)
+    assert "unexpected transformer.h.0.ln_1.bias" in str(err.value)
+    with pytest.raises(UserError, match="no nanoGPT checkpoint"):
+        load_init_weights(f"nanogpt:{tmp_path / 'missing.pt'}")
+    with pytest.raises(UserError, match="not a known source"):
+        load_init_weights("gpt3")
+
+
+def test_optimizer_state_of_another_model_is_refused(tmp_path):
+    other = tiny_gpt(n_layer=1)
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", other, nanogpt_adamw(other))
+    state = load_init_weights(f"nanogpt:{tmp_path / 'ckpt.pt'}").optimizer_state
+    model = tiny_gpt()
+    with pytest.raises(UserError, match=r"groups of \[6, 10\] parameters; this model needs \[10, 18\]"):
+        apply_nanogpt_optimizer_state(torch.optim.AdamW(model.parameters()), model, state)
+
+
+def test_export_never_clobbers_without_force(tmp_path):
+    model = tiny_gpt()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        export(model.state_dict(), client_state(model), "fp32", dest)
+    assert (dest / "keep.txt").read_text() == "mine"
+    export(model.state_dict(), client_state(model), "fp32", dest, force=True)
+    assert sorted(p.name for p in dest.iterdir()) == ["model.pt", "model_args.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    loaded = GPT(GPTConfig(**TINY))
+    loaded.load_state_dict(torch.load(dest / "model.pt", weights_only=True))
+    idx = batch(128)
+    assert torch.equal(our_logits(loaded, idx), our_logits(model, idx))
