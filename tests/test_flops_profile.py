@@ -1,0 +1,133 @@
+"""DeepSpeed's flops profiler against the analytic forward FLOPs, on real 1-process engines.
+
+Each engine runs in its own process: ZeRO-3 patches torch.nn.functional.linear for the rest
+of the process, and DeepSpeed's distributed state is per process.
+Run one by hand: python tests/test_flops_profile.py <zero_stage> <out_dir> [--no-overrides]
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from ds_gpt.mfu import PROFILE_FILE, fwd_flops_per_token, profiler_ds_overrides  # noqa: E402
+
+# The tiny model: d=128 keeps the matmuls dominant, as in GPT-2 (the profiler also counts
+# LayerNorm and GELU, which the analytic formula leaves out: ~1% here, <0.1% at 124M).
+MODEL = dict(block_size=64, vocab_size=512, n_layer=2, n_head=4, n_embd=128, dropout=0.0, bias=True)
+MICRO_BATCH, GRAD_ACCUM, PROFILE_STEP = 2, 2, 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(zero_stage: int, out_dir: Path, overrides: bool) -> None:
+    """Train 3 iterations with the profiler on at PROFILE_STEP; print the events as JSON."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(_free_port()))
+    import deepspeed
+    import torch
+
+    from ds_gpt.mfu import FlopsProfileCapture
+    from ds_gpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**MODEL))
+    n_params = model.num_params(non_embedding=True)  # before ZeRO-3 partitions the tensors
+    ds_config = {
+        "train_batch_size": MICRO_BATCH * GRAD_ACCUM,
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": GRAD_ACCUM,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 10_000,
+    }
+    extra = profiler_ds_overrides(PROFILE_STEP, out_dir, zero_stage)
+    if not overrides:
+        extra.pop("zero_optimization", None)
+    for key, block in extra.items():
+        ds_config.setdefault(key, {}).update(block)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    capture = FlopsProfileCapture(engine, n_params=n_params, n_layer=MODEL["n_layer"],
+                                  n_embd=MODEL["n_embd"], peak_flops=1e12)
+    events = []
+    for iter_num in range(3):
+        for _ in range(GRAD_ACCUM):
+            x = torch.randint(0, MODEL["vocab_size"], (MICRO_BATCH, MODEL["block_size"]))
+            _, loss = engine(x, x)
+            engine.backward(loss)
+            engine.step()
+        if iter_num == PROFILE_STEP:  # an eval forward on the profiled step must not count
+            engine.eval()
+            with torch.no_grad():
+                engine(x, x)
+            engine.train()
+        event = capture.collect(iter_num, step_time_s=0.5)
+        if event is not None:
+            events.append(event)
+    capture.close()
+    print("EVENTS " + json.dumps({"events": events, "n_params": n_params}), flush=True)
+
+
+def run_worker(zero_stage: int, out_dir: Path, overrides: bool = True) -> dict:
+    cmd = [sys.executable, __file__, str(zero_stage), str(out_dir)] + ([] if overrides else ["--no-overrides"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("EVENTS "))
+    return json.loads(line.removeprefix("EVENTS "))
+
+
+def test_overrides_turn_the_block_on_and_fix_zero3(tmp_path):
+    assert profiler_ds_overrides(None, tmp_path, 3) == {"flops_profiler": {"enabled": False}}
+    for stage in (0, 1, 2):
+        over = profiler_ds_overrides(5, tmp_path, stage)
+        assert over["flops_profiler"]["enabled"] and over["flops_profiler"]["profile_step"] == 5
+        assert over["flops_profiler"]["output_file"] == str(tmp_path / PROFILE_FILE)
+        assert "zero_optimization" not in over
+    assert profiler_ds_overrides(5, tmp_path, 3)["zero_optimization"] == {"memory_efficient_linear": False}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_profiler_and_analytic_agree(tmp_path, zero_stage):
+    result = run_worker(zero_stage, tmp_path)
+    (event,) = result["events"]  # exactly one profiled iteration
+    n = result["n_params"]
+    # N by hand: wte 512*128 + per layer (ln 2*2*128 + c_attn 128*384+384 + c_proj 128*128+128
+    #   + c_fc 128*512+512 + mlp c_proj 512*128+128) + ln_f 2*128
+    assert n == 512 * 128 + 2 * (512 + 49536 + 16512 + 66048 + 65664) + 256 == 462_336
+    # forward per token: 2N + 4*L*T*d = 924,672 + 4*2*64*128 = 990,208; 2 micro-batches x 2 x 64 tokens
+    assert event["tokens"] == 256 and event["micro_batches"] == 2
+    assert event["analytic_fwd_flops"] == 990_208 * 256 == fwd_flops_per_token(n, 2, 128, 64) * 256
+    assert event["iter"] == PROFILE_STEP and event["zero_stage"] == zero_stage
+    assert event["agree"] is True, event
+    assert abs(event["flops_ratio"] - 1) < 0.05
+    assert event["profiler_fwd_macs"] > 0 and event["profiler_fwd_latency_s"] > 0
+    # Same step time for both: the MFUs differ exactly as the FLOP counts do.
+    assert event["mfu_analytic"] == pytest.approx(3 * event["analytic_fwd_flops"] / 0.5 / 1e12)
+    assert event["mfu_profiler"] / event["mfu_analytic"] == pytest.approx(event["flops_ratio"])
+    text = (tmp_path / PROFILE_FILE).read_text()
+    assert "DeepSpeed Flops Profiler" in text and "ds_gpt cross-check" in text
+
+
+@pytest.mark.slow
+def test_zero3_without_the_override_is_flagged(tmp_path):
+    (event,) = run_worker(3, tmp_path, overrides=False)["events"]
+    # Every linear counted twice: the ratio is near 2, far outside 5%.
+    assert event["agree"] is False and event["flops_ratio"] > 1.8
+    assert "memory_efficient_linear" in event["warning"]
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), Path(sys.argv[2]), overrides="--no-overrides" not in sys.argv)
