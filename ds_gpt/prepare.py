@@ -1,0 +1,290 @@
+"""Turn a corpus into the trainer's train.bin / val.bin / meta.json.
+
+    python -m ds_gpt.prepare --dataset shakespeare                # -> data/shakespeare (CPU demo)
+    python -m ds_gpt.prepare --dataset openwebtext --num_proc 32  # -> data/openwebtext (~17 GB)
+    python -m ds_gpt.prepare --input 'corpus/*.jsonl' --text_field body --out_dir data/mine
+
+Output, in nanoGPT's format so either project reads the other's bins:
+    train.bin, val.bin  flat uint16 GPT-2 ids, <|endoftext|> (50256) after every document
+    meta.json           tokenizer, vocab size, dtype, tokens/documents/sha256 per split,
+                        sources, seed, val fraction
+
+Documents are split as nanoGPT splits them (ceil(n * val_fraction) val documents, seed 2357),
+then encoded in batches by --num_proc worker processes. Each batch comes back as one flat
+uint16 array (nanoGPT's datasets.map stores a token list per document, which costs more than
+the BPE itself) and is streamed in order into a memmap preallocated to an upper bound, one
+shard at a time, so memory stays bounded; the file is trimmed at the end. Everything is
+written under temporary names, fsynced and renamed last: a failed or interrupted run leaves
+the previous output as it was. A re-run whose inputs and options match meta.json does nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from ds_gpt import corpus
+from ds_gpt.errors import UserError, run_cli
+from ds_gpt.paths import REPO_ROOT
+from ds_gpt.tokenizer import EOT_TOKEN, RANKS_SHA256, VOCAB_SIZE, encode_documents, get_encoding
+
+FORMAT = 1  # bump when the bytes written for the same inputs change
+SPLITS = ("train", "val")
+SHARD_TOKENS = 1 << 24  # tokens per memmap window: at most 32 MB of dirty pages in flight
+BATCH_BYTES = 4 << 20  # text per worker task: amortises the IPC, still balances the cores
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ds_gpt.prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # source: exactly one
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=["openwebtext", "shakespeare"],
+                     help="openwebtext: the Hugging Face dataset; shakespeare: 42 plays, 1.57 M tokens")
+    src.add_argument("--input", nargs="+", metavar="FILE_OR_GLOB",
+                     help=".txt (a document per file) or .jsonl/.json/.parquet (a document per record)")
+    p.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.parquet")
+    # output and split
+    p.add_argument("--out_dir", help="default data/<dataset>; required with --input")
+    p.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents in val, (0, 1)")
+    p.add_argument("--seed", type=int, default=2357, help="seed of the document split (nanoGPT's)")
+    # resources
+    p.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)),
+                   help="worker processes (default: the cores this process may use)")
+    p.add_argument("--cache_dir", help="datasets' cache (default: $HF_DATASETS_CACHE)")
+    p.add_argument("--tokenizer_cache", help="dir holding the GPT-2 ranks (default: $TIKTOKEN_CACHE_DIR)")
+    args = p.parse_args(argv)
+    if args.input and not args.out_dir:
+        raise UserError("--input needs --out_dir", hint="e.g. --out_dir data/mycorpus")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
+    if args.num_proc < 1:
+        raise UserError(f"--num_proc must be >= 1, got {args.num_proc}")
+    args.out_dir = Path(args.out_dir) if args.out_dir else REPO_ROOT / "data" / args.dataset
+    return args
+
+
+# -----------------------------------------------------------------------------
+# writing one split
+
+class TokenWriter:
+    """Streams uint16 ids into a file preallocated to `capacity` tokens, through one memmap
+    window (shard) at a time, then trims it. Unmapping each flushed window keeps the process's
+    resident memory at one shard whatever the corpus size."""
+
+    def __init__(self, path: Path, capacity: int, shard_tokens: int = SHARD_TOKENS):
+        self.path, self.capacity, self.shard_tokens = path, capacity, shard_tokens
+        with open(path, "wb") as f:
+            f.truncate(2 * capacity)  # sparse on common filesystems: no disk used until written
+        self.pos = 0  # tokens written
+        self.window, self.window_start = None, 0
+        self.sha256 = hashlib.sha256()
+
+    def write(self, ids: np.ndarray) -> None:
+        if self.pos + len(ids) > self.capacity:
+            raise RuntimeError("more tokens than UTF-8 bytes + documents: the size bound is wrong")
+        self.sha256.update(ids)
+        while len(ids):
+            if self.window is None or self.pos == self.window_start + len(self.window):
+                self._close_window()
+                self.window_start = self.pos
+                size = min(self.shard_tokens, self.capacity - self.pos)
+                self.window = np.memmap(self.path, np.uint16, "r+", offset=2 * self.pos, shape=(size,))
+            at = self.pos - self.window_start
+            n = min(len(ids), len(self.window) - at)
+            self.window[at:at + n] = ids[:n]
+            self.pos, ids = self.pos + n, ids[n:]
+
+    def _close_window(self) -> None:
+        if self.window is not None:
+            self.window.flush()
+            self.window = None  # unmaps it
+
+    def close(self) -> tuple[int, str]:
+        """Trim to the tokens written, fsync; returns (tokens, sha256 of the bytes)."""
+        self._close_window()
+        with open(self.path, "r+b") as f:
+            f.truncate(2 * self.pos)
+            os.fsync(f.fileno())
+        return self.pos, self.sha256.hexdigest()
+
+
+# Worker state: set once per process by _init_worker, so a task carries only its indices.
+_docs = None
+_enc = None
+
+
+def _init_worker(docs, tokenizer_cache: str | None) -> None:
+    global _docs, _enc
+    _docs, _enc = docs, get_encoding(tokenizer_cache)
+
+
+def _encode_batch(idx: np.ndarray) -> np.ndarray:
+    (texts,) = _docs[idx.tolist()].values()  # the dataset has exactly one column
+    return encode_documents(texts, _enc)
+
+
+def make_batches(idx: np.ndarray, nbytes: np.ndarray, batch_bytes: int, min_batches: int) -> list[np.ndarray]:
+    """Cut `idx` into runs of about equal text size (never splitting a document)."""
+    cum = np.cumsum(nbytes[idx], dtype=np.int64)
+    n = max(min_batches, -(-int(cum[-1]) // batch_bytes), 1)
+    cuts = np.searchsorted(cum, np.arange(1, n) * (cum[-1] / n), side="right")
+    return [b for b in np.split(idx, np.unique(cuts)) if len(b)]
+
+
+def write_split(imap: Callable, idx: np.ndarray, nbytes: np.ndarray, path: Path,
+                num_proc: int, desc: str) -> dict:
+    text_bytes = int(nbytes[idx].sum())
+    # a GPT-2 token spans >= 1 UTF-8 byte, plus one EOT per document: never more tokens than this
+    writer = TokenWriter(path, text_bytes + len(idx))
+    batches = make_batches(idx, nbytes, BATCH_BYTES, min_batches=8 * num_proc)
+    with tqdm(total=text_bytes, unit="B", unit_scale=True, desc=desc) as bar:
+        for batch, ids in zip(batches, imap(_encode_batch, batches)):
+            writer.write(ids)
+            bar.update(int(nbytes[batch].sum()))
+            bar.set_postfix(tokens=writer.pos, refresh=False)
+    tokens, sha256 = writer.close()
+    return {"tokens": tokens, "documents": len(idx), "sha256": sha256}
+
+
+# -----------------------------------------------------------------------------
+# the output directory: no-op check, lock, atomic publish
+
+def wanted_meta(source: corpus.Source, seed: int, val_fraction: float) -> dict:
+    """The meta.json fields that decide whether a re-run has anything to do."""
+    return {"format": FORMAT, "tokenizer": "gpt2", "tokenizer_sha256": RANKS_SHA256,
+            "dataset": source.name, "sources": source.describe(), "text_field": source.text_field,
+            "seed": seed, "val_fraction": val_fraction}
+
+
+def up_to_date(out_dir: Path, wanted: dict) -> bool:
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+        return all(meta.get(k) == v for k, v in wanted.items()) and all(
+            (out_dir / f"{s}.bin").stat().st_size == 2 * meta["splits"][s]["tokens"] for s in SPLITS)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def check_writable(out_dir: Path) -> None:
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write --out_dir {out_dir}: {existing} is not a writable directory")
+
+
+@contextlib.contextmanager
+def locked_out_dir(out_dir: Path) -> Iterator[None]:
+    """One prepare at a time per out_dir (parallel test sessions share a fixture dir); an out_dir
+    this run created is removed again if the run fails before writing anything."""
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for stale in out_dir.glob(".*.partial-*"):  # left by a killed run: nobody else holds the lock
+            stale.unlink()
+        yield
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    finally:
+        os.close(fd)
+
+
+def publish(out_dir: Path, staged: dict[str, Path], meta: dict) -> None:
+    with open(staged["meta.json"], "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    # The old meta.json goes first: if we die between renames, no meta.json vouches for
+    # a mix of old and new bins, and the next run starts over.
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    for name in ("train.bin", "val.bin", "meta.json"):
+        os.replace(staged[name], out_dir / name)
+    dir_fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# -----------------------------------------------------------------------------
+
+def prepare(docs, out_dir: Path, wanted: dict, num_proc: int, tokenizer_cache: str | None = None) -> dict:
+    """Split, encode and publish `docs` (a one-column datasets.Dataset) into out_dir; the split
+    follows wanted["seed"] and wanted["val_fraction"]. Returns the meta.json written."""
+    import multiprocessing
+    import pyarrow.compute as pc
+
+    nbytes = pc.binary_length(docs.data.column(0)).to_numpy()  # from the offsets: no text read
+    if not nbytes.any():
+        raise UserError(f"the corpus is empty: {len(docs)} document(s), none with any text")
+    train_idx, val_idx = corpus.split_indices(len(docs), wanted["val_fraction"], wanted["seed"])
+    staged = {n: out_dir / f".{n}.partial-{os.getpid()}" for n in ("train.bin", "val.bin", "meta.json")}
+    pool = None
+    try:
+        if num_proc > 1:
+            pool = multiprocessing.Pool(num_proc, _init_worker, (docs, tokenizer_cache))
+            imap = pool.imap
+        else:
+            _init_worker(docs, tokenizer_cache)
+            imap = map
+        splits = {split: write_split(imap, idx, nbytes, staged[f"{split}.bin"], num_proc, split)
+                  for split, idx in (("train", train_idx), ("val", val_idx))}
+        import datasets
+        import tiktoken
+        meta = {**wanted, "vocab_size": VOCAB_SIZE, "dtype": "uint16", "eot_token": EOT_TOKEN,
+                "splits": splits, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "versions": {"tiktoken": tiktoken.__version__, "datasets": datasets.__version__}}
+        publish(out_dir, staged, meta)
+        return meta
+    finally:
+        if pool is not None:
+            pool.terminate()
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_writable(args.out_dir)
+    source = corpus.resolve_source(args.dataset, args.input, args.text_field)
+    get_encoding(args.tokenizer_cache)  # no ranks: fail now, not after loading the corpus
+    wanted = wanted_meta(source, args.seed, args.val_fraction)
+    if up_to_date(args.out_dir, wanted):
+        print(f"{args.out_dir}: up to date (meta.json matches the inputs); nothing to do")
+        return 0
+    t0 = time.time()
+    docs = corpus.load_documents(source, args.num_proc, args.cache_dir)
+    t1 = time.time()
+    try:
+        with locked_out_dir(args.out_dir):
+            if up_to_date(args.out_dir, wanted):  # another process just wrote it
+                return 0
+            meta = prepare(docs, args.out_dir, wanted, args.num_proc, args.tokenizer_cache)
+    except OSError as err:
+        raise UserError(f"writing {args.out_dir} failed: {err.strerror or err}") from None
+    dt = time.time() - t1
+    tokens = sum(s["tokens"] for s in meta["splits"].values())
+    for split, s in meta["splits"].items():
+        print(f"{split}: {s['tokens']:,} tokens, {s['documents']:,} documents")
+    print(f"wrote {args.out_dir} (load {t1 - t0:.1f}s, encode+write {dt:.1f}s, {tokens / dt / 1e6:.2f} M tok/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, prog="ds_gpt.prepare")
