@@ -140,7 +140,7 @@ class GPT(nn.Module):
             # Inference: only the last position's logits are needed.
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)  # [B, T, vocab]
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def optimizer_param_groups(self, weight_decay: float) -> list[dict]:

@@ -1,0 +1,221 @@
+"""Checkpoints that a crash, a full disk or a pre-emption cannot corrupt.
+
+Layout in OUT/: one DeepSpeed checkpoint per tag `global_step{N}/`, and the pointer file `latest`
+naming the newest complete one (the name DeepSpeed's loader and zero_to_fp32 look for).
+
+DeepSpeed's save writes shards under their final names and writes `latest` before every rank
+has finished, so a crash can leave `latest` naming a half-written tag. We save with
+save_latest=False, wait for every rank, and only then mark the tag complete and move the
+pointer (temp file, fsync, os.replace). Old tags are pruned only after that.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ds_gpt.errors import UserError
+
+POINTER = "latest"
+MARKER = "ds_gpt_complete.json"
+TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(iter_num: int) -> str:
+    return f"global_step{iter_num}"
+
+
+def iter_of(tag: str) -> int | None:
+    m = TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    tag: str
+    iter_num: int
+    marker: dict  # model_args, world_size, zero_stage, dtype as written at save time
+
+
+def read_marker(out_dir: Path, tag: str) -> dict | None:
+    try:
+        return json.loads((out_dir / tag / MARKER).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def complete_checkpoints(out_dir: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints in OUT, oldest first."""
+    found = []
+    if out_dir.is_dir():
+        for entry in out_dir.iterdir():
+            n = iter_of(entry.name)
+            marker = read_marker(out_dir, entry.name) if n is not None else None
+            if marker is not None:
+                found.append(CheckpointInfo(entry.name, n, marker))
+    return sorted(found, key=lambda c: c.iter_num)
+
+
+def find_latest(out_dir: Path) -> CheckpointInfo | None:
+    """The checkpoint to resume from: the pointer's, if complete, else the newest complete one."""
+    pointer = out_dir / POINTER
+    if pointer.exists():
+        tag = pointer.read_text().strip()
+        marker = read_marker(out_dir, tag)
+        if marker is not None and iter_of(tag) is not None:
+            return CheckpointInfo(tag, iter_of(tag), marker)
+        warnings.warn(f"{pointer} names {tag!r}, which is not a complete checkpoint; looking for an older one")
+    complete = complete_checkpoints(out_dir)
+    partial = [e.name for e in out_dir.iterdir() if iter_of(e.name) is not None and read_marker(out_dir, e.name) is None] \
+        if out_dir.is_dir() else []
+    newest = complete[-1] if complete else None
+    skipped = [t for t in partial if newest is None or iter_of(t) > newest.iter_num]
+    if skipped:
+        warnings.warn(f"skipping incomplete checkpoint(s) {', '.join(sorted(skipped))} in {out_dir}")
+    return newest
+
+
+def tags_to_prune(iters: list[int], keep_last: int, milestones: set[int], milestone_every: int) -> list[int]:
+    """Which complete checkpoints retention drops: all but the newest `keep_last` and milestones."""
+    newest = sorted(iters)[-keep_last:]
+    keep = set(newest) | {i for i in iters if i in milestones or (milestone_every and i > 0 and i % milestone_every == 0)}
+    return sorted(i for i in iters if i not in keep)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, out_dir: Path, iter_num: int, client_state: dict, marker: dict, *, rank: int,
+         all_reduce_sum, barrier, keep_last: int, milestones: set[int], milestone_every: int) -> str:
+    """Save on every rank; the tag becomes visible only once all ranks have written it.
+
+    `all_reduce_sum`/`barrier` come from ds_gpt.engine (passed in so this module stays testable).
+    A failed write on any rank (full disk, quota) leaves the previous checkpoint as the
+    pointer's target and the partial tag removed.
+    """
+    tag = tag_for(iter_num)
+    error = None
+    try:
+        engine.save_checkpoint(str(out_dir), tag=tag, client_state=client_state, save_latest=False)
+        # Per-rank RNG: DeepSpeed's client_state is written by rank 0 only.
+        torch.save(rng_state(), out_dir / tag / f"rng_rank{rank}.pt")
+    except OSError as err:
+        error = err
+    failed = all_reduce_sum([1.0 if error else 0.0])[0]
+    if failed:
+        barrier()
+        if rank == 0:
+            shutil.rmtree(out_dir / tag, ignore_errors=True)
+        previous = find_latest(out_dir) if rank == 0 else None
+        raise UserError(f"saving checkpoint {tag} failed on {int(failed)} rank(s): {error or 'see the failing rank'}; "
+                        f"{'the previous checkpoint ' + previous.tag + ' is intact' if previous else 'no earlier checkpoint exists'}",
+                        hint="free disk space under --out_dir and resume with --init_from resume")
+    barrier()
+    if rank == 0:
+        write_atomic(out_dir / tag / MARKER, json.dumps({"iter_num": iter_num, **marker}, indent=1))
+        write_atomic(out_dir / POINTER, tag)
+        complete = [c.iter_num for c in complete_checkpoints(out_dir)]
+        for n in tags_to_prune(complete, keep_last, milestones, milestone_every):
+            shutil.rmtree(out_dir / tag_for(n), ignore_errors=True)
+        for entry in out_dir.iterdir():  # partial tags left by earlier crashes
+            n = iter_of(entry.name)
+            if n is not None and n < iter_num and read_marker(out_dir, entry.name) is None:
+                shutil.rmtree(entry, ignore_errors=True)
+    barrier()
+    return tag
+
+
+def load(engine, out_dir: Path, info: CheckpointInfo, *, rank: int) -> dict:
+    """Restore weights, optimizer and this rank's RNG; return the client state."""
+    _, client_state = engine.load_checkpoint(str(out_dir), tag=info.tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+    if client_state is None:
+        raise UserError(f"{out_dir / info.tag} could not be loaded", hint="check the run's log; resume from an older tag")
+    rng_path = out_dir / info.tag / f"rng_rank{rank}.pt"
+    if rng_path.exists():
+        set_rng_state(torch.load(rng_path, weights_only=False))
+    return client_state
+
+
+def check_resumable(info: CheckpointInfo, model_args: dict, world_size: int, zero_stage: int) -> None:
+    """Refuse, before building anything, a resume DeepSpeed would fail at or get wrong."""
+    saved = info.marker
+    diffs = [f"{k}={saved['model_args'].get(k)!r} (checkpoint) vs {v!r} (now)"
+             for k, v in model_args.items() if saved["model_args"].get(k) != v]
+    if diffs:
+        raise UserError(f"checkpoint {info.tag} was made for another model: {', '.join(diffs)}",
+                        hint="pass the checkpoint's model flags, or start a new --out_dir")
+    if saved["world_size"] != world_size or saved["zero_stage"] != zero_stage:
+        raise UserError(
+            f"checkpoint {info.tag} was written by {saved['world_size']} rank(s) at ZeRO-{saved['zero_stage']}; this run has "
+            f"{world_size} rank(s) at ZeRO-{zero_stage}, and DeepSpeed cannot load ZeRO optimizer shards across that change",
+            hint=f"relaunch with the same ranks and stage, or start from its weights with a fresh optimizer: "
+                 f"--init_from weights:{info.marker.get('out_dir', 'OUT')}/{info.tag} --out_dir NEW_OUT")
+
+
+def resolve_tag(out_dir: Path, tag: str | None) -> str:
+    if tag is None:
+        info = find_latest(out_dir)
+        if info is None:
+            raise UserError(f"no complete checkpoint in {out_dir}", hint="train first, or pass --out_dir of a run")
+        return info.tag
+    if not (out_dir / tag).is_dir():
+        raise UserError(f"no checkpoint {tag} in {out_dir}", hint=f"ls {out_dir} lists the global_step* tags")
+    return tag
+
+
+def load_fp32_state_dict(out_dir: str | Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Consolidated fp32 weights of any ZeRO stage, plus the client state, on CPU, with no launcher.
+
+    ZeRO 1-3 keep fp32 master weights in per-rank optimizer shards; DeepSpeed's zero_to_fp32
+    gathers them. ZeRO-0 in fp32 keeps the full weights in the model-states file itself.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out_dir = Path(out_dir)
+    tag = resolve_tag(out_dir, tag)
+    states = torch.load(out_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    skip = {"module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
+            "frozen_param_fragments", "shared_params", "ds_config", "ds_version", "csr_tensor_module_names",
+            "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "data_sampler",
+            "random_ltd", "sparse_tensor_module_names"}
+    client_state = {k: v for k, v in states.items() if k not in skip}
+    has_zero_shards = any((out_dir / tag).glob("*zero_pp_rank_*optim_states.pt"))
+    if has_zero_shards:
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(out_dir), tag=tag)
+    else:
+        state_dict = {k: v.float() for k, v in states["module"].items()}
+    return {k: v.float() for k, v in state_dict.items()}, client_state

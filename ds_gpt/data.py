@@ -1,0 +1,133 @@
+"""nanoGPT's random-window loader over flat uint16 token files, made a pure function.
+
+A global batch's window offsets are drawn from (seed, stream, step) alone and each rank takes
+its slice, so the same seed and global batch give the same samples for every world size and
+ZeRO stage, and resuming needs no loader state beyond the step number.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ds_gpt.errors import UserError
+
+TOKEN_DTYPE = np.uint16
+PREPARE_HINT = "python -m ds_gpt.prepare --dataset shakespeare (or --dataset openwebtext) writes them"
+# Independent random streams per use, so eval windows never shift the training sequence.
+STREAM_TRAIN, STREAM_EVAL = 0, 1
+SPLIT_IDS = {"train": 0, "val": 1}
+_SCAN_CHUNK = 1 << 24  # tokens per chunk when checking ids (32 MB of uint16)
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    path: Path
+    n_tokens: int
+
+
+def check_token_file(path: Path, block_size: int, vocab_size: int, full_scan_limit: int = 1 << 28) -> TokenFile:
+    """Fail early, with the command that fixes it, on a file the loader would choke on later."""
+    if not path.exists():
+        raise UserError(f"{path} not found", hint=PREPARE_HINT)
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"{path} is empty", hint=PREPARE_HINT)
+    if size % np.dtype(TOKEN_DTYPE).itemsize:
+        raise UserError(f"{path} has an odd size ({size} bytes): not a flat uint16 token file "
+                        "(truncated copy?)", hint=PREPARE_HINT)
+    n_tokens = size // np.dtype(TOKEN_DTYPE).itemsize
+    if n_tokens <= block_size + 1:
+        raise UserError(f"{path} holds {n_tokens} tokens, too few for block_size {block_size}",
+                        hint="lower --block_size or prepare a larger corpus")
+    # Small files are checked whole; big ones at both ends (every batch is checked as it is read).
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    spans = [(0, n_tokens)] if n_tokens <= full_scan_limit else [(0, _SCAN_CHUNK), (n_tokens - _SCAN_CHUNK, n_tokens)]
+    for lo, hi in spans:
+        for start in range(lo, hi, _SCAN_CHUNK):
+            top = int(tokens[start:min(hi, start + _SCAN_CHUNK)].max())
+            if top >= vocab_size:
+                raise UserError(f"{path} holds token id {top} >= vocab_size {vocab_size}",
+                                hint="prepare the data with the model's tokenizer or raise --vocab_size")
+    del tokens
+    return TokenFile(path=path, n_tokens=n_tokens)
+
+
+def check_data_dir(data_dir: str | Path, block_size: int, vocab_size: int) -> dict[str, TokenFile]:
+    """train.bin and val.bin, checked against each other, meta.json (if any) and the model."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"data directory {root} not found", hint=PREPARE_HINT)
+    meta_path = root / "meta.json"
+    meta = None
+    if meta_path.exists():  # ours; nanoGPT's bins come without one and are read all the same
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{meta_path} is not valid JSON ({err.msg})", hint=PREPARE_HINT) from None
+        if meta.get("dtype", "uint16") != "uint16":
+            raise UserError(f"{meta_path} says dtype {meta.get('dtype')}; the loader reads uint16")
+        if int(meta.get("vocab_size", 0)) > vocab_size:
+            raise UserError(f"{meta_path} has vocab_size {meta['vocab_size']} > the model's {vocab_size}",
+                            hint="raise --vocab_size")
+    files = {}
+    for split in ("train", "val"):
+        f = check_token_file(root / f"{split}.bin", block_size, vocab_size)
+        expected = (meta or {}).get("splits", {}).get(split, {}).get("tokens")
+        if expected is not None and int(expected) != f.n_tokens:
+            raise UserError(f"{f.path} holds {f.n_tokens} tokens but meta.json says {expected}: "
+                            "the file is truncated or from another run", hint=PREPARE_HINT)
+        files[split] = f
+    return files
+
+
+class RandomWindowSampler:
+    """Random (x, y) windows of one split for this rank, as a pure function of the step.
+
+    Global batch at `step`: `global_batch` offsets drawn from (seed, stream, split, step).
+    Rank r owns the contiguous slice [r * per_rank, (r + 1) * per_rank) and takes it in
+    `grad_accum` micro-batches of `micro` windows.
+    """
+
+    def __init__(self, token_file: TokenFile, split: str, block_size: int, vocab_size: int, seed: int,
+                 micro: int, grad_accum: int, world_size: int, rank: int):
+        self.file, self.split = token_file, split
+        self.block_size, self.vocab_size, self.seed = block_size, vocab_size, seed
+        self.micro, self.grad_accum, self.world_size, self.rank = micro, grad_accum, world_size, rank
+        self._window = np.arange(block_size + 1, dtype=np.int64)
+
+    def _offsets(self, stream: int, step: int, count: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, stream, SPLIT_IDS[self.split], step])
+        return rng.integers(0, self.file.n_tokens - self.block_size, size=count, dtype=np.int64)
+
+    def _read(self, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        # A fresh memmap per batch keeps host RSS flat: one long-lived map accumulates every page
+        # it touches, which SLURM's cgroup may charge to the job (nanoGPT's fix, FIELD-NOTES).
+        tokens = np.memmap(self.file.path, dtype=TOKEN_DTYPE, mode="r")
+        windows = tokens[offsets[:, None] + self._window].astype(np.int64)  # [B, T+1], one gather
+        del tokens
+        if windows.max() >= self.vocab_size:
+            raise UserError(f"{self.file.path} holds token id {int(windows.max())} >= vocab_size {self.vocab_size}")
+        batch = torch.from_numpy(windows)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of shape [micro, block_size] for this rank's `micro_step` of global `step`."""
+        offsets = self._offsets(STREAM_TRAIN, step, self.micro * self.grad_accum * self.world_size)
+        start = self.rank * self.micro * self.grad_accum + micro_step * self.micro
+        return self._read(offsets[start:start + self.micro])
+
+    def eval_batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k-th evaluation batch: the same windows at every evaluation, so curves compare."""
+        offsets = self._offsets(STREAM_EVAL, k, self.micro * self.world_size)
+        return self._read(offsets[self.rank * self.micro:(self.rank + 1) * self.micro])
+
+    def state_dict(self) -> dict:
+        # The position is the step number, which the checkpoint carries; the seed fixes the rest.
+        return {"seed": self.seed, "split": self.split, "scheme": "global-step-keyed-v1"}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])

@@ -1,0 +1,89 @@
+"""The DeepSpeed side of a run: the process group, the engine, and the few collectives the loop needs."""
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from ds_gpt import launch_env
+from ds_gpt.config import RunConfig
+from ds_gpt.launch_env import LaunchEnv
+from ds_gpt.model import GPT
+
+
+def init_distributed(timeout_s: int) -> LaunchEnv:
+    """Find out who we are from the launcher's environment and join the process group.
+
+    `timeout_s` bounds every collective: when a peer rank dies, the others fail with an error
+    after this long instead of hanging until the job's time limit.
+    """
+    env = launch_env.detect()
+    launch_env.export(env)
+    # DeepSpeed's INFO lines repeat on every rank; warnings and errors still show.
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(
+        auto_mpi_discovery=env.launcher == "mpirun",  # mpi4py tells ranks and the master address
+        distributed_port=env.master_port,
+        timeout=timedelta(seconds=timeout_s),
+        verbose=False,
+    )
+    return env
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def build_engine(model: GPT, run: RunConfig) -> deepspeed.DeepSpeedEngine:
+    """Wrap the model in a DeepSpeed engine configured by the resolved JSON.
+
+    The optimizer is built by DeepSpeed from the JSON (fused Adam on GPUs), over nanoGPT's
+    two parameter groups, so weight decay skips biases and norms.
+    """
+    groups = model.optimizer_param_groups(run.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
+    return engine
+
+
+def set_lr(engine: deepspeed.DeepSpeedEngine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few floats over all ranks in one collective (loss, counts, flags)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device() if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def is_rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def peak_memory_mb() -> float:
+    """Peak device memory on CUDA; peak host RSS (VmHWM) on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open(f"/proc/{os.getpid()}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

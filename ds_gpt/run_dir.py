@@ -1,0 +1,69 @@
+"""The run directory OUT/: its set-up, config.json, and what a checkpoint records about the run."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import uuid
+from pathlib import Path
+
+from ds_gpt import __version__, checkpoint
+from ds_gpt.checkpoint import CheckpointInfo
+from ds_gpt.config import RunConfig
+from ds_gpt.errors import UserError
+from ds_gpt.launch_env import LaunchEnv
+
+
+def prepare(out_dir: Path, master: bool) -> None:
+    """Create OUT and prove it writable on every rank (a read-only or foreign dir fails here, not at the first save)."""
+    try:
+        if master:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write_probe_{uuid.uuid4().hex}"
+        if out_dir.exists():
+            probe.write_text("ok")
+            probe.unlink()
+    except OSError as err:
+        raise UserError(f"out_dir {out_dir} is not writable ({err.strerror})", hint="pass a writable --out_dir") from None
+
+
+def resume_point(init_from: str, out_dir: Path) -> CheckpointInfo | None:
+    """The checkpoint to continue from, per --init_from (resume: required; auto: if any)."""
+    if init_from not in ("resume", "auto"):
+        return None
+    info = checkpoint.find_latest(out_dir)
+    if info is None and init_from == "resume":
+        raise UserError(f"--init_from resume: no complete checkpoint in {out_dir}",
+                        hint="use --init_from scratch to start, or --init_from auto to resume when possible")
+    return info
+
+
+def versions() -> dict:
+    import deepspeed
+    import torch
+
+    return {"ds_gpt": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "python": sys.version.split()[0], "cuda": torch.version.cuda, "platform": platform.platform()}
+
+
+def write_config(out_dir: Path, run: RunConfig, env: LaunchEnv, device: str, n_params: int, peak_flops: float,
+                 peak_source: str, overrides: list[str]) -> None:
+    """OUT/config.json: the effective configuration of this (re)start, for people and for report.py."""
+    doc = {**run.to_dict(), "world_size": env.world_size, "launcher": env.launcher, "hosts": list(env.hosts),
+           "launch_env": env.to_dict(), "device": device, "n_params": n_params,
+           "peak_flops_per_device": peak_flops, "peak_source": peak_source, "overrides": overrides,
+           "argv": sys.argv, "versions": versions()}
+    checkpoint.write_atomic(out_dir / "config.json", json.dumps(doc, indent=2, default=str))
+
+
+def client_state(run: RunConfig, iter_num: int, best_val_loss: float, sampler) -> dict:
+    """What DeepSpeed stores beside the weights (rank 0's copy; RNG is saved per rank)."""
+    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "model_args": run.model,
+            "config": run.to_dict(), "sampler": sampler.state_dict()}
+
+
+def marker(run: RunConfig, world_size: int, out_dir: Path) -> dict:
+    """Written once every rank has saved; what resume checks before building anything."""
+    return {"model_args": run.model, "world_size": world_size, "zero_stage": run.zero_stage,
+            "dtype": run.dtype, "out_dir": str(out_dir), "pid": os.getpid()}

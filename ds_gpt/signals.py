@@ -1,0 +1,39 @@
+"""Graceful stop on SIGTERM/SIGUSR1/SIGINT: checkpoint at the next step boundary, then exit.
+
+A handler only sets a flag; the training loop shares the flag with every rank in the step's
+all-reduce, so a signal delivered to any one rank (SLURM's warning signal reaches the batch
+step's processes, not always every rank) makes all ranks stop at the same iteration.
+A second SIGINT exits at once, without a checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+GRACEFUL = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class GracefulStop:
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._sigints = 0
+
+    def install(self) -> "GracefulStop":
+        for sig in GRACEFUL:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints >= 2:
+                print("second SIGINT: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+                os._exit(130)
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            print(f"{self.signal_name} received: checkpointing at the next step boundary", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
