@@ -59,15 +59,16 @@ def client_state(model: GPT, **extra) -> dict:
 # Hugging Face out and in
 
 
-@pytest.mark.parametrize("overrides,hf_vocab", [({}, None), ({"vocab_size": 160}, 128), ({"bias": False}, None)],
-                         ids=["same-vocab", "trimmed-vocab", "no-bias"])
-def test_hf_export_gives_our_logits(tmp_path, overrides, hf_vocab):
+@pytest.mark.parametrize("overrides,hf_vocab,want_vocab", [
+    ({}, None, 128), ({"vocab_size": 160}, 128, 128), ({"vocab_size": 50304}, None, 50257), ({"bias": False}, None, 128),
+], ids=["same-vocab", "trimmed-vocab", "gpt2-padded-vocab", "no-bias"])
+def test_hf_export_gives_our_logits(tmp_path, overrides, hf_vocab, want_vocab):
     model = tiny_gpt(**overrides)
     dest = export(model.state_dict(), client_state(model), "hf", tmp_path / "hf", hf_vocab_size=hf_vocab)
     assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
-    idx = batch(hf_vocab or model.config.vocab_size)
+    idx = batch(want_vocab)
     ours, theirs = our_logits(model, idx), hf_logits(dest, idx)
-    assert theirs.shape[-1] == (hf_vocab or model.config.vocab_size)
+    assert theirs.shape[-1] == want_vocab
     torch.testing.assert_close(theirs, ours[..., :theirs.shape[-1]], atol=1e-4, rtol=0)
 
 
@@ -274,3 +275,95 @@ def test_export_never_clobbers_without_force(tmp_path):
     loaded.load_state_dict(torch.load(dest / "model.pt", weights_only=True))
     idx = batch(128)
     assert torch.equal(our_logits(loaded, idx), our_logits(model, idx))
+
+
+# ---------------------------------------------------------------------------------------------
+# through a real DeepSpeed engine (one process, fp32, CPU)
+
+
+@pytest.fixture
+def ds_env(monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+
+
+def ds_engine(model: GPT, stage: int):
+    import deepspeed
+
+    config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "torch_adam": True}},
+              "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 by default
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.optimizer_param_groups(0.1), config=config)
+    return engine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_nanogpt_optimizer_state_in_deepspeed(tmp_path, ds_env, stage):
+    ref = tiny_gpt()
+    ref_opt = nanogpt_adamw(ref)
+    train_steps(ref, ref_opt, 3)
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", ref, ref_opt, iter_num=3)
+    train_steps(ref, ref_opt, 1, seed=100)
+
+    init = load_init_weights(f"nanogpt:{tmp_path / 'ckpt.pt'}")
+    model = GPT(GPTConfig(**init.model_args))
+    model.load_state_dict(init.state_dict)
+    engine = ds_engine(model, stage)
+    apply_nanogpt_optimizer_state(engine.optimizer, model, init.optimizer_state)
+    idx = batch(model.config.vocab_size, seed=100, T=32)
+    _, loss = engine(idx[:, :-1], targets=idx[:, 1:].contiguous())
+    engine.backward(loss)
+    engine.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_export_cli_from_deepspeed_checkpoint(tmp_path, ds_env):
+    """nanoGPT -> a ZeRO-2 DeepSpeed checkpoint -> `python -m ds_gpt.export` in every format."""
+    from ds_gpt import checkpoint
+
+    src = tiny_gpt()
+    original = write_nanogpt_ckpt(tmp_path / "ng" / "ckpt.pt", src, nanogpt_adamw(src), iter_num=11)
+    init = load_init_weights(f"nanogpt:{tmp_path / 'ng' / 'ckpt.pt'}")
+    model = GPT(GPTConfig(**init.model_args))
+    model.load_state_dict(init.state_dict)
+    engine = ds_engine(model, stage=2)
+    out = tmp_path / "run"
+    checkpoint.save(engine, out, 11, {"model_args": init.model_args, "iter_num": 11, "best_val_loss": 3.25},
+                    {"model_args": init.model_args, "world_size": 1, "zero_stage": 2, "dtype": "float32"},
+                    rank=0, all_reduce_sum=lambda xs: xs, barrier=lambda: None,
+                    keep_last=1, milestones=set(), milestone_every=0)
+
+    def run_export(fmt: str, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "ds_gpt.export", "--out_dir", str(out), "--format", fmt,
+               "--dest", str(tmp_path / fmt), *extra]
+        return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+    r = run_export("nanogpt")
+    assert r.returncode == 0, r.stderr
+    back = torch.load(tmp_path / "nanogpt" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert back["iter_num"] == 11 and back["model_args"] == init.model_args
+    for k, v in original["model"].items():
+        if not k.endswith(".attn.bias"):
+            assert torch.equal(back["model"][k.removeprefix("_orig_mod.")], v), k
+    nanogpt_load(tmp_path / "nanogpt" / "ckpt.pt")
+
+    r = run_export("hf")
+    assert r.returncode == 0, r.stderr
+    idx = batch(128)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", idx), our_logits(src, idx), atol=1e-4, rtol=0)
+
+    r = run_export("fp32", "--tag", "global_step11")
+    assert r.returncode == 0, r.stderr
+    fp32 = torch.load(tmp_path / "fp32" / "model.pt", weights_only=True)
+    assert all(torch.equal(fp32[k], v) for k, v in src.state_dict().items())
+
+    r = run_export("fp32")  # DEST is now non-empty
+    assert r.returncode == 2 and "not empty" in r.stderr and "--force" in r.stderr
