@@ -1,0 +1,114 @@
+"""report.md / report.png from a synthetic run directory, and TensorBoard read back over HTTP."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ds_gpt import report as R
+from ds_gpt.errors import UserError
+from ds_gpt.mfu import flops_per_token, mfu
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FPT_124M = flops_per_token(123_689_472, 12, 768, 1024)  # 855,383,040 (see test_mfu)
+TOKENS_PER_ITER = 491_520
+
+
+def write_run(out: Path, *, agree: bool = True, config: bool = True) -> Path:
+    """The seed's 8 x A100 run in miniature: 20 iterations of the 124M recipe."""
+    out.mkdir(parents=True, exist_ok=True)
+    if config:
+        (out / "config.json").write_text(json.dumps({
+            "world_size": 8, "launcher": "srun", "hosts": ["gpu-1", "gpu-2"], "device": "NVIDIA A100-SXM4-40GB",
+            "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50304},
+            "train": {"dtype": "bfloat16", "max_iters": 20}, "dtype": "bfloat16", "zero_stage": 1,
+            "peak_source": "table:A100",
+            "ds_config": {"zero_optimization": {"stage": 1}, "train_batch_size": 480,
+                          "train_micro_batch_size_per_gpu": 12, "gradient_accumulation_steps": 5},
+            "versions": {"deepspeed": "0.19.8"}}))
+    lines = []
+    for it in range(20):
+        # warm-up 5 s for the first two, one 2 s eval iteration (10), otherwise 480 ms
+        dt_ms = 5000.0 if it < 2 else 2000.0 if it == 10 else 480.0
+        tps = TOKENS_PER_ITER / (dt_ms / 1000)
+        lines.append({"iter": it, "loss": 11.0 - 0.3 * it, "lr": 6e-4 * min(1, (it + 1) / 10),
+                      "tokens": TOKENS_PER_ITER * (it + 1), "dt_ms": dt_ms, "tokens_per_s": tps,
+                      "mfu": mfu(tps, FPT_124M, 8, 312e12), "peak_mem_mb": 10240.0 + it})
+        if it in (0, 10):
+            lines.append({"iter": it, "train_loss": 11.0 - 0.3 * it, "val_loss": 11.1 - 0.3 * it})
+        if it == 5:
+            lines.append({"event": "flops_profile", "iter": 5, "zero_stage": 1, "agree": agree,
+                          "flops_ratio": 0.998 if agree else 1.92, "mfu_profiler": 0.3502 if agree else 0.67,
+                          "mfu_analytic": 0.3509, "profiler_fwd_flops": 1.0, "analytic_fwd_flops": 1.0})
+    # A resume from the iter-15 checkpoint logs 16..19 again: the later lines win.
+    lines += [{**line, "loss": line["loss"] - 0.01} for line in lines if line.get("iter", 0) >= 16 and "loss" in line]
+    (out / "metrics.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n{\"iter\": 20, \"lo")
+    return out
+
+
+def test_report_table_and_png(tmp_path):
+    md, png = R.write_report(write_run(tmp_path / "run"))
+    text = md.read_text()
+    # steady state: iterations 2..19 (the first 2 are warm-up); median dt 480 ms despite iter 10's 2 s
+    assert "| ms/iter | 480.0 (median of 18 steady iterations) |" in text
+    # 491,520 tokens / 0.48 s = 1,024,000 tokens/s; MFU 1,024,000 x 855,383,040 / (8 x 312e12) = 35.09%
+    assert "| tokens/s | 1,024,000 |" in text
+    assert "| MFU (analytic, 6N + 12LTd) | 35.09% (peak: table:A100) |" in text
+    assert "| MFU (flops profiler) | 35.02% (iter 5, profiler/analytic FLOPs 0.998) |" in text
+    assert "| hardware | NVIDIA A100-SXM4-40GB (2 hosts, srun) |" in text
+    assert "| world size | 8 |" in text and "| ZeRO stage | 1 |" in text and "| dtype | bfloat16 |" in text
+    assert "| global batch | 480 sequences = 491,520 tokens (micro 12 x accum 5 x 8 ranks) |" in text
+    assert "| peak memory per rank | 10.02 GiB |" in text  # max peak_mem_mb 10259 MiB / 1024
+    # the resumed lines won: final loss at iter 19 is 11 - 5.7 - 0.01; val best 11.1 - 3.0
+    assert "| final train loss | 5.2900 |" in text and "| val loss (final / best) | 8.1000 / 8.1000 |" in text
+    assert "DISAGREES" not in text
+    data = png.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_disagreement_is_flagged(tmp_path):
+    md, _ = R.write_report(write_run(tmp_path / "run", agree=False))
+    assert "**DISAGREES with the analytic count by more than 5%**" in md.read_text()
+
+
+def test_missing_config_reads_na(tmp_path):
+    md, _ = R.write_report(write_run(tmp_path / "run", config=False))
+    text = md.read_text()
+    assert "| hardware | n/a |" in text and "| global batch | n/a |" in text
+    assert "| ms/iter | 480.0" in text
+
+
+def test_missing_or_empty_metrics_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no metrics file"):
+        R.write_report(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match="no events"):
+        R.write_report(tmp_path)
+
+
+def test_warmup_skip():
+    events = [{"iter": i} for i in range(30)]
+    assert R.steady_state(events)[0]["iter"] == 3  # 10% of 30
+    assert R.steady_state(events[:5])[0]["iter"] == 2  # at least 2
+    assert len(R.steady_state(events[:1])) == 1  # never empty
+
+
+@pytest.mark.slow  # a real TensorBoard server takes a few seconds to start
+def test_tensorboard_serves_the_scalars(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tb_helpers import read_tensorboard_scalars
+
+    tags = {"train/loss": lambda i: 11.0 - 0.5 * i, "train/lr": lambda i: 6e-4 * (i + 1) / 4,
+            "train/tokens_per_s": lambda i: 1000.0 + i, "train/mfu": lambda i: 0.3 + 0.01 * i,
+            "val/loss": lambda i: 10.0 - i}
+    writer = SummaryWriter(str(tmp_path / "tb" / "train"))  # DeepSpeed's monitor: output_path/job_name
+    for step in range(4):
+        for tag, f in tags.items():
+            writer.add_scalar(tag, f(step), step)
+    writer.close()
+    got = read_tensorboard_scalars(tmp_path / "tb", list(tags))
+    for tag, f in tags.items():
+        assert [s for s, _ in got[tag]] == [0, 1, 2, 3]
+        assert [v for _, v in got[tag]] == pytest.approx([f(s) for s in range(4)], rel=1e-6)  # float32
