@@ -115,9 +115,30 @@ def load_documents(source: Source, num_proc: int = 1, hf_cache: str | None = Non
     if ds.features[field] != datasets.Value("string") and ds.features[field] != datasets.Value("large_string"):
         raise UserError(f"field {field!r} holds {ds.features[field]}, not text", hint="--text_field")
     ds = ds.select_columns([field])
-    if (missing := ds.data.column(field).null_count):
+    column = ds.data.column(field)
+    if (missing := column.null_count):
         raise UserError(f"{missing} of {len(ds)} records have no {field!r}")
+    if source.files and source.builder != "text":
+        _check_utf8(column, source)
     return ds
+
+
+def _check_utf8(column, source: Source) -> None:
+    """Arrow's JSON and Parquet readers do not validate UTF-8 (the text reader does): without
+    this check a bad byte would surface later, as a crash inside a worker. ~GB/s."""
+    import pyarrow as pa
+
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid as err:
+        if source.builder == "json" and (bad := _first_non_utf8(source.files)):
+            raise _not_utf8(*bad) from None
+        raise UserError(f"the corpus holds text that is not UTF-8 ({err})") from None
+
+
+def _not_utf8(path: str, offset: int) -> UserError:
+    return UserError(f"{path} is not UTF-8 (invalid byte at offset {offset})",
+                     hint=f"convert it, e.g. iconv -f latin1 -t utf-8 {path}")
 
 
 def _explain(source: Source, err: Exception) -> UserError:
@@ -128,9 +149,7 @@ def _explain(source: Source, err: Exception) -> UserError:
         e = e.__cause__ or e.__context__
     text_files = source.files if source.builder in ("text", "json") else ()
     if any(isinstance(e, UnicodeDecodeError) for e in chain) and (bad := _first_non_utf8(text_files)):
-        path, offset = bad
-        return UserError(f"{path} is not UTF-8 (invalid byte at offset {offset})",
-                         hint=f"convert it, e.g. iconv -f latin1 -t utf-8 {path}")
+        return _not_utf8(*bad)
     cause = chain[-1]
     if not source.files:
         return UserError(f"could not load {source.builder} from the Hugging Face Hub: "
@@ -147,10 +166,11 @@ def _first_non_utf8(files: tuple[str, ...], chunk: int = 1 << 20) -> tuple[str, 
         with open(path, "rb") as f:
             while True:
                 block = f.read(chunk)
+                pending = len(decoder.getstate()[0])  # bytes of an unfinished character
                 try:
                     decoder.decode(block, final=not block)
                 except UnicodeDecodeError as e:
-                    return path, offset + e.start
+                    return path, offset - pending + e.start
                 if not block:
                     break
                 offset += len(block)

