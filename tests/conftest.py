@@ -43,3 +43,28 @@ def token_bins(tmp_path: Path) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _run_or_fail(*args: str) -> None:
+    import subprocess
+    proc = subprocess.run([PYTHON, *args], capture_output=True, text=True, cwd=REPO_ROOT)
+    if proc.returncode:
+        pytest.fail(f"python {' '.join(args)} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def gpt2_ranks() -> Path:
+    """The offline GPT-2 ranks (`python -m ds_gpt.assets`: instant when already provisioned)."""
+    from ds_gpt.assets import ensure_gpt2_ranks
+    return ensure_gpt2_ranks()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_data() -> Path:
+    """<cache>/test-data/shakespeare as `make demo` prepares data/shakespeare (train.bin, val.bin,
+    meta.json; 1.57 M tokens). Built once; later sessions reuse it (prepare's re-run is a no-op)."""
+    out = Path(os.environ["DS_GPT_CACHE"]) / "test-data" / "shakespeare"
+    _run_or_fail("-m", "ds_gpt.assets")
+    _run_or_fail("-m", "ds_gpt.prepare", "--dataset", "shakespeare", "--out_dir", str(out),
+                 "--cache_dir", str(out.parent / "hf-datasets"))
+    return out

@@ -1,0 +1,237 @@
+"""ds_gpt.prepare end to end on local files (the same datasets path as OpenWebText), its
+output contract, re-runs, and its refusals of bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+from datasets import Dataset
+
+from conftest import PYTHON, REPO_ROOT
+from ds_gpt import corpus, prepare, tokenizer
+from ds_gpt.errors import UserError
+
+DOCS = [
+    "First document.\nIt has two lines.",
+    "Ünïcödé: naïve café — 日本語 and emoji 🤖👍🏽",
+    "A document that mentions <|endoftext|> as plain text.",
+    "  indented\n\tand tabbed  ",
+    "مرحبا بالعالم / Привет мир / Γειά σου",
+    "Numbers 1234567890 and contractions: it's, we'll, they've.",
+    "short",
+    "The last one, with a trailing newline.\n",
+]
+OUTPUT = {"train.bin", "val.bin", "meta.json"}
+
+
+@pytest.fixture(scope="module")
+def reference(gpt2_ranks) -> tiktoken.Encoding:
+    return tiktoken.get_encoding("r50k_base")  # tiktoken's own loader, from $TIKTOKEN_CACHE_DIR
+
+
+def write_txt(folder: Path, docs: list[str]) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(docs):
+        (folder / f"doc{i:03d}.txt").write_text(doc, encoding="utf-8")
+    return str(folder / "*.txt")
+
+
+def run(tmp_path: Path, *argv: str) -> dict:
+    out = Path(argv[argv.index("--out_dir") + 1])
+    prepare.main([*argv, "--cache_dir", str(tmp_path / "hf")])
+    return json.loads((out / "meta.json").read_text())
+
+
+def nanogpt_order(docs: list[str], val_fraction: float, seed: int = 2357) -> tuple[list[str], list[str]]:
+    """The documents of each split, in order, as nanoGPT's train_test_split call gives them."""
+    split = Dataset.from_dict({"text": docs}).train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    return list(split["train"]["text"]), list(split["test"]["text"])
+
+
+def test_txt_round_trip_through_datasets_with_two_processes(tmp_path, reference):
+    out = tmp_path / "out"
+    meta = run(tmp_path, "--input", write_txt(tmp_path / "in", DOCS), "--out_dir", str(out),
+               "--val_fraction", "0.25", "--num_proc", "2")
+    train_docs, val_docs = nanogpt_order(DOCS, 0.25)
+    train = np.fromfile(out / "train.bin", dtype=np.uint16)
+    val = np.fromfile(out / "val.bin", dtype=np.uint16)
+    # exact round trip, in split order
+    joined = "".join(d + "<|endoftext|>" for d in train_docs + val_docs)
+    assert tokenizer.decode(np.concatenate([train, val])) == joined
+    assert train.tolist() == [t for d in train_docs for t in reference.encode_ordinary(d) + [50256]]
+    assert val.tolist() == [t for d in val_docs for t in reference.encode_ordinary(d) + [50256]]
+    # the meta.json contract
+    assert set(p.name for p in out.iterdir()) == OUTPUT
+    assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"], meta["eot_token"]) == ("gpt2", 50257, "uint16", 50256)
+    assert (meta["seed"], meta["val_fraction"]) == (2357, 0.25)
+    assert [s["path"] for s in meta["sources"]] == sorted(str(p) for p in (tmp_path / "in").iterdir())
+    for name, ids, docs in (("train", train, train_docs), ("val", val, val_docs)):
+        split = meta["splits"][name]
+        assert (split["tokens"], split["documents"]) == (len(ids), len(docs)) == (len(ids), int((ids == 50256).sum()))
+        assert split["sha256"] == hashlib.sha256((out / f"{name}.bin").read_bytes()).hexdigest()
+
+
+def test_jsonl_and_parquet_records_give_the_same_bins(tmp_path, reference):
+    records = [{"id": i, "body": d} for i, d in enumerate(DOCS)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "c.parquet")
+    a = run(tmp_path, "--input", str(tmp_path / "c.jsonl"), "--text_field", "body",
+            "--out_dir", str(tmp_path / "a"), "--val_fraction", "0.2", "--num_proc", "1")
+    b = run(tmp_path, "--input", str(tmp_path / "c.parquet"), "--text_field", "body",
+            "--out_dir", str(tmp_path / "b"), "--val_fraction", "0.2", "--num_proc", "2")
+    assert a["splits"] == b["splits"]
+    train_docs, _ = nanogpt_order(DOCS, 0.2)
+    expected = [t for d in train_docs for t in reference.encode_ordinary(d) + [50256]]
+    assert np.fromfile(tmp_path / "b" / "train.bin", dtype=np.uint16).tolist() == expected
+
+
+def test_rerun_with_same_inputs_is_a_no_op(tmp_path, capsys):
+    pattern, out = write_txt(tmp_path / "in", DOCS), tmp_path / "out"
+    argv = ("--input", pattern, "--out_dir", str(out), "--val_fraction", "0.25", "--num_proc", "1")
+    first = run(tmp_path, *argv)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert run(tmp_path, *argv) == first
+    assert "up to date" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    # a changed input, or a changed option, is not a no-op
+    (tmp_path / "in" / "doc000.txt").write_text(DOCS[0] + " More text.")
+    changed = run(tmp_path, *argv)
+    assert changed["splits"] != first["splits"]
+    reseeded = run(tmp_path, *argv[:-2], "--seed", "1", "--num_proc", "1")
+    assert reseeded["seed"] == 1 and reseeded["splits"] != changed["splits"]
+
+
+def test_stale_partial_files_of_a_killed_run_are_removed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".train.bin.partial-999999").write_bytes(b"\0" * 64)
+    run(tmp_path, "--input", write_txt(tmp_path / "in", DOCS), "--out_dir", str(out), "--num_proc", "1")
+    assert set(p.name for p in out.iterdir()) == OUTPUT
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (argv, the error's message must match). Each writes its own input files."""
+    (tmp / "empty").mkdir()
+    (tmp / "empty" / "a.txt").write_text("")
+    (tmp / "empty" / "b.txt").write_text("")
+    (tmp / "blank.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    (tmp / "latin1").mkdir()
+    (tmp / "latin1" / "a.txt").write_text("fine")
+    (tmp / "latin1" / "b.txt").write_bytes("café".encode("latin-1"))
+    (tmp / "latin1.jsonl").write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    (tmp / "one.txt").write_text("a single document")
+    (tmp / "nofield.jsonl").write_text('{"body": "x"}\n{"body": "y"}\n')
+    (tmp / "afile").write_text("not a directory")
+    return {
+        "missing file": (["--input", str(tmp / "nope.txt")], "no file matches"),
+        "empty files": (["--input", str(tmp / "empty" / "*.txt")], "empty"),
+        "empty records": (["--input", str(tmp / "blank.jsonl")], "empty"),
+        "non-UTF-8 txt": (["--input", str(tmp / "latin1" / "*.txt")], r"b\.txt is not UTF-8 .*offset 3"),
+        "non-UTF-8 jsonl": (["--input", str(tmp / "latin1.jsonl")], "latin1.jsonl is not UTF-8"),
+        "too small": (["--input", str(tmp / "one.txt")], "cannot be split"),
+        "missing field": (["--input", str(tmp / "nofield.jsonl")], "no field 'text'"),
+        "unwritable out_dir": (["--input", str(tmp / "one.txt"), "--out_dir", str(tmp / "afile" / "out")],
+                               "cannot write"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "empty files", "empty records", "non-UTF-8 txt",
+                                  "non-UTF-8 jsonl", "too small", "missing field", "unwritable out_dir"])
+def test_bad_input_is_one_clear_error_and_leaves_nothing(tmp_path, case):
+    argv, message = _bad_inputs(tmp_path)[case]
+    out = tmp_path / "afile" / "out" if "--out_dir" in argv else tmp_path / "out"
+    if "--out_dir" not in argv:
+        argv += ["--out_dir", str(out)]
+    with pytest.raises(UserError, match=message):
+        prepare.main([*argv, "--num_proc", "1", "--cache_dir", str(tmp_path / "hf")])
+    assert not out.exists()
+
+
+def test_failed_run_keeps_the_previous_output(tmp_path):
+    out = tmp_path / "out"
+    good = run(tmp_path, "--input", write_txt(tmp_path / "in", DOCS), "--out_dir", str(out), "--num_proc", "1")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "one.txt").write_text("a single document")
+    with pytest.raises(UserError, match="cannot be split"):  # fails inside, after taking out_dir
+        run(tmp_path, "--input", str(tmp_path / "one.txt"), "--out_dir", str(out), "--num_proc", "1")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert json.loads(before["meta.json"]) == good
+
+
+def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
+    proc = subprocess.run([PYTHON, "-m", "ds_gpt.prepare", "--input", str(tmp_path / "nope.txt"),
+                           "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"ds_gpt.prepare: error: no file matches --input {tmp_path / 'nope.txt'}"]
+
+
+@pytest.mark.parametrize("n,fraction,seed", [(2, 0.0005, 2357), (42, 0.0005, 2357), (1000, 0.1, 1), (7, 0.5, 3)])
+def test_split_is_datasets_train_test_split(n, fraction, seed):
+    train, val = corpus.split_indices(n, fraction, seed)
+    ref = Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=fraction, seed=seed, shuffle=True)
+    assert train.tolist() == list(ref["train"]["i"]) and val.tolist() == list(ref["test"]["i"])
+
+
+def test_token_writer_streams_across_shards_and_trims(tmp_path):
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 50257, size=k, dtype=np.uint16) for k in (0, 5, 1, 23, 7, 7, 40)]
+    path = tmp_path / "x.bin"
+    writer = prepare.TokenWriter(path, capacity=200, shard_tokens=7)
+    for c in chunks:
+        writer.write(c)
+    tokens, sha = writer.close()
+    data = np.concatenate(chunks)
+    assert tokens == len(data) == path.stat().st_size // 2
+    assert np.array_equal(np.fromfile(path, dtype=np.uint16), data)
+    assert sha == hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def test_batches_cover_every_document_once_in_order():
+    nbytes = np.array([5, 0, 100, 3, 3, 3, 50, 1, 1, 80])
+    idx = np.array([9, 2, 0, 1, 7, 3, 8, 4, 6, 5])
+    batches = prepare.make_batches(idx, nbytes, batch_bytes=60, min_batches=3)
+    assert len(batches) >= 3 and all(len(b) for b in batches)
+    assert np.concatenate(batches).tolist() == idx.tolist()
+
+
+def test_shakespeare_corpus(shakespeare_data):
+    meta = json.loads((shakespeare_data / "meta.json").read_text())
+    assert meta["dataset"] == "shakespeare" and meta["sources"][0]["sha256"] == corpus.SHAKESPEARE_SHA256
+    splits = meta["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == 42
+    assert splits["val"]["documents"] == 1  # ceil(42 * 0.0005): nanoGPT's rule
+    assert splits["train"]["tokens"] + splits["val"]["tokens"] == 1_566_001
+    for name, split in splits.items():
+        data = (shakespeare_data / f"{name}.bin").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == split["sha256"]
+
+
+@pytest.mark.slow
+def test_interrupted_run_leaves_the_previous_output(tmp_path, gpt2_ranks):
+    out = tmp_path / "out"
+    run(tmp_path, "--input", write_txt(tmp_path / "small", DOCS), "--out_dir", str(out), "--num_proc", "1")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    big = tmp_path / "big"  # ~6 M tokens: a few seconds of encoding on one process
+    big.mkdir()
+    for k in range(4):
+        for play in corpus.shakespeare_files():
+            shutil.copy(play, big / f"{k}_{play.name}")
+    proc = subprocess.Popen([PYTHON, "-m", "ds_gpt.prepare", "--input", str(big / "*.txt"), "--out_dir", str(out),
+                             "--num_proc", "1", "--cache_dir", str(tmp_path / "hf")],
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    seen = ""
+    while "train:" not in seen and proc.poll() is None:  # encoding has started
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
