@@ -157,8 +157,8 @@ _LINE = re.compile(r"^(?P<host>[A-Za-z0-9._-]+)\s+slots=(?P<slots>\d+)$")
 def read_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
     """Parse and check a DeepSpeed hostfile; a bad line is a UserError naming its line number.
 
-    DeepSpeed's own parser skips lines it does not understand, so a typo would silently drop
-    a node. Blank lines and `#` comments are allowed.
+    DeepSpeed's own parser stops with a traceback and no line number, accepts `slots=0`, and
+    ignores anything after `slots=N`. Blank lines and `#` comments are allowed.
     """
     path = Path(path)
     try:

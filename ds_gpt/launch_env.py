@@ -118,7 +118,8 @@ def _mpi_rank_size(environ: Mapping[str, str]) -> tuple[int, int] | None:
     """(rank, size) from an MPI launcher's variables, or None when no MPI launcher started us."""
     for rank_var, size_vars in (("OMPI_COMM_WORLD_RANK", ("OMPI_COMM_WORLD_SIZE",)),
                                 ("PMI_RANK", ("PMI_SIZE",)),
-                                ("PMIX_RANK", ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE"))):
+                                ("PMIX_RANK", ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS",
+                                               "WORLD_SIZE"))):
         if environ.get(rank_var):
             return _int(environ, rank_var), _int(environ, *size_vars)
     return None
@@ -249,7 +250,8 @@ def export(env: LaunchEnv, environ: MutableMapping[str, str] | None = None) -> N
 
 
 def main() -> int:
-    print(json.dumps(detect().to_dict()), flush=True)
+    # One write() per line: ranks sharing a pipe (and `python -u`) must not interleave.
+    os.write(1, (json.dumps(detect().to_dict()) + "\n").encode())
     return 0
 
 

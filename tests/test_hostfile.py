@@ -1,0 +1,108 @@
+"""ds_gpt.hostfile: SLURM node-list expansion, slot counts, hostfile writing and checking."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ds_gpt.errors import EXIT_USER_ERROR, UserError
+from ds_gpt.hostfile import expand_nodelist, main, read_hostfile, slots_per_node
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("ng10101", ["ng10101"]),
+    ("ng[10101-10102,10205],cdr7", ["ng10101", "ng10102", "ng10205", "cdr7"]),
+    ("node[01-03]", ["node01", "node02", "node03"]),  # zero padding kept
+    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+    ("gpu[098-101]", ["gpu098", "gpu099", "gpu100", "gpu101"]),
+    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+    ("a[1-2]-ib,b.cluster", ["a1-ib", "a2-ib", "b.cluster"]),
+    (" node[1-2] ", ["node1", "node2"]),
+])
+def test_expand_nodelist(nodelist: str, hosts: list[str]) -> None:
+    assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "ng[1-2", "ng1-2]", "ng[2-1]", "ng[a-b]", "ng[1-]",
+                                 "ng[[1-2]]", "a,,b", "ng[1,]", "host name"])
+def test_expand_nodelist_rejects_malformed(bad: str) -> None:
+    with pytest.raises(UserError):
+        expand_nodelist(bad)
+
+
+def test_slots_precedence() -> None:
+    env = {"SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_NODE": "a100:2", "SLURM_NTASKS_PER_NODE": "8"}
+    assert slots_per_node(3, env) == 3
+    assert slots_per_node(None, env) == 4
+    assert slots_per_node(None, {"SLURM_GPUS_PER_NODE": "a100:4"}) == 4
+    assert slots_per_node(None, {"SLURM_GPUS_PER_NODE": "gpu:a100:2,v100:2"}) == 4
+    assert slots_per_node(None, {"SLURM_GPUS_PER_NODE": "2"}) == 2
+    assert slots_per_node(None, {"SLURM_NTASKS_PER_NODE": "4"}) == 4
+
+
+@pytest.mark.parametrize("env", [{}, {"SLURM_GPUS_PER_NODE": "a100:x"}, {"SLURM_GPUS_ON_NODE": "0"},
+                                 {"SLURM_NTASKS_PER_NODE": "four"}])
+def test_slots_errors(env: dict) -> None:
+    with pytest.raises(UserError):
+        slots_per_node(None, env)
+    with pytest.raises(UserError):
+        slots_per_node(0, {})
+
+
+def test_cli_writes_the_seed_hostfile(tmp_path: Path, monkeypatch, capsys) -> None:
+    # The pure-Python expander, as on a machine without scontrol.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    out = tmp_path / "hostfiles" / "123"
+    env = {"SLURM_JOB_NODELIST": "ng[10101-10102]", "SLURM_GPUS_PER_NODE": "a100:4"}
+    assert main(["--out", str(out)], environ=env) == 0
+    assert out.read_text() == "ng10101 slots=4\nng10102 slots=4\n"
+    assert read_hostfile(out) == [("ng10101", 4), ("ng10102", 4)]
+    assert main(["--nodelist", "cdr[7-8]", "--slots", "2"], environ={}) == 0
+    assert capsys.readouterr().out == "cdr7 slots=2\ncdr8 slots=2\n"
+
+
+def test_cli_outside_an_allocation_is_one_clear_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run([sys.executable, "-m", "ds_gpt.hostfile", "--slots", "4"], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == EXIT_USER_ERROR
+    assert proc.stderr.count("\n") == 1 and "SLURM_JOB_NODELIST" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_shipped_hostfiles_parse() -> None:
+    assert read_hostfile(REPO_ROOT / "hostfiles" / "narval") == [("ng10101", 4), ("ng10102", 4)]
+    assert read_hostfile(REPO_ROOT / "hostfiles" / "localhost") == [("localhost", 2)]
+
+
+def test_read_hostfile_comments_and_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "h"
+    path.write_text("# two nodes\n\nnode1 slots=4   # first\nnode2  slots=2\n")
+    assert read_hostfile(path) == [("node1", 4), ("node2", 2)]
+
+
+@pytest.mark.parametrize("text, lineno", [
+    ("node1 slots=4\nnode2 slot=4\n", 2),
+    ("node1 slots=4\nnode2\n", 2),
+    ("node1 slots=four\n", 1),
+    ("\n\nnode1 slots=0\n", 3),
+    ("node1 slots=4\nnode1 slots=4\n", 2),
+    ("node1 slots=4 extra\n", 1),
+])
+def test_read_hostfile_bad_line_names_its_number(tmp_path: Path, text: str, lineno: int) -> None:
+    path = tmp_path / "h"
+    path.write_text(text)
+    with pytest.raises(UserError, match=rf"{path}:{lineno}:"):
+        read_hostfile(path)
+
+
+def test_read_hostfile_empty_or_missing(tmp_path: Path) -> None:
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(UserError, match="lists no hosts"):
+        read_hostfile(tmp_path / "empty")
+    with pytest.raises(UserError, match="cannot read"):
+        read_hostfile(tmp_path / "missing")
