@@ -145,7 +145,7 @@ def _coerce(name: str, value: Any, tp: Any, origin: str) -> Any:
             return str(value)
     except ValueError:
         pass
-    raise UserError(f"{origin}: {name} expects {base.__name__}, got {value!r}")
+    raise UserError(f"{origin} expects {base.__name__}, got {value!r}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -189,7 +189,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             if key not in types:
                 raise UserError(f"config file {path}: unknown option {key!r}",
                                 hint="python -m ds_gpt.train --help lists every option")
-            values[key] = _coerce(key, value, types[key], f"config file {path}")
+            values[key] = _coerce(key, value, types[key], f"config file {path}: {key}")
     ns.pop("local_rank", None)
     for key, value in ns.items():
         values[key] = _coerce(key, value, types[key], f"--{key}")

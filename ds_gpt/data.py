@@ -29,7 +29,8 @@ class TokenFile:
     n_tokens: int
 
 
-def check_token_file(path: Path, block_size: int, vocab_size: int, full_scan_limit: int = 1 << 28) -> TokenFile:
+def check_token_file(path: Path, block_size: int, vocab_size: int, full_scan_limit: int = 1 << 28,
+                     end_tokens: int = _SCAN_CHUNK) -> TokenFile:
     """Fail early, with the command that fixes it, on a file the loader would choke on later."""
     if not path.exists():
         raise UserError(f"{path} not found", hint=PREPARE_HINT)
@@ -45,7 +46,7 @@ def check_token_file(path: Path, block_size: int, vocab_size: int, full_scan_lim
                         hint="lower --block_size or prepare a larger corpus")
     # Small files are checked whole; big ones at both ends (every batch is checked as it is read).
     tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
-    spans = [(0, n_tokens)] if n_tokens <= full_scan_limit else [(0, _SCAN_CHUNK), (n_tokens - _SCAN_CHUNK, n_tokens)]
+    spans = [(0, n_tokens)] if n_tokens <= full_scan_limit else [(0, end_tokens), (n_tokens - end_tokens, n_tokens)]
     for lo, hi in spans:
         for start in range(lo, hi, _SCAN_CHUNK):
             top = int(tokens[start:min(hi, start + _SCAN_CHUNK)].max())

@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = MetricsLogger(out_dir, master, eng.monitor)
     profile = mfu.FlopsProfileCapture(eng, n_params=n_params, n_layer=cfg.n_layer, n_embd=cfg.n_embd, peak_flops=peak)
     stop = GracefulStop().install()
+    metrics.log({"event": "start", "iter": iter_num, "world_size": world_size, "launcher": env.launcher,
+                 "resumed_from": resume_from.tag if resume_from else None, "init_from": cfg.init_from})
 
     def save() -> None:
         nonlocal best_val_loss

@@ -1,0 +1,147 @@
+"""Config parsing, the DeepSpeed JSON resolver and the batch arithmetic."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO_ROOT
+from ds_gpt.config import BatchSizes, TrainConfig, parse_args, resolve, resolve_batch
+from ds_gpt.errors import UserError
+
+
+def test_defaults_are_the_seed_124m_recipe():
+    cfg = parse_args([])
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (12, 12, 768, 1024, 50304)
+    assert (cfg.max_iters, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) == (600000, 2000, 600000, 6e-5)
+    run = resolve(cfg, world_size=8, cuda=True)
+    assert run.learning_rate == 6e-4 and run.weight_decay == 0.1
+    assert run.ds_config["gradient_clipping"] == 1.0
+    assert run.ds_config["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert run.dtype == "bfloat16" and run.zero_stage == 1
+    # 12 x 1024 per GPU, 480 sequences: the seed's 491,520 tokens per iteration
+    assert run.tokens_per_iter == 491_520
+    assert run.batch == BatchSizes(micro=12, grad_accum=5, world_size=8)
+    assert resolve(cfg, world_size=2, cuda=True).batch.grad_accum == 20
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_ds_config_resolves(path):
+    """A stale or mistyped shipped JSON fails CI here."""
+    for world in (1, 2, 4, 8):
+        run = resolve(parse_args(["--deepspeed_config", str(path)]), world_size=world, cuda=True)
+        b = run.batch
+        assert b.micro * b.grad_accum * world == run.ds_config["train_batch_size"] == 480
+    assert run.zero_stage == int(path.stem.removeprefix("zero"))
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "config").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_file_parses(path):
+    cfg = parse_args(["--config", str(path)])
+    assert isinstance(cfg, TrainConfig)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(json_micro=12, json_global=480), (12, 20)),  # world 2: nanoGPT's 40 // 2
+    (dict(json_micro=12, json_global=480, micro=4), (4, 60)),  # CLI micro: accumulation follows
+    (dict(json_micro=12, json_global=480, micro=2, accum=3), (2, 3)),  # global follows
+    (dict(json_micro=12, json_global=480, accum=4), (12, 4)),
+    (dict(json_micro=12, json_global=480, global_batch=48), (12, 2)),
+    (dict(json_micro=6, json_accum=2), (6, 2)),
+    (dict(json_global=8), (4, 1)),  # DeepSpeed's rule: micro = global / world
+    (dict(), (1, 1)),
+    (dict(json_micro=12, json_global=480, json_accum=20), (12, 20)),
+])
+def test_resolve_batch(kwargs, expected):
+    b = resolve_batch(2, **kwargs)
+    assert (b.micro, b.grad_accum) == expected and b.global_batch == b.micro * b.grad_accum * 2
+
+
+@pytest.mark.parametrize("kwargs, names", [
+    (dict(json_micro=12, json_global=480), ["train_batch_size=480", "train_micro_batch_size_per_gpu=12", "world_size=7"]),
+    (dict(micro=2, accum=3, global_batch=100), ["--global_batch_size=100", "--micro_batch_size=2", "world_size=7"]),
+    (dict(json_micro=12, json_global=480, json_accum=5), ["gradient_accumulation_steps=5", "train_batch_size=480"]),
+])
+def test_inconsistent_batches_name_the_numbers(kwargs, names):
+    with pytest.raises(UserError) as err:
+        resolve_batch(7, **kwargs)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_cli_wins_over_config_file_over_defaults(tmp_path):
+    (tmp_path / "c.toml").write_text('n_layer = 4\nn_head = 2\nbias = true\nlearning_rate = 1e-3\n')
+    cfg = parse_args(["--config", str(tmp_path / "c.toml"), "--n_head", "4", "--bias=False", "--compile", "True"])
+    assert (cfg.n_layer, cfg.n_head, cfg.bias, cfg.compile, cfg.learning_rate) == (4, 4, False, True, 1e-3)
+    run = resolve(cfg, 1, cuda=False)
+    assert run.learning_rate == 1e-3
+    assert run.ds_config["optimizer"]["params"]["torch_adam"] is True  # CPU: torch's AdamW
+
+
+def test_overrides_are_applied_and_logged():
+    log: list[str] = []
+    cfg = parse_args(["--zero_stage", "3", "--dtype", "float32", "--grad_clip", "0.5", "--weight_decay", "0.0"])
+    run = resolve(cfg, 2, cuda=True, overrides_log=log)
+    assert run.zero_stage == 3 and run.dtype == "float32"
+    assert run.ds_config["gradient_clipping"] == 0.5 and run.weight_decay == 0.0
+    assert any(line.startswith("--zero_stage: zero_optimization.stage 1 -> 3") for line in log)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layr", "4"], "unrecognized arguments: --n_layr"),
+    (["--n_layer", "four"], "--n_layer expects int, got 'four'"),
+    (["--bias", "maybe"], "--bias expects bool"),
+    (["--n_layer", "1.5"], "--n_layer expects int"),
+    (["--dtype", "float64"], "dtype must be one of"),
+    (["--n_embd", "100", "--n_head", "3"], "n_embd 100 is not divisible by n_head 3"),
+    (["--zero_stage", "4", "--max_iters", "0"], "max_iters must be positive"),  # both reported at once
+])
+def test_bad_options_are_user_errors(argv, message):
+    with pytest.raises(UserError, match=None) as err:
+        parse_args(argv)
+    assert message in str(err.value)
+
+
+def test_bad_config_file(tmp_path):
+    (tmp_path / "bad.toml").write_text("n_layr = 4\n")
+    with pytest.raises(UserError, match="unknown option 'n_layr'"):
+        parse_args(["--config", str(tmp_path / "bad.toml")])
+    (tmp_path / "typed.toml").write_text('n_layer = "4"\nbias = 3\n')
+    with pytest.raises(UserError, match="n_layer expects int, got '4'|bias expects bool"):
+        parse_args(["--config", str(tmp_path / "typed.toml")])
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"train_batch_size": 8,,}', "is not valid JSON"),
+    ('{"zero_optimisation": {"stage": 2}}', "unknown key(s) zero_optimisation"),
+    ('{"flops_profiler": {"enabld": true}}', "unknown flops_profiler key(s) enabld"),
+    ('{"scheduler": {"type": "WarmupLR"}}', "remove the scheduler block"),
+    ('{"optimizer": {"type": "SGD", "params": {"lr": 1}}}', "must be AdamW"),
+    ('{"train_batch_size": 8}', "optimizer.params.lr is missing"),
+])
+def test_bad_ds_configs(tmp_path, content, message):
+    (tmp_path / "ds.json").write_text(content)
+    with pytest.raises(UserError) as err:
+        resolve(parse_args(["--deepspeed_config", str(tmp_path / "ds.json")]), 1, cuda=False)
+    assert message in str(err.value)
+
+
+def test_lr_schedule_is_nanogpts():
+    run = resolve(parse_args(["--warmup_iters", "10", "--lr_decay_iters", "110", "--min_lr", "1e-5"]), 1, cuda=True)
+    assert run.lr_at(0) == pytest.approx(6e-4 * 1 / 11)
+    assert run.lr_at(9) == pytest.approx(6e-4 * 10 / 11)
+    assert run.lr_at(60) == pytest.approx(1e-5 + 0.5 * (6e-4 - 1e-5))  # half way down the cosine
+    assert run.lr_at(110) == pytest.approx(1e-5) and run.lr_at(10**6) == 1e-5
+
+
+def test_cli_reports_one_line_and_exit_2(tmp_path):
+    """The edge: a user error is one line on stderr, no traceback, exit code 2."""
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 1}, "trian_batch_size": 8}')
+    proc = subprocess.run([PYTHON, "-m", "ds_gpt.train", "--deepspeed_config", str(tmp_path / "ds.json"),
+                           "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "ds_gpt.train: error:" in line]
+    assert len(errors) == 1 and "trian_batch_size" in errors[0]
+    assert "Traceback" not in proc.stderr

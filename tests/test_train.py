@@ -1,0 +1,183 @@
+"""The trainer with real DeepSpeed ranks over gloo on CPU (slow: each run starts real processes)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PYTHON, REPO_ROOT, read_jsonl, write_token_bins
+
+pytestmark = pytest.mark.slow
+
+DEEPSPEED = str(Path(PYTHON).parent / "deepspeed")
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--vocab_size", "512",
+        "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2", "--eval_interval", "10",
+        "--eval_iters", "2", "--log_interval", "1", "--checkpoint_interval", "10", "--warmup_iters", "2",
+        "--lr_decay_iters", "20", "--learning_rate", "3e-3", "--max_iters", "20"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(nproc: int, *args: str) -> list[str]:
+    """The user's command: the deepspeed launcher with N local ranks (CPU processes here)."""
+    return [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), "ds_gpt/train.py", *args]
+
+
+def train(nproc: int, *args: str, expect: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(nproc, *args), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@contextlib.contextmanager
+def background_train(nproc: int, *args: str, **popen):
+    """A training job in its own session, killed with its ranks if the test fails early."""
+    proc = subprocess.Popen(train_cmd(nproc, *args), cwd=REPO_ROOT, start_new_session=True, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    """Per-iteration training loss; after a restart the latest record of an iteration wins."""
+    return {r["iter"]: r["loss"] for r in read_jsonl(out_dir / "metrics.jsonl") if "loss" in r and "event" not in r}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_token_bins(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """Run once per (ZeRO stage, ranks, accumulation) layout; the global batch is 8 sequences."""
+    cache: dict[tuple[int, int, int], Path] = {}
+
+    def get(stage: int, nproc: int, accum: int) -> Path:
+        key = (stage, nproc, accum)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"z{stage}_w{nproc}_g{accum}")
+            train(nproc, "--deepspeed_config", f"ds_configs/zero{stage}.json", "--data_dir", str(data_dir),
+                  "--out_dir", str(out), *TINY, "--gradient_accumulation_steps", str(accum),
+                  "--micro_batch_size", str(8 // (nproc * accum)))
+            cache[key] = out
+        return cache[key]
+    return get
+
+
+def test_run_directory_contract(runs):
+    out = runs(1, 2, 2)
+    cfg = __import__("json").loads((out / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["launcher"] == "deepspeed" and cfg["zero_stage"] == 1
+    assert cfg["ds_config"]["train_batch_size"] == 8 and cfg["ds_config"]["gradient_accumulation_steps"] == 2
+    assert cfg["model"]["n_layer"] == 2 and "torch" in cfg["versions"] and "deepspeed" in cfg["versions"]
+    records = read_jsonl(out / "metrics.jsonl")
+    train_events = [r for r in records if "loss" in r and "event" not in r]
+    assert [r["iter"] for r in train_events] == list(range(20))
+    for key in ("loss", "lr", "tokens", "dt_ms", "tokens_per_s", "mfu"):
+        assert all(isinstance(r[key], float | int) for r in train_events), key
+    assert train_events[-1]["tokens"] == 20 * 8 * 32
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 10, 20] and all("train_loss" in r for r in evals)
+    assert (out / "latest").read_text() == "global_step20"
+    assert sorted(p.name for p in out.glob("global_step*")) == ["global_step10", "global_step20"]
+    assert list((out / "tb" / "train").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_same_loss_curve_for_every_world_size(runs, stage):
+    """1 rank x accum 4, 2 ranks x accum 2 and 4 ranks x accum 1 see the same global batches."""
+    curves = [losses(runs(stage, n, 4 // n)) for n in (1, 2, 4)]
+    assert all(sorted(c) == list(range(20)) for c in curves)
+    worst = max(abs(c[i] - curves[0][i]) / abs(curves[0][i]) for c in curves[1:] for i in range(20))
+    assert worst <= 1e-5, f"max relative loss difference {worst:.2e} at ZeRO-{stage}"
+    assert curves[0][19] < curves[0][0] - 0.5  # and it learns
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_resume_after_sigkill_is_bitwise_exact(runs, data_dir, tmp_path, stage):
+    """Kill -9 right after checkpoint 10, resume: iterations 10-19 equal the uninterrupted run's, bit for bit."""
+    reference = losses(runs(stage, 2, 2))
+    common = ["--deepspeed_config", f"ds_configs/zero{stage}.json", "--data_dir", str(data_dir),
+              "--out_dir", str(tmp_path), *TINY, "--gradient_accumulation_steps", "2"]
+    # --max_iters 1000 leaves time to kill it; the lr schedule depends on lr_decay_iters, not max_iters.
+    with background_train(2, *common, "--max_iters", "1000", stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL) as proc:
+        pointer = tmp_path / "latest"
+        deadline = time.time() + 240
+        while not (pointer.exists() and pointer.read_text() == "global_step10"):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before checkpoint 10"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    train(2, *common, "--init_from", "resume")
+    starts = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "start"]
+    assert starts[-1]["resumed_from"] == "global_step10" and starts[-1]["iter"] == 10
+    resumed = losses(tmp_path)
+    assert [resumed[i] for i in range(10, 20)] == [reference[i] for i in range(10, 20)]
+
+
+def test_sample_from_a_sharded_zero3_checkpoint(runs):
+    from ds_gpt.checkpoint import load_fp32_state_dict
+
+    z3, _ = load_fp32_state_dict(runs(3, 2, 2))
+    z0, client = load_fp32_state_dict(runs(0, 2, 2))
+    assert client["iter_num"] == 20 and client["model_args"]["n_layer"] == 2
+    assert z3.keys() >= {"transformer.wte.weight", "lm_head.weight", "transformer.h.1.mlp.c_proj.weight"}
+    for name, tensor in z0.items():  # same training, other sharding: the same weights
+        torch.testing.assert_close(z3[name], tensor, rtol=1e-4, atol=1e-5)
+    proc = subprocess.run([PYTHON, "-m", "ds_gpt.sample", "--out_dir", str(runs(3, 2, 2)), "--start", "!",
+                           "--max_new_tokens", "12", "--num_samples", "2"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("---------------") == 2 and "iteration 20" in proc.stdout
+
+
+def test_loss_decreases_on_a_real_corpus(shakespeare_data, tmp_path):
+    """GPT-2 tokens of Shakespeare's plays, the full 50304-wide head, 2 ranks, ZeRO-1."""
+    train(2, "--deepspeed_config", "ds_configs/zero1.json", "--data_dir", str(shakespeare_data),
+          "--out_dir", str(tmp_path), "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64",
+          "--dtype", "float32", "--compile", "False", "--micro_batch_size", "4", "--gradient_accumulation_steps", "1",
+          "--max_iters", "60", "--eval_interval", "30", "--eval_iters", "4", "--log_interval", "10",
+          "--checkpoint_interval", "60", "--warmup_iters", "5", "--lr_decay_iters", "60", "--learning_rate", "1e-2")
+    evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "val_loss" in r]
+    assert evals[0]["val_loss"] > 10.0  # ~ln(50304) at init
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 3.0
+
+
+def test_signal_on_one_rank_checkpoints_all_and_exits_75(data_dir, tmp_path):
+    """SIGUSR1 to rank 1 alone: both ranks stop at the same step boundary, checkpoint, exit 75."""
+    common = ["--deepspeed_config", "ds_configs/zero2.json", "--data_dir", str(data_dir), "--out_dir", str(tmp_path),
+              *TINY, "--gradient_accumulation_steps", "1", "--micro_batch_size", "4"]
+    with background_train(2, *common, "--max_iters", "100000", "--checkpoint_interval", "100000",
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.time() + 240
+        while not (metrics.exists() and len(losses(tmp_path)) >= 3):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        rank1 = subprocess.run(["pgrep", "-f", "-s", str(proc.pid), "--", "local_rank=1"], capture_output=True, text=True)
+        pids = rank1.stdout.split()
+        assert len(pids) == 1, rank1
+        os.kill(int(pids[0]), signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, output[-3000:]
+    tag = (tmp_path / "latest").read_text()
+    stopped_at = int(tag.removeprefix("global_step"))
+    assert stopped_at == max(losses(tmp_path)) + 1
+    assert sorted(p.name for p in (tmp_path / tag).glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
+    train(2, *common, "--max_iters", str(stopped_at + 3), "--init_from", "auto")
+    assert max(losses(tmp_path)) == stopped_at + 2
