@@ -121,7 +121,8 @@ def export(state_dict: dict[str, torch.Tensor], client_state: dict, fmt: str, de
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ds_gpt.export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="ds_gpt.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", required=True, help="the run directory holding the DeepSpeed checkpoints")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step5000 (default: the newest)")
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write (see above)")

@@ -341,10 +341,12 @@ def _nanogpt_moments(model: torch.nn.Module, state: dict) -> tuple[dict[str, dic
 def apply_nanogpt_optimizer_state(optimizer, model: torch.nn.Module, nanogpt_optimizer_state: dict) -> None:
     """Load nanoGPT's AdamW moments and step count into `optimizer`, by parameter name.
 
-    `optimizer` is either a torch optimizer over `model`'s own parameters (also DeepSpeed's
-    engine.optimizer at ZeRO stage 0 in fp32), or DeepSpeed's ZeRO-1/2 or bf16 optimizer, whose
-    fp32 master partitions are filled through DeepSpeed's fragment API, so every rank sets its
-    own slice. Learning rate and betas stay the optimizer's own: the run's schedule owns them.
+    `optimizer` is a torch optimizer over `model`'s own parameters, or DeepSpeed's
+    engine.optimizer after deepspeed.initialize: at ZeRO-0 that is the torch optimizer itself
+    (fp32) or an fp16/bf16 wrapper with per-parameter fp32 masters; at ZeRO-1/2 (and with
+    DeepSpeed's BF16_Optimizer) the fp32 master partitions are filled through DeepSpeed's
+    fragment API, so each rank sets its own slice. ZeRO-3 is refused. Learning rate and betas
+    stay the optimizer's own: the run's schedule owns them.
     """
     moments, step = _nanogpt_moments(model, nanogpt_optimizer_state)
     if not moments:
@@ -365,19 +367,26 @@ def apply_nanogpt_optimizer_state(optimizer, model: torch.nn.Module, nanogpt_opt
             st["step"] = torch.tensor(step, dtype=torch.float32, device=_step_device(flat, base.param_groups[i]))
             st.setdefault("exp_avg", torch.zeros_like(flat))
             st.setdefault("exp_avg_sq", torch.zeros_like(flat))
-            lazy_init_hp_params_optimizer_state(optimizer.bit16_groups[i], flat, base.state)
+            lp_group = (optimizer.bit16_groups if hasattr(optimizer, "bit16_groups") else optimizer.bf16_groups)[i]
+            lazy_init_hp_params_optimizer_state(lp_group, flat, base.state)
         for name, p in model.named_parameters():
             if name in moments:
                 for key, value in moments[name].items():
                     safe_set_full_optimizer_state(p, value.to(p.device), key)
         return
-    for group in optimizer.param_groups:
+    base = optimizer
+    if hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
+        # DeepSpeed's unfused fp16/bf16 optimizer (ZeRO-0): one fp32 master copy per parameter.
+        base = optimizer.optimizer
+        for lp_group, hp_group in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            name_of.update({id(hp): name_of[id(lp)] for lp, hp in zip(lp_group, hp_group)})
+    for group in base.param_groups:
         for p in group["params"]:
             name = name_of.get(id(p))
             if name is None:
                 raise UserError("the optimizer holds parameters that are not the model's "
                                 "(build it over model.parameters(), or pass DeepSpeed's engine.optimizer)")
-            optimizer.state[p] = {
+            base.state[p] = {
                 "step": torch.tensor(step, dtype=torch.float32, device=_step_device(p, group)),
                 "exp_avg": moments[name]["exp_avg"].to(p.device, p.dtype).clone(),
                 "exp_avg_sq": moments[name]["exp_avg_sq"].to(p.device, p.dtype).clone(),

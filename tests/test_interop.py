@@ -198,19 +198,25 @@ def test_nanogpt_to_ours_to_nanogpt_is_bitwise(tmp_path):
     nanogpt_adamw(reloaded).load_state_dict(back["optimizer"])  # its train.py resume step
 
 
-def test_nanogpt_optimizer_state_continues_the_run(tmp_path):
-    # The reference: nanoGPT's own optimizer going on for one more step.
+def nanogpt_run_and_its_resume(tmp_path: Path) -> tuple[GPT, GPT, dict]:
+    """nanoGPT trains 3 steps, saves, and goes on for a 4th step (the reference); and our model
+    loaded from that ckpt.pt, with the optimizer state it holds, ready for the 4th step."""
     ref = tiny_gpt()
     ref_opt = nanogpt_adamw(ref)
     train_steps(ref, ref_opt, 3)
     write_nanogpt_ckpt(tmp_path / "ckpt.pt", ref, ref_opt, iter_num=3)
     train_steps(ref, ref_opt, 1, seed=100)
-
     init = load_init_weights(f"nanogpt:{tmp_path / 'ckpt.pt'}")
+    assert init.iter_num == 3
     model = GPT(GPTConfig(**init.model_args))
     model.load_state_dict(init.state_dict)
+    return ref, model, init.optimizer_state
+
+
+def test_nanogpt_optimizer_state_continues_the_run(tmp_path):
+    ref, model, optimizer_state = nanogpt_run_and_its_resume(tmp_path)
     opt = torch.optim.AdamW(model.optimizer_param_groups(0.1), lr=1e-2, betas=(0.9, 0.95))
-    apply_nanogpt_optimizer_state(opt, model, init.optimizer_state)
+    apply_nanogpt_optimizer_state(opt, model, optimizer_state)
     train_steps(model, opt, 1, seed=100)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), name
@@ -292,10 +298,10 @@ def ds_env(monkeypatch):
         monkeypatch.setenv(k, v)
 
 
-def ds_engine(model: GPT, stage: int):
+def ds_engine(model: GPT, stage: int, bf16: bool = False):
     import deepspeed
 
-    config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+    config = {"bf16": {"enabled": bf16},"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "torch_adam": True}},
               "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 by default
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.optimizer_param_groups(0.1), config=config)
@@ -305,23 +311,47 @@ def ds_engine(model: GPT, stage: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_nanogpt_optimizer_state_in_deepspeed(tmp_path, ds_env, stage):
-    ref = tiny_gpt()
-    ref_opt = nanogpt_adamw(ref)
-    train_steps(ref, ref_opt, 3)
-    write_nanogpt_ckpt(tmp_path / "ckpt.pt", ref, ref_opt, iter_num=3)
-    train_steps(ref, ref_opt, 1, seed=100)
-
-    init = load_init_weights(f"nanogpt:{tmp_path / 'ckpt.pt'}")
-    model = GPT(GPTConfig(**init.model_args))
-    model.load_state_dict(init.state_dict)
+    ref, model, optimizer_state = nanogpt_run_and_its_resume(tmp_path)
     engine = ds_engine(model, stage)
-    apply_nanogpt_optimizer_state(engine.optimizer, model, init.optimizer_state)
+    apply_nanogpt_optimizer_state(engine.optimizer, model, optimizer_state)
     idx = batch(model.config.vocab_size, seed=100, T=32)
     _, loss = engine(idx[:, :-1], targets=idx[:, 1:].contiguous())
     engine.backward(loss)
     engine.step()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1])
+def test_nanogpt_optimizer_state_in_deepspeed_bf16(tmp_path, ds_env, stage):
+    """bf16 keeps fp32 masters in DeepSpeed's wrappers: the moments must land there."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    _, model, optimizer_state = nanogpt_run_and_its_resume(tmp_path)
+    name = "transformer.h.0.mlp.c_fc.weight"
+    fp32 = GPT(model.config)
+    fp32.load_state_dict(model.state_dict())
+    idx = batch(model.config.vocab_size, seed=100, T=32)
+    _, loss = fp32(idx[:, :-1], targets=idx[:, 1:].contiguous())
+    loss.backward()
+    grad = dict(fp32.named_parameters())[name].grad
+    saved = optimizer_state["state"][nanogpt_param_names(model).index(name)]["exp_avg"]
+
+    engine = ds_engine(model, stage, bf16=True)
+    apply_nanogpt_optimizer_state(engine.optimizer, model, optimizer_state)
+    _, loss = engine(idx[:, :-1], targets=idx[:, 1:].contiguous())
+    engine.backward(loss)
+    engine.step()
+    p = dict(model.named_parameters())[name]
+    if stage:
+        exp_avg = safe_get_full_optimizer_state(p, "exp_avg")
+    else:  # unfused wrapper: per-parameter fp32 masters
+        opt = engine.optimizer
+        master = [hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps) if lp is p][0]
+        exp_avg = opt.optimizer.state[master]["exp_avg"]
+    want = 0.9 * saved + 0.1 * grad  # Adam's first moment after one more step from the saved one
+    assert (exp_avg - want).norm() / want.norm() < 0.02  # bf16 gradients; a fresh moment is off by ~0.3
 
 
 @pytest.mark.slow
