@@ -120,6 +120,8 @@ class TokenWriter:
 
 
 # Worker state: set once per process by _init_worker, so a task carries only its indices.
+# Workers read documents through the dataset's memory map; the pages they touch show in their
+# RSS but are clean file cache the kernel reclaims, while their own memory stays one batch.
 _docs = None
 _enc = None
 
