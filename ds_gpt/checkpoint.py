@@ -170,14 +170,9 @@ def load(engine, out_dir: Path, info: CheckpointInfo, *, rank: int) -> dict:
     return client_state
 
 
-def check_resumable(info: CheckpointInfo, model_args: dict, world_size: int, zero_stage: int) -> None:
-    """Refuse, before building anything, a resume DeepSpeed would fail at or get wrong."""
+def check_resumable(info: CheckpointInfo, world_size: int, zero_stage: int) -> None:
+    """Refuse, before building anything, a resume DeepSpeed would fail at."""
     saved = info.marker
-    diffs = [f"{k}={saved['model_args'].get(k)!r} (checkpoint) vs {v!r} (now)"
-             for k, v in model_args.items() if saved["model_args"].get(k) != v]
-    if diffs:
-        raise UserError(f"checkpoint {info.tag} was made for another model: {', '.join(diffs)}",
-                        hint="pass the checkpoint's model flags, or start a new --out_dir")
     if saved["world_size"] != world_size or saved["zero_stage"] != zero_stage:
         raise UserError(
             f"checkpoint {info.tag} was written by {saved['world_size']} rank(s) at ZeRO-{saved['zero_stage']}; this run has "

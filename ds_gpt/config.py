@@ -77,6 +77,9 @@ class TrainConfig:
     profile_step: int | None = opt(None, "run DeepSpeed's flops profiler on this iteration")
     peak_tflops: float | None = opt(None, "per-device peak TFLOPS for MFU (default: detected device's table value)")
 
+    # which options the user set (CLI or --config): a checkpoint's model args fill in the rest
+    explicit: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"cli": False})
+
     def milestone_set(self) -> set[int]:
         return {int(m) for m in self.milestones.split(",") if m.strip()}
 
@@ -160,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher; read from LOCAL_RANK")
     types = _field_types()
     for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("cli") is False:
+            continue
         # Values stay strings here and are converted in one place (_coerce), for CLI and file alike.
         parser.add_argument(f"--{f.name}", metavar=_base_type(types[f.name]).__name__.upper(),
                             help=f"{f.metadata['help']} [{f.default}]")
@@ -193,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ns.pop("local_rank", None)
     for key, value in ns.items():
         values[key] = _coerce(key, value, types[key], f"--{key}")
-    cfg = TrainConfig(**values)
+    cfg = TrainConfig(**values, explicit=frozenset(values))
     validate(cfg)
     return cfg
 
@@ -372,13 +377,31 @@ class RunConfig:
         return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - t.min_lr)
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "train": dataclasses.asdict(self.train), "ds_config": self.ds_config,
+        train = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "explicit"}
+        return {"model": self.model, "train": train, "ds_config": self.ds_config,
                 "batch": {**dataclasses.asdict(self.batch), "global_batch": self.batch.global_batch,
                           "tokens_per_iter": self.tokens_per_iter}, "dtype": self.dtype, "zero_stage": self.zero_stage}
 
 
+MODEL_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+
+
 def model_args(cfg: TrainConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")}
+    return {k: getattr(cfg, k) for k in MODEL_KEYS}
+
+
+def adopt_model_args(run: RunConfig, saved: dict, source: str) -> None:
+    """Take a checkpoint's model shape, as nanoGPT does on resume; explicit flags must agree with it.
+
+    Dropout is a training choice, not a shape, so the run's own value is kept.
+    """
+    shape = {k: v for k, v in saved.items() if k in MODEL_KEYS and k != "dropout"}
+    diffs = [f"{k}={shape[k]!r} there vs --{k}={run.model[k]!r}" for k in shape
+             if k in run.train.explicit and shape[k] != run.model[k]]
+    if diffs:
+        raise UserError(f"{source} was made for another model: {', '.join(diffs)}",
+                        hint="drop those flags to take the checkpoint's values, or start a new --out_dir")
+    run.model = {**run.model, **shape}
 
 
 def resolve(cfg: TrainConfig, world_size: int, *, cuda: bool, overrides_log: list[str] | None = None) -> RunConfig:

@@ -27,6 +27,11 @@ def init_distributed(timeout_s: int) -> LaunchEnv:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # Several CPU ranks on one node would each start one OpenMP thread per core; the spinning
+        # oversubscribed threads then slow every rank down many times over. Share the cores.
+        local_ranks = max(1, env.world_size // max(1, len(env.hosts)))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
     deepspeed.init_distributed(
         auto_mpi_discovery=env.launcher == "mpirun",  # mpi4py tells ranks and the master address
         distributed_port=env.master_port,
@@ -65,6 +70,18 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device() if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Did a collective fail because another rank died or stalled past the process-group timeout?
+
+    gloo and NCCL raise plain RuntimeErrors for both; their messages are the only tell.
+    """
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL", "ProcessGroup", "gloo"))
 
 
 def barrier() -> None:

@@ -21,37 +21,28 @@ from ds_gpt.errors import UserError
 
 @dataclass
 class StartWeights:
+    model_args: dict  # the source's shape; the run adopts it (config.adopt_model_args)
     state_dict: dict[str, torch.Tensor]
     source: str
     apply_optimizer: Callable | None = None  # engine -> iter_num, for --resume_optimizer
 
 
-def _check_model_args(found: dict, wanted: dict, source: str) -> None:
-    diffs = [f"{k}={found.get(k)!r} there vs {v!r} here" for k, v in wanted.items()
-             if k != "dropout" and k in found and found[k] != v]
-    if diffs:
-        raise UserError(f"{source} does not match this model: {', '.join(diffs)}",
-                        hint="pass the matching --n_layer/--n_head/--n_embd/--block_size/--vocab_size/--bias")
-
-
-def _from_run_dir(spec: str, model_args: dict) -> StartWeights:
+def _from_run_dir(spec: str) -> StartWeights:
     path = Path(spec)
     out_dir, tag = (path.parent, path.name) if checkpoint.iter_of(path.name) is not None else (path, None)
     state_dict, client = checkpoint.load_fp32_state_dict(out_dir, tag)
-    _check_model_args(client.get("model_args", {}), model_args, f"checkpoint {spec}")
-    return StartWeights(state_dict, f"weights:{spec}")
+    return StartWeights(client["model_args"], state_dict, f"weights:{spec}")
 
 
-def initial_weights(cfg: TrainConfig, model_args: dict) -> StartWeights | None:
+def initial_weights(cfg: TrainConfig) -> StartWeights | None:
     spec = cfg.init_from
     if spec in ("scratch", "resume", "auto"):  # resume/auto reach here only when there is nothing to resume
         return None
     if spec.startswith("weights:"):
-        return _from_run_dir(spec.removeprefix("weights:"), model_args)
+        return _from_run_dir(spec.removeprefix("weights:"))
     from ds_gpt import interop  # transformers stays optional: imported only for these sources
 
-    loaded = interop.load_init_weights(spec, vocab_size=model_args["vocab_size"])
-    _check_model_args(loaded.model_args, model_args, loaded.source or spec)
+    loaded = interop.load_init_weights(spec, vocab_size=cfg.vocab_size)
     apply = None
     if cfg.resume_optimizer:
         if loaded.optimizer_state is None:
@@ -60,4 +51,4 @@ def initial_weights(cfg: TrainConfig, model_args: dict) -> StartWeights | None:
         def apply(eng) -> int:
             interop.apply_nanogpt_optimizer_state(eng.optimizer, eng.module, loaded.optimizer_state)
             return loaded.iter_num
-    return StartWeights(loaded.state_dict, loaded.source or spec, apply)
+    return StartWeights(loaded.model_args, loaded.state_dict, loaded.source or spec, apply)

@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 
 from ds_gpt import checkpoint, engine as ds_engine, mfu, run_dir
-from ds_gpt.config import RunConfig, parse_args, resolve
+from ds_gpt.config import RunConfig, adopt_model_args, parse_args, resolve
 from ds_gpt.data import RandomWindowSampler, check_data_dir
-from ds_gpt.errors import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, UserError, run_cli
+from ds_gpt.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_FAILED, EXIT_REQUEUE, run_cli
 from ds_gpt.init_weights import initial_weights
 from ds_gpt.metrics import MetricsLogger
 from ds_gpt.model import GPT, GPTConfig
@@ -88,21 +88,28 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(cfg.out_dir)
     run_dir.prepare(out_dir, master)
 
+    # --- where the weights come from: a checkpoint to resume, other weights, or GPT-2 init
+    resume_from = run_dir.resume_point(cfg.init_from, out_dir)
+    init = initial_weights(cfg) if resume_from is None else None
+    if resume_from is not None:
+        checkpoint.check_resumable(resume_from, world_size, run.zero_stage)
+        adopt_model_args(run, resume_from.marker["model_args"], f"checkpoint {out_dir / resume_from.tag}")
+    elif init is not None:
+        adopt_model_args(run, init.model_args, init.source)
+    shape = GPTConfig(**run.model)
+
     # --- data: nanoGPT's random windows, keyed by (seed, step) so every world size sees the same batch
-    files = check_data_dir(cfg.data_dir, cfg.block_size, cfg.vocab_size)
-    samplers = {split: RandomWindowSampler(files[split], split, cfg.block_size, cfg.vocab_size, cfg.seed,
+    files = check_data_dir(cfg.data_dir, shape.block_size, shape.vocab_size)
+    samplers = {split: RandomWindowSampler(files[split], split, shape.block_size, shape.vocab_size, cfg.seed,
                                            run.batch.micro, run.batch.grad_accum, world_size, rank)
                 for split in ("train", "val")}
 
     # --- model and engine: the same init on every rank, then DeepSpeed wraps it
-    resume_from = run_dir.resume_point(cfg.init_from, out_dir)
-    if resume_from is not None:
-        checkpoint.check_resumable(resume_from, run.model, world_size, run.zero_stage)
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**run.model))
-    init = initial_weights(cfg, run.model) if resume_from is None else None
+    model = GPT(shape)
     if init is not None:
         model.load_state_dict(init.state_dict)
+    n_params = model.num_params()  # before ZeRO-3 partitions the parameters and numel() reads 0
     eng = ds_engine.build_engine(model, run)
     if cfg.compile:
         eng.compile()
@@ -117,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- bookkeeping: config.json, metrics, MFU, signals
     device_name = ds_engine.device_name()
     peak, peak_source = mfu.peak_flops_per_device(device_name, run.dtype, cfg.peak_tflops)
-    n_params = model.num_params()
-    flops_per_token = mfu.flops_per_token(n_params, cfg.n_layer, cfg.n_embd, cfg.block_size)
+    flops_per_token = mfu.flops_per_token(n_params, shape.n_layer, shape.n_embd, shape.block_size)
     if master:
         run_dir.write_config(out_dir, run, env, device_name, n_params, peak, peak_source, overrides)
         print(f"{env.launcher}: {world_size} rank(s) on {', '.join(env.hosts)}; {device_name}; {n_params / 1e6:.2f}M params; "
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in overrides:
             print(f"override {line}", flush=True)
     metrics = MetricsLogger(out_dir, master, eng.monitor)
-    profile = mfu.FlopsProfileCapture(eng, n_params=n_params, n_layer=cfg.n_layer, n_embd=cfg.n_embd, peak_flops=peak)
+    profile = mfu.FlopsProfileCapture(eng, n_params=n_params, n_layer=shape.n_layer, n_embd=shape.n_embd, peak_flops=peak)
     stop = GracefulStop().install()
     metrics.log({"event": "start", "iter": iter_num, "world_size": world_size, "launcher": env.launcher,
                  "resumed_from": resume_from.tag if resume_from else None, "init_from": cfg.init_from})
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             losses = evaluate(eng, samplers, cfg.eval_iters)
             best_val_loss = min(best_val_loss, losses["val"])
             metrics.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                         "lr": run.lr_at(iter_num), "tokens": tokens_seen},
+                         "tokens": tokens_seen},
                         f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             if cfg.eval_only:
                 break
@@ -202,5 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+def guarded_main(argv: list[str] | None = None) -> int:
+    """main(), with a dead or stuck peer rank reported as one line and EXIT_PEER_FAILED, not a hang or a traceback."""
+    try:
+        return main(argv)
+    except RuntimeError as err:
+        if not ds_engine.is_peer_failure(err):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        print(f"ds_gpt.train: error: rank {rank}: a peer rank failed or a collective timed out "
+              f"(--pg_timeout): {str(err).splitlines()[0][:300]}", file=sys.stderr, flush=True)
+        return EXIT_PEER_FAILED
+
+
 if __name__ == "__main__":
-    run_cli(main, prog="ds_gpt.train")
+    run_cli(guarded_main, prog="ds_gpt.train")

@@ -35,13 +35,11 @@ def test_find_latest_follows_pointer_and_skips_partial(tmp_path):
     assert find_latest(tmp_path / "missing") is None
 
 
-def test_resume_refuses_other_shapes_and_layouts():
-    info = CheckpointInfo("global_step5", 5, {"model_args": {"n_layer": 2, "n_embd": 64}, "world_size": 2, "zero_stage": 1})
-    with pytest.raises(UserError, match=r"another model: n_layer=2 \(checkpoint\) vs 4 \(now\)"):
-        check_resumable(info, {"n_layer": 4, "n_embd": 64}, 2, 1)
-    with pytest.raises(UserError, match="written by 2 rank.* at ZeRO-1; this run has 4 rank.* at ZeRO-3.*--init_from weights:"):
-        check_resumable(info, {"n_layer": 2, "n_embd": 64}, 4, 3)
-    check_resumable(info, {"n_layer": 2, "n_embd": 64}, 2, 1)
+def test_resume_refuses_another_layout_with_the_command_that_works():
+    info = CheckpointInfo("global_step5", 5, {"model_args": {"n_layer": 2}, "world_size": 2, "zero_stage": 1, "out_dir": "o"})
+    with pytest.raises(UserError, match="written by 2 rank.* at ZeRO-1; this run has 4 rank.* at ZeRO-3.*--init_from weights:o/global_step5"):
+        check_resumable(info, 4, 3)
+    check_resumable(info, 2, 1)
 
 
 def test_write_atomic_leaves_no_temp_files(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, REPO_ROOT
-from ds_gpt.config import BatchSizes, TrainConfig, parse_args, resolve, resolve_batch
+from ds_gpt.config import BatchSizes, TrainConfig, adopt_model_args, parse_args, resolve, resolve_batch
 from ds_gpt.errors import UserError
 
 
@@ -145,3 +145,14 @@ def test_cli_reports_one_line_and_exit_2(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if "ds_gpt.train: error:" in line]
     assert len(errors) == 1 and "trian_batch_size" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_shape_fills_in_what_the_user_did_not_set(tmp_path):
+    saved = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, "vocab_size": 512, "bias": True, "dropout": 0.1}
+    run = resolve(parse_args(["--dropout", "0.0", "--n_layer", "2"]), 1, cuda=False)
+    adopt_model_args(run, saved, "ckpt")
+    assert run.model == {**saved, "dropout": 0.0}  # dropout is the run's own choice
+    assert run.tokens_per_iter == run.batch.global_batch * 32
+    run = resolve(parse_args(["--n_layer", "4", "--bias", "False"]), 1, cuda=False)
+    with pytest.raises(UserError, match="another model: n_layer=2 there vs --n_layer=4, bias=True there vs --bias=False"):
+        adopt_model_args(run, saved, "ckpt")
