@@ -1,0 +1,141 @@
+#!/bin/bash
+# Train ds_gpt on a SLURM cluster. Submit from the repository root:
+#
+#   sbatch --account=def-you slurm/ds_train.sh                      # mode A: deepspeed launcher
+#   DS_GPT_LAUNCH=srun sbatch --account=def-you slurm/ds_train.sh   # mode B: one srun task per GPU
+#   sbatch slurm/ds_train.sh --max_iters 2000 --eval_interval 200   # extra args go to train.py
+#
+# The #SBATCH defaults are the seed's Narval run (2 nodes x 4 A100, 8 cpus per task, the whole
+# node's memory, 5 days); any `sbatch --option` overrides them. Variables (export them, or put
+# them in front of sbatch; sbatch passes the environment on):
+#   DS_GPT_LAUNCH  deepspeed (default) | srun
+#   VENV           virtual environment to activate              (default: ./.venv)
+#   MODULES        `module load` list, e.g. "gcc arrow python"  (default: none)
+#   DATA_DIR       directory with train.bin/val.bin             (default: data/openwebtext)
+#   OUT_DIR        run directory; a requeued or resubmitted job resumes from its newest
+#                  checkpoint                                   (default: out/gpt2-124m)
+#   DS_CONFIG      DeepSpeed JSON config                        (default: ds_configs/zero1.json)
+#   MASTER_PORT    rendezvous port                              (default: derived from the job id)
+#   MAX_REQUEUES   stop requeueing after this many restarts     (default: 20)
+#   DS_GPT_CACHE   JIT-built ops, tokenizer files               (default: ./.cache)
+#
+# Preemption and time limits: SLURM sends USR1 to this script 120 s before the limit. The
+# script forwards it to every rank; the ranks checkpoint at the next step boundary and exit
+# with 75 (ds_gpt.errors.EXIT_REQUEUE); the script then runs `scontrol requeue`, and the
+# requeued job starts with --init_from auto, i.e. from that checkpoint.
+#
+#SBATCH --job-name=ds_gpt
+#SBATCH --nodes=2
+#SBATCH --gpus-per-node=a100:4
+#SBATCH --ntasks-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=0
+#SBATCH --time=5-0
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm/logs/%x-%j.out
+set -euo pipefail
+
+# -----------------------------------------------------------------------------
+# environment
+cd "${SLURM_SUBMIT_DIR:-.}"
+if [[ ! -f ds_gpt/train.py ]]; then
+    echo "ds_train.sh: submit from the ds_gpt repository root (no ds_gpt/train.py in $PWD)" >&2
+    exit 2
+fi
+ROOT=$PWD
+DS_GPT_LAUNCH=${DS_GPT_LAUNCH:-deepspeed}
+VENV=${VENV:-$ROOT/.venv}
+DATA_DIR=${DATA_DIR:-data/openwebtext}
+OUT_DIR=${OUT_DIR:-out/gpt2-124m}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero1.json}
+MAX_REQUEUES=${MAX_REQUEUES:-20}
+if [[ -n ${MODULES:-} ]]; then
+    module load $MODULES  # word splitting wanted: a list of modules
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+export DS_GPT_CACHE=${DS_GPT_CACHE:-$ROOT/.cache}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$DS_GPT_CACHE/torch_extensions}
+export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$DS_GPT_CACHE/tiktoken}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Since SLURM 22.05, srun no longer inherits --cpus-per-task from sbatch.
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+
+EXIT_REQUEUE=$(python -c 'from ds_gpt.errors import EXIT_REQUEUE; print(EXIT_REQUEUE)')
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-$(python -c 'import os; from ds_gpt.launch_env import slurm_port; print(slurm_port(os.environ))')}
+TRAIN_ARGS=(--deepspeed_config "$DS_CONFIG" --data_dir "$DATA_DIR" --out_dir "$OUT_DIR" --init_from auto "$@")
+echo "ds_train.sh: job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} mode ${DS_GPT_LAUNCH}" \
+     "nodes ${SLURM_JOB_NODELIST} master ${MASTER_ADDR}:${MASTER_PORT} out ${OUT_DIR} at $(date -Is)"
+
+# -----------------------------------------------------------------------------
+# launch, in the background so that this shell can catch SLURM's warning signal
+case "$DS_GPT_LAUNCH" in
+deepspeed)
+    # Mode A: one deepspeed launcher here; it starts `slots` ranks per node through pdsh/ssh.
+    HOSTFILE=hostfiles/$SLURM_JOB_ID
+    python -m ds_gpt.hostfile --out "$HOSTFILE"
+    HOSTS=$(awk '{print $1}' "$HOSTFILE" | paste -sd, -)
+    # Ranks started over ssh do not inherit this environment: deepspeed exports what the
+    # file named by DS_ENV_FILE lists (a per-job file, so no one's ~/.deepspeed_env is touched).
+    export DS_ENV_FILE=$ROOT/$HOSTFILE.env
+    {
+        for var in PATH LD_LIBRARY_PATH DS_GPT_CACHE TORCH_EXTENSIONS_DIR TIKTOKEN_CACHE_DIR \
+                   HF_HOME HF_DATASETS_CACHE OMP_NUM_THREADS SLURM_JOB_NODELIST; do
+            if [[ -n ${!var:-} ]]; then echo "$var=${!var}"; fi
+        done
+        env | grep -E '^(NCCL|GLOO|TORCH_NCCL)_' || true
+    } >"$DS_ENV_FILE"
+    deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+        ds_gpt/train.py "${TRAIN_ARGS[@]}" &
+    ;;
+srun)
+    # Mode B: SLURM starts one task per GPU; ds_gpt.launch_env maps SLURM_* to torch's variables.
+    srun python -u ds_gpt/train.py "${TRAIN_ARGS[@]}" &
+    ;;
+*)
+    echo "ds_train.sh: DS_GPT_LAUNCH=$DS_GPT_LAUNCH; expected deepspeed or srun" >&2
+    exit 2
+    ;;
+esac
+LAUNCH_PID=$!
+
+# -----------------------------------------------------------------------------
+# preemption: pass the warning signal to every rank, which checkpoints and exits 75
+forward_signal() {
+    echo "ds_train.sh: caught SIG$1 at $(date -Is); asking the ranks to checkpoint and exit"
+    if [[ $DS_GPT_LAUNCH == srun ]]; then
+        kill -USR1 "$LAUNCH_PID" 2>/dev/null || true  # srun relays USR1 to every task
+    else
+        # The ranks are the children of this job's deepspeed.launcher.launch on each node
+        # (found by its master port). The launcher itself must not get USR1: it would die.
+        local launch="^[^ ]*python[0-9.]* -u -m deepspeed[.]launcher[.]launch .*--master_port=$MASTER_PORT( |\$)"
+        PDSH_RCMD_TYPE=ssh pdsh -S -w "$HOSTS" \
+            "p=\$(pgrep -d, -f '$launch'); [ -z \"\$p\" ] || pkill -USR1 -P \"\$p\"" || true
+    fi
+}
+trap 'forward_signal USR1' USR1
+trap 'forward_signal TERM' TERM
+
+rc=0
+while :; do
+    rc=0
+    wait "$LAUNCH_PID" || rc=$?
+    # `wait` also returns (with 128+signal) when a trapped signal arrives: keep waiting.
+    if ((rc > 128)) && kill -0 "$LAUNCH_PID" 2>/dev/null; then continue; fi
+    break
+done
+echo "ds_train.sh: trainer exited with $rc at $(date -Is)"
+
+if ((rc == EXIT_REQUEUE)); then
+    if ((${SLURM_RESTART_COUNT:-0} >= MAX_REQUEUES)); then
+        echo "ds_train.sh: already restarted ${SLURM_RESTART_COUNT} times (MAX_REQUEUES=$MAX_REQUEUES); not requeueing"
+        exit "$rc"
+    fi
+    echo "ds_train.sh: checkpoint saved; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$rc"

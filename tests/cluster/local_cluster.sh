@@ -1,0 +1,233 @@
+#!/usr/bin/env bash
+# A real two-node SLURM cluster, plus ssh/pdsh between two host aliases, on this one machine.
+#
+#   tests/cluster/local_cluster.sh up       # install (once), configure, start; idempotent
+#   tests/cluster/local_cluster.sh status   # what runs, sinfo, ssh reachability
+#   tests/cluster/local_cluster.sh down     # stop only what `up` started
+#
+# Debian's slurmd can run several node daemons on one host (`slurmd -N node1`), so
+# node1 and node2 are real slurmd processes on ports 17001/17002 under one slurmctld.
+# /etc/hosts gets node1 -> 127.0.0.2 and node2 -> 127.0.0.3 (all of 127/8 is loopback),
+# and an sshd listening on those two addresses lets pdsh (the deepspeed launcher's default
+# multi-node transport) "ssh into" each node. Runs as root; exit code 3 means "this
+# machine cannot host the cluster" (not root, no apt-get), which the tests turn into a skip.
+set -euo pipefail
+
+STATE=${DS_GPT_CLUSTER_STATE:-/var/lib/ds_gpt_local_cluster}
+MARK="# ds_gpt local cluster (tests/cluster/local_cluster.sh)"
+PACKAGES=(slurmctld slurmd slurm-client munge openssh-server openssh-client pdsh procps)
+NODES=(node1 node2)
+declare -A NODE_ADDR=([node1]=127.0.0.2 [node2]=127.0.0.3)
+SLURM_CONF=/etc/slurm/slurm.conf
+HOST=$(hostname -s)
+
+say() { echo "local_cluster: $*" >&2; }
+die() { say "error: $*"; exit "${2:-1}"; }
+
+need_root() {
+    [[ $(id -u) == 0 ]] || die "must run as root (it installs packages and edits /etc/hosts)" 3
+    command -v apt-get >/dev/null || command -v slurmctld >/dev/null \
+        || die "needs apt-get (Debian/Ubuntu) to install slurm, munge, sshd and pdsh" 3
+}
+
+# A pid file's process, if it is alive and is the program we expect (pids get reused).
+alive() {  # alive PIDFILE COMM
+    local pid
+    [[ -s $1 ]] || return 1
+    pid=$(<"$1")
+    [[ -r /proc/$pid/comm ]] && [[ $(</proc/$pid/comm) == "$2"* ]]
+}
+
+install_packages() {
+    local missing=()
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
+    say "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Package scripts must not start the daemons: we start our own, configured below.
+    local policy=/usr/sbin/policy-rc.d added_policy=0
+    if [[ ! -e $policy ]]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; added_policy=1; fi
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    }
+    ((added_policy)) && rm -f "$policy"
+    return 0
+}
+
+hosts_entries() {
+    for n in "${NODES[@]}"; do
+        if ! grep -qE "^[[:space:]]*${NODE_ADDR[$n]//./\\.}[[:space:]]+$n([[:space:]]|\$)" /etc/hosts; then
+            # /etc/hosts may be a bind mount (containers): append in place, never replace the file.
+            echo "${NODE_ADDR[$n]} $n $MARK" >>/etc/hosts
+        fi
+    done
+}
+
+setup_munge() {
+    if [[ ! -s /etc/munge/munge.key ]]; then
+        mkdir -p /etc/munge
+        head -c 1024 /dev/urandom >/etc/munge/munge.key
+        chown munge:munge /etc/munge/munge.key 2>/dev/null || true
+        chmod 400 /etc/munge/munge.key
+    fi
+    mkdir -p /run/munge /var/lib/munge /var/log/munge "$STATE/log"
+    chown munge:munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
+    if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then return 0; fi  # someone's munged works
+    munged --force --pid-file="$STATE/munged.pid" 2>>"$STATE/log/munged.err"
+    for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return 0; sleep 0.1; done
+    die "munged did not start"
+}
+
+write_slurm_conf() {
+    if [[ -e $SLURM_CONF ]] && ! grep -qF "$MARK" "$SLURM_CONF"; then
+        die "$SLURM_CONF exists and is not ours; refusing to overwrite a real cluster's config"
+    fi
+    mkdir -p /etc/slurm "$STATE/slurmctld" "$STATE/log"
+    local cpus=1 mem=2000
+    cat >"$SLURM_CONF.tmp" <<EOF
+$MARK
+ClusterName=dsgpt
+SlurmctldHost=$HOST(127.0.0.1)
+AuthType=auth/munge
+SlurmUser=root
+SlurmdUser=root
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+GresTypes=gpu
+MpiDefault=none
+ReturnToService=2
+# Trust this file over what slurmd detects: both "nodes" share this host's CPUs, and the
+# GPUs below exist only as counts.
+SlurmdParameters=config_overrides
+JobRequeue=1
+KillWait=10
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+StateSaveLocation=$STATE/slurmctld
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdSpoolDir=$STATE/slurmd/%n
+SlurmdPidFile=$STATE/slurmd-%n.pid
+SlurmdLogFile=$STATE/log/slurmd-%n.log
+# Both node daemons run on this host; each gets its own port. The GPUs are stand-ins
+# (see gres.conf), so \`--gpus-per-node=a100:N\` schedules as on a GPU cluster.
+NodeName=node[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17001-17002 CPUs=$cpus RealMemory=$mem Gres=gpu:a100:4
+PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+EOF
+    mv "$SLURM_CONF.tmp" "$SLURM_CONF"
+    # slurmd drops a GPU without a device file, and wants a character device: /dev/null will do.
+    mkdir -p "$STATE/fakegpu"
+    for i in 0 1 2 3; do ln -sfn /dev/null "$STATE/fakegpu/nvidia$i"; done
+    printf '%s\nName=gpu Type=a100 File=%s/fakegpu/nvidia[0-3]\n' "$MARK" "$STATE" >/etc/slurm/gres.conf
+}
+
+start_slurm() {
+    if ! alive "$STATE/slurmctld.pid" slurmctld; then
+        slurmctld
+    fi
+    for n in "${NODES[@]}"; do
+        mkdir -p "$STATE/slurmd/$n"
+        alive "$STATE/slurmd-$n.pid" slurmd || slurmd -N "$n"
+    done
+    for _ in $(seq 60); do
+        if [[ $(sinfo -h -N -o '%N %t' 2>/dev/null | grep -cE ' (idle|mix|alloc)') == 2 ]]; then return 0; fi
+        # A node left down by an earlier run comes back once its slurmd registers again.
+        scontrol update NodeName=node[1-2] State=RESUME >/dev/null 2>&1 || true
+        sleep 1
+    done
+    sinfo -N >&2 || true
+    die "the two slurm nodes did not come up; see $STATE/log/"
+}
+
+setup_ssh() {
+    local key=$HOME/.ssh/id_ed25519
+    mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh"
+    [[ -s $key ]] || ssh-keygen -q -t ed25519 -N '' -f "$key"
+    touch "$HOME/.ssh/authorized_keys" && chmod 600 "$HOME/.ssh/authorized_keys"
+    grep -qF "$(cut -d' ' -f2 "$key.pub")" "$HOME/.ssh/authorized_keys" || cat "$key.pub" >>"$HOME/.ssh/authorized_keys"
+    if ssh_ok node1 && ssh_ok node2; then return 0; fi
+    if ! alive "$STATE/sshd.pid" sshd; then
+        ssh-keygen -A >/dev/null
+        mkdir -p /run/sshd && chmod 755 /run/sshd
+        cat >"$STATE/sshd_config" <<EOF
+$MARK
+ListenAddress ${NODE_ADDR[node1]}
+ListenAddress ${NODE_ADDR[node2]}
+PidFile $STATE/sshd.pid
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+AcceptEnv LANG LC_*
+Subsystem sftp internal-sftp
+EOF
+        /usr/sbin/sshd -f "$STATE/sshd_config"
+    fi
+    # Record the host keys now, so the deepspeed launcher's non-interactive ssh never prompts.
+    for n in "${NODES[@]}"; do
+        for _ in $(seq 50); do ssh-keyscan -T 2 "$n" >"$STATE/keyscan" 2>/dev/null && [[ -s $STATE/keyscan ]] && break; sleep 0.1; done
+        ssh-keygen -F "$n" >/dev/null 2>&1 || cat "$STATE/keyscan" >>"$HOME/.ssh/known_hosts"
+    done
+    ssh_ok node1 && ssh_ok node2 || die "ssh to node1/node2 does not work; see $STATE/sshd_config"
+}
+
+ssh_ok() { ssh -o BatchMode=yes -o ConnectTimeout=5 "$1" true 2>/dev/null; }
+
+up() {
+    need_root
+    mkdir -p "$STATE"
+    install_packages
+    hosts_entries
+    setup_munge
+    write_slurm_conf
+    start_slurm
+    setup_ssh
+    # pdsh is what `deepspeed --hostfile` runs; check it reaches both aliases.
+    [[ $(PDSH_RCMD_TYPE=ssh pdsh -w node1,node2 hostname 2>&1 | wc -l) == 2 ]] || die "pdsh cannot reach node1,node2"
+    say "up: $(sinfo -h -o '%D nodes %t' | tr '\n' ' ')(state in $STATE)"
+}
+
+down() {
+    [[ -d $STATE ]] || { say "nothing to stop"; return 0; }
+    if alive "$STATE/slurmctld.pid" slurmctld; then
+        scancel --quiet --full --signal=KILL --state=RUNNING 2>/dev/null || true
+        scancel --quiet 2>/dev/null || true
+    fi
+    local what
+    for what in sshd:sshd slurmd-node1:slurmd slurmd-node2:slurmd slurmctld:slurmctld munged:munged; do
+        local file=$STATE/${what%%:*}.pid comm=${what##*:}
+        if alive "$file" "$comm"; then
+            kill "$(<"$file")" && say "stopped $comm ($(<"$file"))"
+        fi
+        rm -f "$file"
+    done
+    # Our /etc/hosts lines, by their marker; rewrite in place (it may be a bind mount).
+    if grep -qF "$MARK" /etc/hosts; then
+        local kept; kept=$(grep -vF "$MARK" /etc/hosts)
+        printf '%s\n' "$kept" >/etc/hosts
+    fi
+}
+
+status() {
+    local what
+    for what in munged:munged slurmctld:slurmctld slurmd-node1:slurmd slurmd-node2:slurmd sshd:sshd; do
+        if alive "$STATE/${what%%:*}.pid" "${what##*:}"; then echo "${what%%:*}: running ($(<"$STATE/${what%%:*}.pid"))"
+        else echo "${what%%:*}: not started here"; fi
+    done
+    sinfo -N 2>/dev/null || echo "sinfo: no controller"
+    for n in "${NODES[@]}"; do ssh_ok "$n" && echo "ssh $n: ok" || echo "ssh $n: unreachable"; done
+}
+
+case "${1:-}" in
+    up) up ;;
+    down) down ;;
+    status) status ;;
+    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
