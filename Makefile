@@ -13,16 +13,18 @@ DEMO_OUT ?= out/demo
 
 .PHONY: setup demo test test-fast clean-cluster
 
-setup: $(VENV)/.installed
+# `make setup EXTRAS=hf` also installs requirements-hf.txt (transformers, for Hugging Face interop).
+setup: $(VENV)/.installed $(foreach e,$(EXTRAS),$(VENV)/.installed-$(e))
 	$(PY) -m ds_gpt.assets
-ifneq ($(EXTRAS),)
-	$(PY) -m pip install -q -r requirements-$(EXTRAS).txt
-endif
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-%: requirements-%.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r $<
 	touch $@
 
 demo: setup
@@ -34,8 +36,9 @@ demo: setup
 	$(PY) -m ds_gpt.report $(DEMO_OUT)
 	@echo "metrics: $(DEMO_OUT)/metrics.jsonl  report: $(DEMO_OUT)/report.md  tensorboard: tensorboard --logdir $(DEMO_OUT)/tb"
 
-test: setup
-	$(PY) -m pytest -q
+# The suite checks Hugging Face interop against transformers itself, so tests need the hf extra.
+test: setup $(VENV)/.installed-hf
+	$(PY) -m pytest -q --durations=20
 
-test-fast: setup
+test-fast: setup $(VENV)/.installed-hf
 	$(PY) -m pytest -q -m 'not slow'

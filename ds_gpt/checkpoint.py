@@ -202,7 +202,12 @@ def load_fp32_state_dict(out_dir: str | Path, tag: str | None = None) -> tuple[d
 
     out_dir = Path(out_dir)
     tag = resolve_tag(out_dir, tag)
-    states = torch.load(out_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    # ZeRO-3 prefixes the model-states file with the data-parallel rank; rank 0's carries the client state.
+    states_file = next((p for p in (out_dir / tag / "mp_rank_00_model_states.pt",
+                                    out_dir / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt") if p.exists()), None)
+    if states_file is None:
+        raise UserError(f"{out_dir / tag} has no model-states file: not a complete DeepSpeed checkpoint")
+    states = torch.load(states_file, map_location="cpu", weights_only=False)
     skip = {"module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
             "frozen_param_fragments", "shared_params", "ds_config", "ds_version", "csr_tensor_module_names",
             "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "data_sampler",

@@ -32,7 +32,7 @@ class TrainConfig:
     out_dir: str = opt("out", "run directory: config.json, metrics.jsonl, tb/, checkpoints")
     data_dir: str = opt("data/openwebtext", "directory with train.bin and val.bin (python -m ds_gpt.prepare)")
     deepspeed_config: str = opt("ds_configs/zero1.json", "DeepSpeed JSON: ZeRO stage, precision, batch, AdamW, clipping")
-    init_from: str = opt("scratch", "scratch | resume | auto (resume if OUT has a checkpoint) | nanogpt:PATH/ckpt.pt | gpt2[-medium|-large|-xl] | HF dir")
+    init_from: str = opt("scratch", "scratch | resume | auto (resume if OUT has a checkpoint) | weights:OUT[/TAG] | nanogpt:PATH/ckpt.pt | gpt2[-medium|-large|-xl] | HF dir")
     resume_optimizer: bool = opt(False, "with --init_from nanogpt:...: also load its optimizer state and iteration count")
     # model (nanoGPT's train.py values; bias=False as there)
     n_layer: int = opt(12, "transformer blocks")

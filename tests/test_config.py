@@ -156,3 +156,13 @@ def test_checkpoint_shape_fills_in_what_the_user_did_not_set(tmp_path):
     run = resolve(parse_args(["--n_layer", "4", "--bias", "False"]), 1, cuda=False)
     with pytest.raises(UserError, match="another model: n_layer=2 there vs --n_layer=4, bias=True there vs --bias=False"):
         adopt_model_args(run, saved, "ckpt")
+
+
+def test_readme_documents_every_training_option():
+    """--help is generated from TrainConfig; the README's table must not fall behind it."""
+    import dataclasses
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.metadata.get("cli") is not False and f"`--{f.name}`" not in readme]
+    assert not missing, f"README.md lacks {missing}"
