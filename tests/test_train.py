@@ -181,3 +181,18 @@ def test_signal_on_one_rank_checkpoints_all_and_exits_75(data_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / tag).glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
     train(2, *common, "--max_iters", str(stopped_at + 3), "--init_from", "auto")
     assert max(losses(tmp_path)) == stopped_at + 2
+
+
+def test_tensorboard_serves_a_real_runs_scalars(runs):
+    """The live view: the real tensorboard server, over HTTP, on a real trainer run's OUT/tb."""
+    from tb_helpers import read_tensorboard_scalars
+
+    out = runs(1, 2, 2)
+    tags = ["train/loss", "train/lr", "train/tokens_per_s", "train/mfu", "val/loss"]
+    scalars = read_tensorboard_scalars(out / "tb", tags)
+    logged = losses(out)
+    assert [step for step, _ in scalars["train/loss"]] == sorted(logged)
+    for step, value in scalars["train/loss"]:
+        assert value == pytest.approx(logged[step], rel=1e-6)  # float32 in the event file
+    assert [step for step, _ in scalars["val/loss"]] == [0, 10, 20]
+    assert all(v > 0 for _, v in scalars["train/tokens_per_s"] + scalars["train/mfu"] + scalars["train/lr"])
