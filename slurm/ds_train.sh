@@ -20,7 +20,8 @@
 #   DS_GPT_CACHE   JIT-built ops, tokenizer files               (default: ./.cache)
 #
 # Preemption and time limits: SLURM sends USR1 to this script 120 s before the limit. The
-# script forwards it to every rank; the ranks checkpoint at the next step boundary and exit
+# script forwards it to the ranks (srun: every task; deepspeed launcher: the first node's ranks,
+# which share the stop with all others); the ranks checkpoint at the next step boundary and exit
 # with 75 (ds_gpt.errors.EXIT_REQUEUE); the script then runs `scontrol requeue`, and the
 # requeued job starts with --init_from auto, i.e. from that checkpoint.
 #
@@ -103,16 +104,20 @@ esac
 LAUNCH_PID=$!
 
 # -----------------------------------------------------------------------------
-# preemption: pass the warning signal to every rank, which checkpoints and exits 75
+# preemption: pass the warning signal to the ranks; they checkpoint together and exit 75
 forward_signal() {
     echo "ds_train.sh: caught SIG$1 at $(date -Is); asking the ranks to checkpoint and exit"
     if [[ $DS_GPT_LAUNCH == srun ]]; then
-        kill -USR1 "$LAUNCH_PID" 2>/dev/null || true  # srun relays USR1 to every task
+        kill -USR1 "$LAUNCH_PID" 2>/dev/null || true  # srun relays USR1 to every task at once
     else
-        # The ranks are the children of this job's deepspeed.launcher.launch on each node
-        # (found by its master port). The launcher itself must not get USR1: it would die.
-        local launch="^[^ ]*python[0-9.]* -u -m deepspeed[.]launcher[.]launch .*--master_port=$MASTER_PORT( |\$)"
-        PDSH_RCMD_TYPE=ssh pdsh -S -w "$HOSTS" \
+        # One signalled rank is enough: the trainer shares the stop through its step's
+        # all-reduce. So signal the first node's ranks, all at once, and no rank elsewhere:
+        # a rank that got its USR1 late, while already exiting with 75, would die of it.
+        # They are the children of this job's deepspeed.launcher.launch there (node rank 0,
+        # this master port); the launcher itself must not get USR1, it would die.
+        local launch="^[^ ]*python[0-9.]* -u -m deepspeed[.]launcher[.]launch .*--node_rank=0 "
+        launch+="--master_addr=[^ ]* --master_port=$MASTER_PORT( |\$)"
+        PDSH_RCMD_TYPE=ssh pdsh -S -w "${HOSTS%%,*}" \
             "p=\$(pgrep -d, -f '$launch'); [ -z \"\$p\" ] || pkill -USR1 -P \"\$p\"" || true
     fi
 }
