@@ -8,6 +8,7 @@ from datetime import timedelta
 import deepspeed
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from ds_gpt import launch_env
 from ds_gpt.config import RunConfig
@@ -32,10 +33,18 @@ def init_distributed(timeout_s: int) -> LaunchEnv:
         # oversubscribed threads then slow every rank down many times over. Share the cores.
         local_ranks = max(1, env.world_size // max(1, len(env.hosts)))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
+    timeout = timedelta(seconds=timeout_s)
+    # DeepSpeed makes its own groups (ZeRO's data-parallel group clones the world) with
+    # new_group(ranks), which takes torch's default timeout (30 min on gloo, 10 on NCCL), not
+    # ours: a stalled peer would hold the gradient all-reduce that long. new_group reads its
+    # default from these module globals, so they carry --pg_timeout to every later group.
+    c10d.default_pg_timeout = timeout
+    if c10d.default_pg_nccl_timeout is not None:
+        c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(
         auto_mpi_discovery=env.launcher == "mpirun",  # mpi4py tells ranks and the master address
         distributed_port=env.master_port,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timeout,
         verbose=False,
     )
     return env
