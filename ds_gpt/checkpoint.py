@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,30 +119,56 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def write_failed(err: BaseException) -> bool:
+    """Did `err` come from writing a file (a full disk, a quota, an I/O error), not from a collective?
+
+    Plain writes raise OSError; torch.save's zip writer, which DeepSpeed uses for every shard,
+    turns ENOSPC into a RuntimeError ("unexpected pos ..."), recognised by where it was raised.
+    """
+    if isinstance(err, OSError):
+        return True
+    return isinstance(err, RuntimeError) and any(
+        Path(frame.f_code.co_filename).parts[-2:] == ("torch", "serialization.py")
+        for frame, _ in traceback.walk_tb(err.__traceback__))
+
+
 def save(engine, out_dir: Path, iter_num: int, client_state: dict, marker: dict, *, rank: int,
          all_reduce_sum, barrier, keep_last: int, milestones: set[int], milestone_every: int) -> str:
     """Save on every rank; the tag becomes visible only once all ranks have written it.
 
     `all_reduce_sum`/`barrier` come from ds_gpt.engine (passed in so this module stays testable).
     A failed write on any rank (full disk, quota) leaves the previous checkpoint as the
-    pointer's target and the partial tag removed.
+    pointer's target and the partial tag removed, and every rank raises the same UserError.
     """
     tag = tag_for(iter_num)
     error = None
     try:
         engine.save_checkpoint(str(out_dir), tag=tag, client_state=client_state, save_latest=False)
-        # Per-rank RNG: DeepSpeed's client_state is written by rank 0 only.
-        torch.save(rng_state(), out_dir / tag / f"rng_rank{rank}.pt")
-    except OSError as err:
+    except Exception as err:
+        if not write_failed(err):
+            raise
         error = err
+        # DeepSpeed's save ends in a barrier, after its last write, which the ranks whose writes
+        # succeeded are waiting in: join it, or they wait there until --pg_timeout and never
+        # hear of the failure. (Its other collectives come before the first write.)
+        barrier()
+    if error is None:
+        try:  # per-rank RNG: DeepSpeed's client_state is written by rank 0 only
+            torch.save(rng_state(), out_dir / tag / f"rng_rank{rank}.pt")
+        except Exception as err:
+            if not write_failed(err):
+                raise
+            error = err
     failed = all_reduce_sum([1.0 if error else 0.0])[0]
     if failed:
-        barrier()
         if rank == 0:
             shutil.rmtree(out_dir / tag, ignore_errors=True)
-        previous = find_latest(out_dir) if rank == 0 else None
-        raise UserError(f"saving checkpoint {tag} failed on {int(failed)} rank(s): {error or 'see the failing rank'}; "
-                        f"{'the previous checkpoint ' + previous.tag + ' is intact' if previous else 'no earlier checkpoint exists'}",
+        barrier()  # the partial tag is gone before any rank exits (a launcher then kills the rest)
+        previous = find_latest(out_dir)
+        cause = str(error).strip().splitlines()[0] if error else "see the failing rank's error"
+        free_gb = shutil.disk_usage(out_dir).free / 2**30
+        raise UserError(f"saving checkpoint {tag} failed on {int(failed)} rank(s): {cause}; {free_gb:.1f} GiB free "
+                        f"under {out_dir}; {'the previous checkpoint ' + previous.tag + ' is intact' if previous else 'no earlier checkpoint exists'}",
                         hint="free disk space under --out_dir and resume with --init_from resume")
     barrier()
     if rank == 0:
