@@ -74,7 +74,7 @@ def train_step(eng, sampler: RandomWindowSampler, step: int, stop: GracefulStop)
         if micro < sampler.grad_accum - 1:
             eng.step()  # DeepSpeed counts micro-steps here; the optimizer steps at the boundary
     total, n_finite, n_bad, n_stop = ds_engine.all_reduce_sum([loss_sum, finite, bad, float(stop.requested)])
-    return {"loss": total / max(n_finite, 1), "nonfinite": int(n_bad), "stop": n_stop > 0}
+    return {"loss": total / n_finite if n_finite else float("nan"), "nonfinite": int(n_bad), "stop": n_stop > 0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens_seen = iter_num * run.tokens_per_iter
     last_saved = iter_num if resume_from is not None else None
     dt_prev = None
+    all_bad_in_a_row = 0  # steps in a row where every micro-batch on every rank was non-finite
     while True:
         if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters or cfg.eval_only:
             losses = evaluate(eng, samplers, cfg.eval_iters)
@@ -165,11 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ds_engine.set_lr(eng, lr)
         stats = train_step(eng, samplers["train"], iter_num, stop)
+        all_bad_in_a_row = all_bad_in_a_row + 1 if stats["nonfinite"] == run.batch.grad_accum * world_size else 0
         if stats["nonfinite"]:
+            # skip drops a bad batch; a whole global batch bad twice running means the weights went bad
+            action = "stop" if cfg.on_nan == "stop" or all_bad_in_a_row > 1 else "skip"
             metrics.log({"event": "nonfinite_loss", "iter": iter_num, "lr": lr, "micro_batches": stats["nonfinite"],
-                         "action": cfg.on_nan}, f"iter {iter_num}: non-finite loss in {stats['nonfinite']} "
-                         f"micro-batch(es) at lr {lr:.3e}: {cfg.on_nan}")
-            if cfg.on_nan == "stop" or stats["nonfinite"] == run.batch.grad_accum * world_size:
+                         "action": action}, f"iter {iter_num}: non-finite loss in {stats['nonfinite']} "
+                         f"micro-batch(es) at lr {lr:.3e}: {action}")
+            if action == "stop":
                 metrics.close()
                 raise SystemExit(EXIT_NONFINITE)
             ds_engine.set_lr(eng, 0.0)  # skip: AdamW with lr 0 leaves every parameter exactly as it was
