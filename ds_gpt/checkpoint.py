@@ -165,7 +165,7 @@ def save(engine, out_dir: Path, iter_num: int, client_state: dict, marker: dict,
             shutil.rmtree(out_dir / tag, ignore_errors=True)
         barrier()  # the partial tag is gone before any rank exits (a launcher then kills the rest)
         previous = find_latest(out_dir)
-        cause = str(error).strip().splitlines()[0] if error else "see the failing rank's error"
+        cause = f"rank {rank}: {str(error).strip().splitlines()[0]}" if error else "see the failing rank's error"
         free_gb = shutil.disk_usage(out_dir).free / 2**30
         raise UserError(f"saving checkpoint {tag} failed on {int(failed)} rank(s): {cause}; {free_gb:.1f} GiB free "
                         f"under {out_dir}; {'the previous checkpoint ' + previous.tag + ' is intact' if previous else 'no earlier checkpoint exists'}",
