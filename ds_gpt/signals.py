@@ -34,6 +34,13 @@ class GracefulStop:
             self.signal_name = signal.Signals(signum).name
             print(f"{self.signal_name} received: checkpointing at the next step boundary", file=sys.stderr, flush=True)
 
+    def stand_down(self) -> None:
+        """Once the stop is decided, ignore further SIGTERM/SIGUSR1: a late duplicate (srun and the
+        batch script both forward them) would otherwise kill this rank during interpreter shutdown,
+        after its handler is gone, and turn exit 75 into a signal death that is not requeued."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+
     @property
     def requested(self) -> bool:
         return self.signal_name is not None

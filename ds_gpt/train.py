@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
             last_saved = iter_num
         if stats["stop"]:
+            stop.stand_down()
             if master:
                 print(f"stopped by {stop.signal_name or 'a signal on another rank'} after iteration {iter_num - 1}; "
                       f"checkpoint {checkpoint.tag_for(iter_num)} saved; exit {EXIT_REQUEUE} (requeue)", flush=True)
