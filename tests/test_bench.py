@@ -1,0 +1,37 @@
+"""Each benchmark runs end to end with tiny settings and prints its figures (they are not judged)."""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO_ROOT
+
+
+def bench(*args: str, timeout: int = 300) -> str:
+    proc = subprocess.run([PYTHON, "-m", "ds_gpt.bench", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_loader_prints_both_rates_and_the_speed_up():
+    out = bench("loader", "--synthetic_mb", "4", "--seconds", "0.2", "--rounds", "2")
+    assert "RandomWindowSampler" in out and "nanoGPT get_batch" in out and "speed-up" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", ["0", "1"])
+def test_step_prints_tokens_per_s_overhead_and_mfu(zero_stage):
+    out = bench("step", "--zero_stage", zero_stage, "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+                "--block_size", "32", "--vocab_size", "256", "--iters", "2", "--warmup", "1")
+    assert out.count("tokens/s") == 2 and "MFU" in out and "DeepSpeed overhead" in out
+    # Same init, data, lr and clipping: the two loops train the same model, so the comparison is fair.
+    assert float(re.search(r"largest loss difference between the two (\S+)", out).group(1)) < 1e-4
+
+
+@pytest.mark.slow
+def test_memory_prints_trainer_and_loader_growth():
+    out = bench("memory", "--iters", "30", "--warmup", "10", "--synthetic_gb", "0.02", "--block", "64")
+    assert "trainer (python -m ds_gpt.train" in out and "one long-lived memmap" in out
