@@ -26,7 +26,6 @@ from pathlib import Path
 
 from ds_gpt import corpus, tokenizer
 from ds_gpt.errors import UserError, run_cli
-from ds_gpt.paths import cache_dir
 
 WHISPER_SPEC = "openai-whisper==20250625"
 WHISPER_RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"

@@ -11,7 +11,6 @@ pointer (temp file, fsync, os.replace). Old tags are pruned only after that.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ds_gpt import atomic
 from ds_gpt.errors import UserError
 
 POINTER = "latest"
@@ -37,21 +37,6 @@ def tag_for(iter_num: int) -> str:
 def iter_of(tag: str) -> int | None:
     m = TAG_RE.match(tag)
     return int(m.group(1)) if m else None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass(frozen=True)
@@ -172,8 +157,8 @@ def save(engine, out_dir: Path, iter_num: int, client_state: dict, marker: dict,
                         hint="free disk space under --out_dir and resume with --init_from resume")
     barrier()
     if rank == 0:
-        write_atomic(out_dir / tag / MARKER, json.dumps({"iter_num": iter_num, **marker}, indent=1))
-        write_atomic(out_dir / POINTER, tag)
+        atomic.write_text(out_dir / tag / MARKER, json.dumps({"iter_num": iter_num, **marker}, indent=1))
+        atomic.write_text(out_dir / POINTER, tag)
         complete = [c.iter_num for c in complete_checkpoints(out_dir)]
         for n in tags_to_prune(complete, keep_last, milestones, milestone_every):
             shutil.rmtree(out_dir / tag_for(n), ignore_errors=True)

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+from ds_gpt import atomic
 from ds_gpt.errors import UserError, run_cli
 
 # -----------------------------------------------------------------------------
@@ -187,14 +188,6 @@ def read_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
     return entries
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temp file and rename, so a running launcher never reads half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # -----------------------------------------------------------------------------
 # command line
 
@@ -215,7 +208,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     hosts = scontrol_hostnames(nodelist) or expand_nodelist(nodelist)
     text = format_hostfile(hosts, slots_per_node(args.slots, environ))
     if args.out:
-        write_atomic(Path(args.out), text)
+        atomic.write_text(args.out, text)  # a running launcher never reads half a file
         print(f"wrote {args.out}: {len(hosts)} host(s)", file=sys.stderr)
     else:
         sys.stdout.write(text)

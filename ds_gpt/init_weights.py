@@ -43,12 +43,12 @@ def initial_weights(cfg: TrainConfig) -> StartWeights | None:
     from ds_gpt import interop  # transformers stays optional: imported only for these sources
 
     loaded = interop.load_init_weights(spec, vocab_size=cfg.vocab_size)
-    apply = None
-    if cfg.resume_optimizer:
-        if loaded.optimizer_state is None:
-            raise UserError(f"--resume_optimizer: {spec} holds no optimizer state")
+    if not cfg.resume_optimizer:
+        return StartWeights(loaded.model_args, loaded.state_dict, loaded.source or spec)
+    if loaded.optimizer_state is None:
+        raise UserError(f"--resume_optimizer: {spec} holds no optimizer state")
 
-        def apply(eng) -> int:
-            interop.apply_nanogpt_optimizer_state(eng.optimizer, eng.module, loaded.optimizer_state)
-            return loaded.iter_num
-    return StartWeights(loaded.model_args, loaded.state_dict, loaded.source or spec, apply)
+    def apply_optimizer(eng) -> int:
+        interop.apply_nanogpt_optimizer_state(eng.optimizer, eng.module, loaded.optimizer_state)
+        return loaded.iter_num
+    return StartWeights(loaded.model_args, loaded.state_dict, loaded.source or spec, apply_optimizer)

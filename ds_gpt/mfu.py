@@ -42,6 +42,7 @@ import re
 import time
 from pathlib import Path
 
+from ds_gpt import atomic
 from ds_gpt.errors import UserError
 from ds_gpt.paths import cache_dir
 
@@ -222,10 +223,7 @@ def cpu_peak_flops(dtype: str = "fp32", cache_path: Path | None = None) -> float
         return float(cache[key]["flops"])
     flops = probe_matmul_flops(dtype)
     cache[key] = {"flops": flops, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # atomic: ranks may probe at the same time
-    tmp.write_text(json.dumps(cache, indent=1))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(cache, indent=1))  # ranks may probe at the same time
     return flops
 
 

@@ -28,11 +28,12 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
+from ds_gpt import atomic
 from ds_gpt import corpus
 from ds_gpt.errors import UserError, run_cli
 from ds_gpt.paths import REPO_ROOT
@@ -217,11 +218,7 @@ def publish(out_dir: Path, staged: dict[str, Path], meta: dict) -> None:
     (out_dir / "meta.json").unlink(missing_ok=True)
     for name in ("train.bin", "val.bin", "meta.json"):
         os.replace(staged[name], out_dir / name)
-    dir_fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic.fsync_dir(out_dir)
 
 
 # -----------------------------------------------------------------------------

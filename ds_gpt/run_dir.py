@@ -8,7 +8,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from ds_gpt import __version__, checkpoint
+from ds_gpt import __version__, atomic, checkpoint
 from ds_gpt.checkpoint import CheckpointInfo
 from ds_gpt.config import RunConfig
 from ds_gpt.errors import UserError
@@ -29,10 +29,18 @@ def prepare(out_dir: Path, master: bool) -> None:
 
 
 def resume_point(init_from: str, out_dir: Path) -> CheckpointInfo | None:
-    """The checkpoint to continue from, per --init_from (resume: required; auto: if any)."""
-    if init_from not in ("resume", "auto"):
-        return None
+    """The checkpoint to continue from, per --init_from (resume: required; auto: if any).
+
+    Starting afresh in a directory that holds checkpoints is refused: the old run's higher
+    iteration numbers would count as newest, and retention would prune the new run's saves.
+    """
     info = checkpoint.find_latest(out_dir)
+    if init_from not in ("resume", "auto"):
+        if info is not None:
+            raise UserError(f"{out_dir} already holds checkpoints (newest {info.tag}) and --init_from {init_from} "
+                            "would start a new run over them", hint="continue it with --init_from resume (or auto), "
+                            "or pass a new --out_dir")
+        return None
     if info is None and init_from == "resume":
         raise UserError(f"--init_from resume: no complete checkpoint in {out_dir}",
                         hint="use --init_from scratch to start, or --init_from auto to resume when possible")
@@ -54,7 +62,7 @@ def write_config(out_dir: Path, run: RunConfig, env: LaunchEnv, device: str, n_p
            "launch_env": env.to_dict(), "device": device, "n_params": n_params,
            "peak_flops_per_device": peak_flops, "peak_source": peak_source, "overrides": overrides,
            "argv": sys.argv, "versions": versions()}
-    checkpoint.write_atomic(out_dir / "config.json", json.dumps(doc, indent=2, default=str))
+    atomic.write_text(out_dir / "config.json", json.dumps(doc, indent=2, default=str))
 
 
 def client_state(run: RunConfig, iter_num: int, best_val_loss: float, sampler) -> dict:

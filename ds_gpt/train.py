@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
                  "resumed_from": resume_from.tag if resume_from else None, "init_from": cfg.init_from})
 
     def save() -> None:
-        nonlocal best_val_loss
         checkpoint.save(eng, out_dir, iter_num, run_dir.client_state(run, iter_num, best_val_loss, samplers["train"]),
                         run_dir.marker(run, world_size, out_dir), rank=rank, all_reduce_sum=ds_engine.all_reduce_sum,
                         barrier=ds_engine.barrier, keep_last=cfg.keep_last, milestones=cfg.milestone_set(),

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from ds_gpt import checkpoint
-from ds_gpt.checkpoint import CheckpointInfo, check_resumable, find_latest, tags_to_prune, write_atomic
+from ds_gpt.atomic import write_text as write_atomic
+from ds_gpt.checkpoint import CheckpointInfo, check_resumable, find_latest, tags_to_prune
 from ds_gpt.errors import UserError
 
 

@@ -1,9 +1,7 @@
 """Config parsing, the DeepSpeed JSON resolver and the batch arithmetic."""
 from __future__ import annotations
 
-import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
