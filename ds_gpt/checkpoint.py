@@ -126,6 +126,8 @@ def save(engine, out_dir: Path, iter_num: int, client_state: dict, marker: dict,
     pointer's target and the partial tag removed, and every rank raises the same UserError.
     """
     tag = tag_for(iter_num)
+    if rank == 0:  # re-saving into an existing tag: a crash mid-way must not leave it marked complete
+        (out_dir / tag / MARKER).unlink(missing_ok=True)
     error = None
     try:
         engine.save_checkpoint(str(out_dir), tag=tag, client_state=client_state, save_latest=False)

@@ -3,6 +3,7 @@
     python -m ds_gpt.hostfile                          # print `host slots=N` lines
     python -m ds_gpt.hostfile --out hostfiles/$SLURM_JOB_ID
     python -m ds_gpt.hostfile --nodelist 'ng[10101-10102]' --slots 4
+    python -m ds_gpt.hostfile --check hostfiles/narval     # before `deepspeed --hostfile`
 
 Nodes come from SLURM_JOB_NODELIST (or --nodelist), expanded by `scontrol show hostnames`
 where scontrol exists and by `expand_nodelist` (the same bracket syntax, pure Python) where
@@ -198,7 +199,13 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser.add_argument("--out", help="write the hostfile here (default: print it)")
     parser.add_argument("--slots", type=int, help="slots (GPUs / ranks) per node")
     parser.add_argument("--nodelist", help="SLURM node list (default: $SLURM_JOB_NODELIST)")
+    parser.add_argument("--check", metavar="HOSTFILE",
+                        help="check a hostfile and exit: the deepspeed launcher's own parser stops with a traceback")
     args = parser.parse_args(argv)
+    if args.check:
+        entries = read_hostfile(args.check)
+        print(f"{args.check}: {len(entries)} host(s), {sum(n for _, n in entries)} slot(s)", file=sys.stderr)
+        return 0
 
     nodelist = args.nodelist or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     if nodelist is None:

@@ -106,3 +106,17 @@ def test_read_hostfile_empty_or_missing(tmp_path: Path) -> None:
         read_hostfile(tmp_path / "empty")
     with pytest.raises(UserError, match="cannot read"):
         read_hostfile(tmp_path / "missing")
+
+
+def test_check_cli_reports_a_bad_line_before_the_launcher_does(tmp_path: Path) -> None:
+    """`deepspeed --hostfile` itself stops with a traceback; `--check` says which line, exit 2."""
+    bad = tmp_path / "hosts"
+    bad.write_text("node1 slots=4\nnode2 slots=four\n")
+    proc = subprocess.run([sys.executable, "-m", "ds_gpt.hostfile", "--check", str(bad)],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == EXIT_USER_ERROR
+    assert proc.stderr.count("\n") == 1 and f"{bad}:2: bad hostfile line" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    good = subprocess.run([sys.executable, "-m", "ds_gpt.hostfile", "--check", "hostfiles/narval"],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert good.returncode == 0 and "2 host(s), 8 slot(s)" in good.stderr
