@@ -264,7 +264,8 @@ def add_step(sub: argparse._SubParsersAction) -> None:
 
 def bench_step(args: argparse.Namespace) -> None:
     from ds_gpt import engine as ds_engine
-    from ds_gpt.config import parse_args, resolve
+    from ds_gpt.config import parse_args
+    from ds_gpt.run_config import resolve
     from ds_gpt.model import GPT, GPTConfig
     from ds_gpt.signals import GracefulStop
     from ds_gpt.train import train_step

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from ds_gpt import launch_env
-from ds_gpt.config import RunConfig
+from ds_gpt.run_config import RunConfig
 from ds_gpt.launch_env import LaunchEnv
 from ds_gpt.model import GPT
 

@@ -21,7 +21,7 @@ from ds_gpt.errors import UserError
 
 @dataclass
 class StartWeights:
-    model_args: dict  # the source's shape; the run adopts it (config.adopt_model_args)
+    model_args: dict  # the source's shape; the run adopts it (run_config.adopt_model_args)
     state_dict: dict[str, torch.Tensor]
     source: str
     apply_optimizer: Callable | None = None  # engine -> iter_num, for --resume_optimizer

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ds_gpt import __version__, atomic, checkpoint
 from ds_gpt.checkpoint import CheckpointInfo
-from ds_gpt.config import RunConfig
+from ds_gpt.run_config import RunConfig
 from ds_gpt.errors import UserError
 from ds_gpt.launch_env import LaunchEnv
 

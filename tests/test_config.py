@@ -6,7 +6,8 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, REPO_ROOT
-from ds_gpt.config import BatchSizes, TrainConfig, adopt_model_args, parse_args, resolve, resolve_batch
+from ds_gpt.config import TrainConfig, parse_args
+from ds_gpt.run_config import BatchSizes, adopt_model_args, resolve, resolve_batch
 from ds_gpt.errors import UserError
 
 

@@ -250,7 +250,8 @@ def test_full_disk_on_one_rank_keeps_the_previous_checkpoint(data_dir, tmp_path)
 
 def test_nan_loss_stops_with_exit_3_and_the_last_checkpoint_intact(data_dir, tmp_path):
     """--on_nan stop: a NaN at iteration 7 exits 3, logs the event, and global_step5 resumes exactly."""
-    from ds_gpt.config import parse_args, resolve
+    from ds_gpt.config import parse_args
+    from ds_gpt.run_config import resolve
 
     out = tmp_path / "run"
     args = [*one_rank_args(data_dir, out), "--checkpoint_interval", "5", "--on_nan", "stop"]
