@@ -28,12 +28,12 @@ import torch.distributed as dist
 
 from ds_gpt import checkpoint, engine as ds_engine, mfu, run_dir
 from ds_gpt.config import parse_args
-from ds_gpt.run_config import RunConfig, adopt_model_args, resolve
 from ds_gpt.data import RandomWindowSampler, check_data_dir
 from ds_gpt.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_FAILED, EXIT_REQUEUE, run_cli
 from ds_gpt.init_weights import initial_weights
 from ds_gpt.metrics import MetricsLogger
 from ds_gpt.model import GPT, GPTConfig
+from ds_gpt.run_config import RunConfig, adopt_model_args, resolve
 from ds_gpt.signals import GracefulStop
 
 
