@@ -152,6 +152,8 @@ BAD_INPUTS = {
     "resume_other_shape": (lambda t, d, o: ["--init_from", "resume", "--n_layer", "4"],
                            "was made for another model: n_layer=2 there vs --n_layer=4"),
     "out_dir_not_writable": (lambda t, d, o: ["--out_dir", str(t / "a_file" / "out")], "is not writable"),
+    "scratch_over_checkpoints": (lambda t, d, o: ["--init_from", "scratch"],
+                                 "already holds checkpoints (newest global_step2) and --init_from scratch"),
 }
 
 
@@ -165,8 +167,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_lost(case, good_run, data_dir,
     break_it, message = BAD_INPUTS[case]
     extra = break_it(tmp_path, data, out)
     before = snapshot(tmp_path)
+    # --init_from auto, as a requeued job would run: it finds the good checkpoint, then the bad input.
     proc = single("--data_dir", str(data), "--out_dir", str(out), *MODEL, "--micro_batch_size", "2",
-                  "--gradient_accumulation_steps", "1", *extra, expect=None, timeout=120)
+                  "--gradient_accumulation_steps", "1", "--init_from", "auto", *extra, expect=None, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
