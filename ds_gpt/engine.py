@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from datetime import timedelta
 
 import deepspeed
@@ -91,6 +92,16 @@ def is_peer_failure(err: BaseException) -> bool:
     text = str(err)
     return isinstance(err, RuntimeError) and any(s in text for s in (
         "Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL", "ProcessGroup", "gloo"))
+
+
+def hostnames(env: LaunchEnv) -> list[str]:
+    """The run's hosts. The launcher's list (SLURM's node names) when it names at least as many
+    hosts as the ranks report; else what the ranks report, in rank order: outside SLURM, ranks
+    started over ssh by `deepspeed --hostfile` only know their own host."""
+    names: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(names, socket.gethostname())
+    reported = list(dict.fromkeys(names))
+    return list(env.hosts) if len(env.hosts) >= len(reported) else reported
 
 
 def barrier() -> None:

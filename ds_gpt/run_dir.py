@@ -55,10 +55,10 @@ def versions() -> dict:
             "python": sys.version.split()[0], "cuda": torch.version.cuda, "platform": platform.platform()}
 
 
-def write_config(out_dir: Path, run: RunConfig, env: LaunchEnv, device: str, n_params: int, peak_flops: float,
-                 peak_source: str, overrides: list[str]) -> None:
+def write_config(out_dir: Path, run: RunConfig, env: LaunchEnv, hosts: list[str], device: str, n_params: int,
+                 peak_flops: float, peak_source: str, overrides: list[str]) -> None:
     """OUT/config.json: the effective configuration of this (re)start, for people and for report.py."""
-    doc = {**run.to_dict(), "world_size": env.world_size, "launcher": env.launcher, "hosts": list(env.hosts),
+    doc = {**run.to_dict(), "world_size": env.world_size, "launcher": env.launcher, "hosts": hosts,
            "launch_env": env.to_dict(), "device": device, "n_params": n_params,
            "peak_flops_per_device": peak_flops, "peak_source": peak_source, "overrides": overrides,
            "argv": sys.argv, "versions": versions()}

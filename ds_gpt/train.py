@@ -123,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         iter_num = init.apply_optimizer(eng)
 
     # --- bookkeeping: config.json, metrics, MFU, signals
-    device_name = ds_engine.device_name()
+    device_name, hosts = ds_engine.device_name(), ds_engine.hostnames(env)
     peak, peak_source = mfu.peak_flops_per_device(device_name, run.dtype, cfg.peak_tflops)
     flops_per_token = mfu.flops_per_token(n_params, shape.n_layer, shape.n_embd, shape.block_size)
     if master:
-        run_dir.write_config(out_dir, run, env, device_name, n_params, peak, peak_source, overrides)
-        print(f"{env.launcher}: {world_size} rank(s) on {', '.join(env.hosts)}; {device_name}; {n_params / 1e6:.2f}M params; "
+        run_dir.write_config(out_dir, run, env, hosts, device_name, n_params, peak, peak_source, overrides)
+        print(f"{env.launcher}: {world_size} rank(s) on {', '.join(hosts)}; {device_name}; {n_params / 1e6:.2f}M params; "
               f"ZeRO-{run.zero_stage} {run.dtype}; batch {run.batch.micro} x {run.batch.grad_accum} accum x {world_size} "
               f"= {run.batch.global_batch} seqs = {run.tokens_per_iter:,} tokens/iter", flush=True)
         for line in overrides:
