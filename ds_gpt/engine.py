@@ -104,6 +104,14 @@ def hostnames(env: LaunchEnv) -> list[str]:
     return list(env.hosts) if len(env.hosts) >= len(reported) else reported
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter does: left to exit, gloo's threads are
+    destroyed mid-flight now and then and the rank aborts ("terminate called without an active
+    exception"), turning a finished run into a failed one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     dist.barrier()
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ds_gpt import checkpoint, engine as ds_engine, mfu, run_dir
 from ds_gpt.config import parse_args
 from ds_gpt.data import RandomWindowSampler, check_data_dir
-from ds_gpt.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_FAILED, EXIT_REQUEUE, run_cli
+from ds_gpt.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_FAILED, EXIT_REQUEUE, UserError, run_cli
 from ds_gpt.init_weights import initial_weights
 from ds_gpt.metrics import MetricsLogger
 from ds_gpt.model import GPT, GPTConfig
@@ -216,14 +216,19 @@ def main(argv: list[str] | None = None) -> int:
 def guarded_main(argv: list[str] | None = None) -> int:
     """main(), with a dead or stuck peer rank reported as one line and EXIT_PEER_FAILED, not a hang or a traceback."""
     try:
-        return main(argv)
+        code = main(argv)
     except RuntimeError as err:
         if not ds_engine.is_peer_failure(err):
             raise
         rank = dist.get_rank() if dist.is_initialized() else "?"
         print(f"ds_gpt.train: error: rank {rank}: a peer rank failed or a collective timed out "
               f"(--pg_timeout): {str(err).splitlines()[0][:300]}", file=sys.stderr, flush=True)
-        return EXIT_PEER_FAILED
+        return EXIT_PEER_FAILED  # the group is broken: no orderly shutdown to attempt
+    except (UserError, SystemExit):
+        ds_engine.shutdown()
+        raise
+    ds_engine.shutdown()
+    return code
 
 
 if __name__ == "__main__":

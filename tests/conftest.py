@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import socket
 import sys
 from pathlib import Path
 
@@ -68,3 +70,19 @@ def shakespeare_data() -> Path:
     _run_or_fail("-m", "ds_gpt.prepare", "--dataset", "shakespeare", "--out_dir", str(out),
                  "--cache_dir", str(out.parent / "hf-datasets"))
     return out
+
+
+def free_port() -> int:
+    """A port for a run's rendezvous, below the kernel's ephemeral range: a port the kernel hands
+    out for bind(0) can be taken again by gloo's own outgoing connections before the launcher binds it."""
+    low, _ = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")

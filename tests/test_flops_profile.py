@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from conftest import free_port  # noqa: E402  (tests/ is on sys.path, also when run as a script)
 from ds_gpt.mfu import PROFILE_FILE, fwd_flops_per_token, profiler_ds_overrides  # noqa: E402
 
 # The tiny model: d=128 keeps the matmuls dominant, as in GPT-2 (the profiler also counts
@@ -26,16 +26,10 @@ MODEL = dict(block_size=64, vocab_size=512, n_layer=2, n_head=4, n_embd=128, dro
 MICRO_BATCH, GRAD_ACCUM, PROFILE_STEP = 2, 2, 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(zero_stage: int, out_dir: Path, overrides: bool) -> None:
     """Train 3 iterations with the profiler on at PROFILE_STEP; print the events as JSON."""
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
+                      MASTER_PORT=str(free_port()))
     import deepspeed
     import torch
 

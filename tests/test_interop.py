@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from ds_gpt.errors import UserError
 from ds_gpt.export import export
 from ds_gpt.interop import (apply_nanogpt_optimizer_state, check_compatible, load_init_weights,
@@ -289,12 +290,7 @@ def test_export_never_clobbers_without_force(tmp_path):
 
 @pytest.fixture
 def ds_env(monkeypatch):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, REPO_ROOT, read_jsonl, write_token_bins
+from conftest import PYTHON, REPO_ROOT, free_port, read_jsonl, write_token_bins
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +20,6 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32
         "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2", "--eval_interval", "10",
         "--eval_iters", "2", "--log_interval", "1", "--checkpoint_interval", "10", "--warmup_iters", "2",
         "--lr_decay_iters", "20", "--learning_rate", "3e-3", "--max_iters", "20"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_cmd(nproc: int, *args: str) -> list[str]:
