@@ -48,7 +48,27 @@ def init_distributed(timeout_s: int) -> LaunchEnv:
         timeout=timeout,
         verbose=False,
     )
+    if not torch.cuda.is_available():
+        _unlink_shm_buffers(dist.get_rank())
     return env
+
+
+def _unlink_shm_buffers(rank: int) -> None:
+    """Remove the names of DeepSpeed's CPU shared-memory all-reduce buffers once every rank has mapped them.
+
+    DeepSpeed's CPU comm op creates a /dev/shm segment per rank (69 MB) and never unlinks it:
+    every CPU run would leave them behind until reboot, in RAM, and a test suite of many runs
+    filled 22 GB of it. Each rank has opened every other rank's segment before
+    init_distributed returns; after a barrier the names can go, and the memory is released
+    when the last rank exits, SIGKILL included.
+    """
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass  # not all ranks on one node: DeepSpeed did not create one
 
 
 def device() -> torch.device:

@@ -105,6 +105,7 @@ def test_same_loss_curve_for_every_world_size(runs, stage):
 def test_resume_after_sigkill_is_bitwise_exact(runs, data_dir, tmp_path, stage):
     """Kill -9 right after checkpoint 10, resume: iterations 10-19 equal the uninterrupted run's, bit for bit."""
     reference = losses(runs(stage, 2, 2))
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     common = ["--deepspeed_config", f"ds_configs/zero{stage}.json", "--data_dir", str(data_dir),
               "--out_dir", str(tmp_path), *TINY, "--gradient_accumulation_steps", "2"]
     # --max_iters 1000 leaves time to kill it; the lr schedule depends on lr_decay_iters, not max_iters.
@@ -122,6 +123,8 @@ def test_resume_after_sigkill_is_bitwise_exact(runs, data_dir, tmp_path, stage):
     assert starts[-1]["resumed_from"] == "global_step10" and starts[-1]["iter"] == 10
     resumed = losses(tmp_path)
     assert [resumed[i] for i in range(10, 20)] == [reference[i] for i in range(10, 20)]
+    # DeepSpeed's CPU all-reduce segments live in RAM until unlinked: none may outlive a run, killed or not
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
 
 
 def test_sample_from_a_sharded_zero3_checkpoint(runs):
