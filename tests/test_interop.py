@@ -393,3 +393,37 @@ def test_export_cli_from_deepspeed_checkpoint(tmp_path, ds_env):
 
     r = run_export("fp32")  # DEST is now non-empty
     assert r.returncode == 2 and "not empty" in r.stderr and "--force" in r.stderr
+
+
+@pytest.mark.slow
+def test_trainer_starts_from_nanogpt_and_hf_checkpoints(tmp_path):
+    """`python -m ds_gpt.train --init_from ...` end to end: the shape is adopted, the weights arrive
+    exactly (lr 0 keeps them), and with --resume_optimizer the iteration count continues."""
+    import json
+
+    from conftest import read_jsonl, write_token_bins
+    from ds_gpt.checkpoint import load_fp32_state_dict
+
+    data = write_token_bins(tmp_path / "data", vocab=100)
+    src = tiny_gpt()
+    opt = nanogpt_adamw(src)
+    train_steps(src, opt, 2)
+    write_nanogpt_ckpt(tmp_path / "ng" / "ckpt.pt", src, opt, iter_num=2)
+    save_random_hf_gpt2(tmp_path / "hf", vocab=100)
+    common = [sys.executable, "-m", "ds_gpt.train", "--data_dir", str(data), "--dtype", "float32",
+              "--compile", "False", "--micro_batch_size", "2", "--gradient_accumulation_steps", "1",
+              "--eval_interval", "100", "--eval_iters", "1", "--log_interval", "1", "--learning_rate", "0"]
+    cases = {"ng": ([f"--init_from=nanogpt:{tmp_path / 'ng' / 'ckpt.pt'}", "--resume_optimizer", "True", "--max_iters", "4"],
+                    f"nanogpt:{tmp_path / 'ng' / 'ckpt.pt'}", [2, 3]),
+             "hf": ([f"--init_from={tmp_path / 'hf'}", "--max_iters", "2"], str(tmp_path / "hf"), [0, 1])}
+    for name, (args, spec, iters) in cases.items():
+        out = tmp_path / f"out_{name}"
+        r = subprocess.run(common + ["--out_dir", str(out), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        expected = load_init_weights(spec)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["model"] == {**expected.model_args, "dropout": 0.0}, name
+        assert [e["iter"] for e in read_jsonl(out / "metrics.jsonl") if "loss" in e and "event" not in e] == iters
+        trained, _ = load_fp32_state_dict(out)
+        for key, tensor in expected.state_dict.items():
+            assert torch.equal(trained[key], tensor), (name, key)
