@@ -58,22 +58,23 @@ def resolve_batch(world_size: int, *, json_micro: int | None = None, json_accum:
     open, preferring the micro batch (it is what fits in memory), then the global batch (it is
     the recipe: nanoGPT divides its accumulation by the world size), then the accumulation.
     """
-    cli = {"micro": micro, "accum": accum, "global": global_batch}
-    known = {k: v for k, v in cli.items() if v is not None}
-    from_json = {"micro": json_micro, "global": json_global, "accum": json_accum}
-    json_used = []
-    for key in ("micro", "global", "accum"):
-        if len(known) < 2 and key not in known and from_json[key] is not None:
-            known[key] = from_json[key]
-            json_used.append(key)
-    if not cli["micro"] and not cli["accum"] and not cli["global"] and all(v is not None for v in from_json.values()):
-        known = dict(from_json)  # all three in the JSON: check them against each other
-        json_used = ["micro", "global", "accum"]
-    where = (lambda k: f"{json_name} " if k in json_used else "--")
+    cli = {k: v for k, v in (("micro", micro), ("accum", accum), ("global", global_batch)) if v is not None}
+    from_json = {"micro": json_micro, "global": json_global, "accum": json_accum}  # in order of preference
+    if cli:
+        known, json_used = dict(cli), []
+        for key, value in from_json.items():
+            if len(known) < 2 and key not in known and value is not None:
+                known[key] = value
+                json_used.append(key)
+    else:  # the JSON alone: whatever it gives is checked against itself
+        known = {k: v for k, v in from_json.items() if v is not None}
+        json_used = list(known)
     names = {"micro": ("train_micro_batch_size_per_gpu", "micro_batch_size"),
              "accum": ("gradient_accumulation_steps", "gradient_accumulation_steps"),
              "global": ("train_batch_size", "global_batch_size")}
-    label = lambda k: f"{where(k)}{names[k][0] if k in json_used else names[k][1]}={known[k]}"
+
+    def label(k: str) -> str:
+        return f"{json_name} {names[k][0]}={known[k]}" if k in json_used else f"--{names[k][1]}={known[k]}"
 
     if "micro" not in known:
         known["micro"] = max(1, (known.get("global", world_size) // world_size) // known.get("accum", 1))
