@@ -65,6 +65,13 @@ def complete_checkpoints(out_dir: Path) -> list[CheckpointInfo]:
     return sorted(found, key=lambda c: c.iter_num)
 
 
+def partial_tags(out_dir: Path) -> list[str]:
+    """Tag directories no completion marker vouches for: a crash mid-save, or one in progress."""
+    if not out_dir.is_dir():
+        return []
+    return [e.name for e in out_dir.iterdir() if iter_of(e.name) is not None and read_marker(out_dir, e.name) is None]
+
+
 def find_latest(out_dir: Path) -> CheckpointInfo | None:
     """The checkpoint to resume from: the pointer's, if complete, else the newest complete one."""
     pointer = out_dir / POINTER
@@ -75,10 +82,8 @@ def find_latest(out_dir: Path) -> CheckpointInfo | None:
             return CheckpointInfo(tag, iter_of(tag), marker)
         warnings.warn(f"{pointer} names {tag!r}, which is not a complete checkpoint; looking for an older one")
     complete = complete_checkpoints(out_dir)
-    partial = [e.name for e in out_dir.iterdir() if iter_of(e.name) is not None and read_marker(out_dir, e.name) is None] \
-        if out_dir.is_dir() else []
     newest = complete[-1] if complete else None
-    skipped = [t for t in partial if newest is None or iter_of(t) > newest.iter_num]
+    skipped = [t for t in partial_tags(out_dir) if newest is None or iter_of(t) > newest.iter_num]
     if skipped:
         warnings.warn(f"skipping incomplete checkpoint(s) {', '.join(sorted(skipped))} in {out_dir}")
     return newest
@@ -164,10 +169,9 @@ def save(engine, out_dir: Path, iter_num: int, client_state: dict, marker: dict,
         complete = [c.iter_num for c in complete_checkpoints(out_dir)]
         for n in tags_to_prune(complete, keep_last, milestones, milestone_every):
             shutil.rmtree(out_dir / tag_for(n), ignore_errors=True)
-        for entry in out_dir.iterdir():  # partial tags left by earlier crashes
-            n = iter_of(entry.name)
-            if n is not None and n < iter_num and read_marker(out_dir, entry.name) is None:
-                shutil.rmtree(entry, ignore_errors=True)
+        for name in partial_tags(out_dir):  # left by earlier crashes
+            if iter_of(name) < iter_num:
+                shutil.rmtree(out_dir / name, ignore_errors=True)
     barrier()
     return tag
 
