@@ -29,8 +29,10 @@ Eval forwards (no grad, or module in eval mode) are not counted.
 
 DeepSpeed side effects of enabling the block, worth knowing: from `profile_step` on, the engine
 keeps its synchronized fwd/bwd/step timers and logs one "time (ms)" line per step on rank 0.
-The profile is of eager modules: a torch.compile'd forward hides its ops from the profiler,
-and the event then reports `agree: false`.
+Under torch.compile (the default), the profiler's patching of torch.nn.functional changes what
+dynamo traced, so the profiled step re-traces the model: that step and the next are slow, and the
+profiler's own latency includes the re-trace. The counts match eager's (tested on CPU), and the
+MFU figures use the step time of the iteration before the profiled one.
 """
 from __future__ import annotations
 
