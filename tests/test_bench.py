@@ -16,6 +16,12 @@ def bench(*args: str, timeout: int = 300) -> str:
     return proc.stdout
 
 
+def test_prepare_writes_the_same_files_as_nanogpts_way():
+    out = bench("prepare", "--num_proc", "1", "--repeat", "1")
+    assert "ds_gpt.prepare" in out and "nanoGPT (datasets.map)" in out and "speed-up" in out
+    assert "identical train.bin/val.bin: yes" in out
+
+
 def test_loader_prints_both_rates_and_the_speed_up():
     out = bench("loader", "--synthetic_mb", "4", "--seconds", "0.2", "--rounds", "2")
     assert "RandomWindowSampler" in out and "nanoGPT get_batch" in out and "speed-up" in out

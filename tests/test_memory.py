@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from ds_gpt.bench import LongLivedMemmapSampler, loader_rss, sampler_for, write_synthetic_bin
+from ds_gpt.bench.common import LongLivedMemmapSampler, loader_rss, sampler_for, write_synthetic_bin
 
 pytestmark = pytest.mark.slow
 

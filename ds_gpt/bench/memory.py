@@ -1,0 +1,96 @@
+"""memory: host RSS of a long training run, and of the loader alone: ours, and one long-lived memmap."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ds_gpt.bench.common import (LongLivedMemmapSampler, add_window_args, bench_data, load, loader_rss, machine,
+                                 rss_mb, sampler_for)
+from ds_gpt.data import check_token_file
+from ds_gpt.paths import REPO_ROOT
+
+
+def add_memory(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("memory", help="RSS growth of the trainer over a long run on a big .bin, and the loader's")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data_dir", help="DIR with train.bin and val.bin instead of a synthetic pair")
+    src.add_argument("--synthetic_gb", type=float, default=1.0, help="size of the synthetic train.bin in GiB")
+    p.add_argument("--iters", type=int, default=3000, help="training iterations, and loader-only batches")
+    p.add_argument("--warmup", type=int, default=100, help="iterations before the RSS baseline is taken")
+    add_window_args(p)
+    p.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=1)
+    p.add_argument("--vocab_size", type=int, default=64, help="the tiny model's vocabulary; synthetic ids stay below it")
+    p.set_defaults(func=bench_memory)
+
+
+def trainer_rss(data_dir: Path, out_dir: Path, args: argparse.Namespace, poll_s: float = 0.25) -> dict[str, float]:
+    """Run `python -m ds_gpt.train` (tiny model, full-size windows) and sample its RSS from /proc.
+
+    The iteration each sample belongs to is read from metrics.jsonl as the run writes it.
+    """
+    log_every = 10
+    cmd = [sys.executable, "-m", "ds_gpt.train", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+           f"--deepspeed_config=ds_configs/zero{args.zero_stage}.json", "--dtype=float32", "--compile=False",
+           "--n_layer=1", "--n_head=1", "--n_embd=16", f"--block_size={args.block}", f"--vocab_size={args.vocab_size}",
+           f"--micro_batch_size={args.batch}", "--gradient_accumulation_steps=1", f"--max_iters={args.iters}",
+           f"--eval_interval={args.iters}", "--eval_iters=2", f"--log_interval={log_every}",
+           f"--checkpoint_interval={args.iters}", "--warmup_iters=10", f"--lr_decay_iters={args.iters}"]
+    out_dir.mkdir()
+    metrics_path, last_iter, samples = out_dir / "metrics.jsonl", -1, []
+    with open(out_dir.parent / "train.log", "w") as log:
+        # One thread: on a loaded 2-core machine a tiny model's T=1024 step runs several times faster
+        # with one than with two, and the thread count does not change what this measures.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        try:
+            while proc.poll() is None:
+                with contextlib.suppress(OSError, ValueError):  # not there yet, or a line half written
+                    tail = [json.loads(line) for line in metrics_path.read_text().splitlines()[-3:]]
+                    last_iter = max([last_iter] + [r["iter"] for r in tail if "loss" in r and "event" not in r])
+                with contextlib.suppress(Exception):  # the process may exit between poll() and here
+                    samples.append((last_iter, rss_mb(proc.pid)))
+                time.sleep(poll_s)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    if proc.returncode:
+        tail = (out_dir.parent / "train.log").read_text()[-2000:]
+        raise RuntimeError(f"ds_gpt.train exited {proc.returncode}:\n{tail}")
+    after = [rss for it, rss in samples if it >= args.warmup]
+    if not after:
+        raise RuntimeError(f"no RSS sample after iteration {args.warmup}: raise --iters")
+    looping = [rss for it, rss in samples if it >= args.warmup and it < args.iters - log_every]
+    return {"base": after[0], "end_of_loop": (looping or after)[-1], "max": max(after)}
+
+
+def bench_memory(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="ds_gpt-bench-") as tmp:
+        data_dir, what = bench_data(args, Path(tmp), int(args.synthetic_gb * 2**30) // 2, args.vocab_size)
+        tf = check_token_file(data_dir / "train.bin", args.block, args.vocab_size)
+        t0 = time.perf_counter()
+        trainer = trainer_rss(data_dir, Path(tmp) / "out", args)
+        minutes = (time.perf_counter() - t0) / 60
+        # The long-lived map is measured from its first batch (after ours has warmed the allocator
+        # with the same shapes): with 2 MiB page-cache folios each window maps a whole folio, so it
+        # maps most of a 1 GB file within a few dozen batches, before any warm-up ends.
+        alone = {"loader, pages dropped per batch (ours)": loader_rss(
+                     sampler_for(tf, args.batch, args.block, args.vocab_size), args.iters - args.warmup, args.warmup),
+                 "loader, one long-lived memmap": loader_rss(
+                     sampler_for(tf, args.batch, args.block, args.vocab_size, LongLivedMemmapSampler), args.iters, 0)}
+    print(f"\nmemory benchmark: {args.iters} iterations of {args.batch} x {args.block} windows over {what}; "
+          f"RSS baseline after {args.warmup} iterations")
+    print(f"machine: {machine()}; {load()}")
+    print(f"  trainer (python -m ds_gpt.train, ZeRO-{args.zero_stage}, tiny model, {minutes:.1f} min): "
+          f"RSS {trainer['base']:,.0f} -> {trainer['end_of_loop']:,.0f} MiB at the last iterations "
+          f"= {trainer['end_of_loop'] - trainer['base']:+,.0f} MiB (max {trainer['max'] - trainer['base']:+,.0f}, "
+          f"incl. final eval and checkpoint; target within +50)")
+    for (name, (base, end)), batches in zip(alone.items(), (args.iters - args.warmup, args.iters)):
+        print(f"  {name:38s} RSS {base:,.0f} -> {end:,.0f} MiB = {end - base:+,.0f} MiB over {batches} batches")

@@ -1,0 +1,125 @@
+"""step: our trainer's DeepSpeed step vs a plain PyTorch loop on the same model and data."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ds_gpt import mfu
+from ds_gpt.bench.common import load, machine, write_synthetic_bin
+from ds_gpt.data import RandomWindowSampler
+
+
+def add_step(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("step", help="tokens/s and MFU of our DeepSpeed step vs a plain PyTorch AdamW loop")
+    p.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=1, help="ds_configs/zero<N>.json")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: DeepSpeed's bf16 engine vs torch.autocast in the plain loop (nanoGPT's way)")
+    # CPU-sized model; --vocab_size 50304 is GPT-2's, whose head then dominates a CPU step.
+    for flag, default in (("n_layer", 4), ("n_head", 4), ("n_embd", 256), ("block_size", 256), ("vocab_size", 8192),
+                          ("micro_batch_size", 4), ("gradient_accumulation_steps", 2)):
+        p.add_argument(f"--{flag}", type=int, default=default)
+    p.add_argument("--iters", type=int, default=10, help="timed iterations of each")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations of each first")
+    p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: table, or measured on CPU)")
+    p.set_defaults(func=bench_step)
+
+
+def bench_step(args: argparse.Namespace) -> None:
+    from ds_gpt import engine as ds_engine
+    from ds_gpt.config import parse_args
+    from ds_gpt.run_config import resolve
+    from ds_gpt.model import GPT, GPTConfig
+    from ds_gpt.signals import GracefulStop
+    from ds_gpt.train import train_step
+
+    ds_engine.init_distributed(timeout_s=120)  # one "single" rank: RANK/WORLD_SIZE/MASTER_* exported
+    cuda = torch.cuda.is_available()
+    dev = ds_engine.device()
+    with tempfile.TemporaryDirectory(prefix="ds_gpt-bench-") as tmp:
+        shape_flags = [f"--{k}={getattr(args, k)}" for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size",
+                                                               "micro_batch_size", "gradient_accumulation_steps")]
+        # The trainer's own parsing and resolution: the same JSON, overrides and batch arithmetic.
+        cfg = parse_args([f"--deepspeed_config=ds_configs/zero{args.zero_stage}.json", f"--zero_stage={args.zero_stage}",
+                          f"--dtype={args.dtype}", f"--out_dir={tmp}/out", "--compile=False", *shape_flags])
+        run = resolve(cfg, 1, cuda=cuda)
+        tf = write_synthetic_bin(Path(tmp) / "train.bin", 1 << 22, args.vocab_size)
+        sampler = RandomWindowSampler(tf, "train", args.block_size, args.vocab_size, cfg.seed,
+                                      run.batch.micro, run.batch.grad_accum, 1, 0)
+        torch.manual_seed(cfg.seed)
+        model = GPT(GPTConfig(**run.model))
+        plain = copy.deepcopy(model).to(dev)  # the same initial weights for both
+        n_params = model.num_params()
+        eng = ds_engine.build_engine(model, run)
+
+        # The plain loop: torch AdamW over the same param groups and JSON hyper-parameters,
+        # nanoGPT's accumulation (loss / accum) and clipping.
+        hp = run.ds_config["optimizer"]["params"]
+        opt = torch.optim.AdamW(plain.optimizer_param_groups(run.weight_decay), lr=run.learning_rate,
+                                betas=tuple(hp.get("betas", (0.9, 0.999))), eps=hp.get("eps", 1e-8), fused=cuda or None)
+        clip = float(run.ds_config.get("gradient_clipping", 0.0))
+        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                    else contextlib.nullcontext())
+        stop = GracefulStop()  # not installed: Ctrl-C stops the benchmark as usual
+        sync = torch.cuda.synchronize if cuda else (lambda: None)  # time the GPU's work, not its queueing
+
+        def ds_iter(it: int) -> float:  # train.main's loop body, less logging and checkpoints
+            ds_engine.set_lr(eng, run.lr_at(it))
+            stats = train_step(eng, sampler, it, stop)
+            eng.step()
+            return stats["loss"]
+
+        def plain_iter(it: int) -> float:
+            for group in opt.param_groups:
+                group["lr"] = run.lr_at(it)
+            total = 0.0
+            for micro in range(run.batch.grad_accum):
+                x, y = (t.to(dev) for t in sampler.micro_batch(it, micro))
+                with autocast:
+                    loss = plain(x, y)[1]
+                total += loss.item()
+                (loss / run.batch.grad_accum).backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(plain.parameters(), clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return total / run.batch.grad_accum
+
+        steps = {"DeepSpeed (ds_gpt)": ds_iter, "plain PyTorch": plain_iter}
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        losses: dict[str, list[float]] = {name: [] for name in steps}
+        for it in range(args.warmup + args.iters):
+            # Both see iteration `it`'s batch and lr; the order alternates so drift in load cancels.
+            for name in (list(steps) if it % 2 == 0 else list(steps)[::-1]):
+                sync()
+                t0 = time.perf_counter()
+                losses[name].append(steps[name](it))
+                sync()
+                if it >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
+
+    peak, source = mfu.peak_flops_per_device(ds_engine.device_name(), run.dtype, args.peak_tflops)
+    fpt = mfu.flops_per_token(n_params, args.n_layer, args.n_embd, args.block_size)
+    print(f"\nstep benchmark: ZeRO-{run.zero_stage} {run.dtype}, 1 rank on {ds_engine.device_name()}; "
+          f"{args.n_layer} layers, d={args.n_embd}, T={args.block_size}, vocab {args.vocab_size}, "
+          f"{n_params / 1e6:.2f}M params; batch {run.batch.micro} x {run.batch.grad_accum} accum "
+          f"= {run.tokens_per_iter:,} tokens/iter; {args.iters} timed iterations of each after {args.warmup} warm-up")
+    print(f"machine: {machine()}; {load()}; peak {peak / 1e12:.1f} TFLOPS ({source})")
+    # Medians, and overhead paired by iteration: two steps run back to back see the same load,
+    # which other jobs on a shared machine vary several-fold from one second to the next.
+    for name, ts in times.items():
+        rate = run.tokens_per_iter / statistics.median(ts)
+        print(f"  {name:20s} {rate:10,.0f} tokens/s  {statistics.median(ts) * 1000:8.1f} ms/iter median "
+              f"({min(ts) * 1000:.1f} best)  MFU {mfu.mfu(rate, fpt, 1, peak):6.2%}  final loss {losses[name][-1]:.4f}")
+    ds_t, plain_t = times.values()
+    paired = statistics.median(a / b for a, b in zip(ds_t, plain_t)) - 1
+    drift = max(abs(a - b) for a, b in zip(*losses.values()))
+    print(f"  DeepSpeed overhead {paired:+.1%} of the plain loop's time, median of per-iteration ratios "
+          f"(best vs best {min(ds_t) / min(plain_t) - 1:+.1%}; target <= 5%); "
+          f"largest loss difference between the two {drift:.2e}")
