@@ -1,6 +1,7 @@
 """Each benchmark runs end to end with tiny settings and prints its figures (they are not judged)."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -28,13 +29,28 @@ def test_loader_prints_both_rates_and_the_speed_up():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", ["0", "1"])
-def test_step_prints_tokens_per_s_overhead_and_mfu(zero_stage):
+@pytest.mark.parametrize("zero_stage,extra", [("0", ()), ("1", ("--compile",))])
+def test_step_prints_tokens_per_s_overhead_and_mfu(tmp_path, zero_stage, extra):
     out = bench("step", "--zero_stage", zero_stage, "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
-                "--block_size", "32", "--vocab_size", "256", "--iters", "2", "--warmup", "1")
+                "--block_size", "32", "--vocab_size", "256", "--iters", "2", "--warmup", "1", *extra,
+                "--json", str(tmp_path / "step.json"))
     assert out.count("tokens/s") == 2 and "MFU" in out and "DeepSpeed overhead" in out
     # Same init, data, lr and clipping: the two loops train the same model, so the comparison is fair.
-    assert float(re.search(r"largest loss difference between the two (\S+)", out).group(1)) < 1e-4
+    drift = float(re.search(r"largest loss difference between the two (\S+)", out).group(1))
+    assert drift < 1e-4
+    figures = json.loads((tmp_path / "step.json").read_text())
+    assert figures["max_loss_difference"] == pytest.approx(drift, abs=1e-6)
+    assert set(figures["results"]) == {"DeepSpeed (ds_gpt)", "plain PyTorch"}
+    for name, result in figures["results"].items():
+        assert f"{result['tokens_per_s']:,.0f} tokens/s" in out, name
+        assert 0 < result["mfu"] < 1 and result["tokens_per_s"] * result["ms_per_iter"] / 1000 == pytest.approx(256)
+    assert ("torch.compile" in figures["setting"]) == ("--compile" in extra)
+
+
+def test_step_refuses_a_count_below_one():
+    proc = subprocess.run([PYTHON, "-m", "ds_gpt.bench", "step", "--iters", "0"], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--iters: 0 is not a positive integer" in proc.stderr
 
 
 @pytest.mark.slow

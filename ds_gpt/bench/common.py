@@ -83,10 +83,18 @@ def sampler_for(token_file: TokenFile, batch: int, block: int, vocab_size: int,
     return cls(token_file, "train", block, vocab_size, seed=1337, micro=batch, grad_accum=1, world_size=1, rank=0)
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts: a zero or negative one would only fail later, less clearly."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def add_window_args(p: argparse.ArgumentParser) -> None:
     """nanoGPT's GPT-2 batch shape: full-size windows touch as many pages as a real run does."""
-    p.add_argument("--batch", type=int, default=12, help="windows per batch (nanoGPT's batch_size)")
-    p.add_argument("--block", type=int, default=1024, help="tokens per window (nanoGPT's block_size)")
+    p.add_argument("--batch", type=positive_int, default=12, help="windows per batch (nanoGPT's batch_size)")
+    p.add_argument("--block", type=positive_int, default=1024, help="tokens per window (nanoGPT's block_size)")
 
 
 def bench_data(args: argparse.Namespace, tmp: Path, n_tokens: int, vocab_size: int) -> tuple[Path, str]:

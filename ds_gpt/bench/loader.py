@@ -7,7 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ds_gpt.bench.common import add_window_args, bench_data, load, machine, nanogpt_get_batch, sampler_for
+from ds_gpt.bench.common import add_window_args, bench_data, load, machine, nanogpt_get_batch, positive_int, sampler_for
 from ds_gpt.data import check_token_file
 
 
@@ -15,10 +15,10 @@ def add_loader(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("loader", help="batches/s of RandomWindowSampler vs nanoGPT's per-row get_batch")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data_dir", help="read DIR/train.bin (python -m ds_gpt.prepare) instead of a synthetic file")
-    src.add_argument("--synthetic_mb", type=int, default=400, help="size of the synthetic train.bin in MiB")
+    src.add_argument("--synthetic_mb", type=positive_int, default=400, help="size of the synthetic train.bin in MiB")
     add_window_args(p)
     p.add_argument("--seconds", type=float, default=6.0, help="timed seconds per loader, over --rounds rounds")
-    p.add_argument("--rounds", type=int, default=6, help="alternating rounds; the median round is reported")
+    p.add_argument("--rounds", type=positive_int, default=6, help="alternating rounds; the median round is reported")
     p.set_defaults(func=bench_loader)
 
 

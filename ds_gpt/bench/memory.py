@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ds_gpt.bench.common import (LongLivedMemmapSampler, add_window_args, bench_data, load, loader_rss, machine,
-                                 rss_mb, sampler_for)
+                                 positive_int, rss_mb, sampler_for)
 from ds_gpt.data import check_token_file
 from ds_gpt.paths import REPO_ROOT
 
@@ -22,7 +22,7 @@ def add_memory(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data_dir", help="DIR with train.bin and val.bin instead of a synthetic pair")
     src.add_argument("--synthetic_gb", type=float, default=1.0, help="size of the synthetic train.bin in GiB")
-    p.add_argument("--iters", type=int, default=3000, help="training iterations, and loader-only batches")
+    p.add_argument("--iters", type=positive_int, default=3000, help="training iterations, and loader-only batches")
     p.add_argument("--warmup", type=int, default=100, help="iterations before the RSS baseline is taken")
     add_window_args(p)
     p.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=1)

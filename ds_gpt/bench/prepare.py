@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_gpt.bench.common import machine
+from ds_gpt.bench.common import machine, positive_int
 
 
 def add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="tokens/s of ds_gpt.prepare vs nanoGPT's prepare, on shakespeare")
-    p.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)), help="processes for both")
-    p.add_argument("--repeat", type=int, default=3, help="runs of each; the best is reported")
+    p.add_argument("--num_proc", type=positive_int, default=len(os.sched_getaffinity(0)), help="processes for both")
+    p.add_argument("--repeat", type=positive_int, default=3, help="runs of each; the best is reported")
     p.set_defaults(func=bench_prepare)
 
 

@@ -4,16 +4,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import deepspeed
 import torch
 
-from ds_gpt import mfu
-from ds_gpt.bench.common import load, machine, write_synthetic_bin
+from ds_gpt import atomic, mfu
+from ds_gpt.bench.common import load, machine, positive_int, write_synthetic_bin
 from ds_gpt.data import RandomWindowSampler
+
+
+# A CPU-sized model by default; GPT-2's vocabulary (50304) would make its head dominate a CPU step.
+CPU_SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256, "vocab_size": 8192,
+             "micro_batch_size": 4, "gradient_accumulation_steps": 2}
 
 
 def add_step(sub: argparse._SubParsersAction) -> None:
@@ -21,13 +28,17 @@ def add_step(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=1, help="ds_configs/zero<N>.json")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: DeepSpeed's bf16 engine vs torch.autocast in the plain loop (nanoGPT's way)")
-    # CPU-sized model; --vocab_size 50304 is GPT-2's, whose head then dominates a CPU step.
-    for flag, default in (("n_layer", 4), ("n_head", 4), ("n_embd", 256), ("block_size", 256), ("vocab_size", 8192),
-                          ("micro_batch_size", 4), ("gradient_accumulation_steps", 2)):
-        p.add_argument(f"--{flag}", type=int, default=default)
-    p.add_argument("--iters", type=int, default=10, help="timed iterations of each")
-    p.add_argument("--warmup", type=int, default=2, help="untimed iterations of each first")
+    p.add_argument("--recipe", action="store_true",
+                   help="the 124M recipe (the trainer's default model, T=1024, vocab 50304, and the JSON's "
+                        "12 x 1024 micro-batches with the accumulation its 480-sequence batch implies) "
+                        "instead of the CPU-sized model; the flags below still override")
+    for flag, default in CPU_SHAPE.items():
+        p.add_argument(f"--{flag}", type=positive_int, help=f"default {default}, or the recipe's with --recipe")
+    p.add_argument("--compile", action="store_true", help="torch.compile both: engine.compile() and torch.compile()")
+    p.add_argument("--iters", type=positive_int, default=10, help="timed iterations of each")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations of each first (compilation included)")
     p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: table, or measured on CPU)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as one JSON object")
     p.set_defaults(func=bench_step)
 
 
@@ -43,26 +54,33 @@ def bench_step(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
     dev = ds_engine.device()
     with tempfile.TemporaryDirectory(prefix="ds_gpt-bench-") as tmp:
-        shape_flags = [f"--{k}={getattr(args, k)}" for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size",
-                                                               "micro_batch_size", "gradient_accumulation_steps")]
+        shape = {k: getattr(args, k) if getattr(args, k) is not None or args.recipe else default
+                 for k, default in CPU_SHAPE.items()}
+        shape_flags = [f"--{k}={v}" for k, v in shape.items() if v is not None]
         # The trainer's own parsing and resolution: the same JSON, overrides and batch arithmetic.
         cfg = parse_args([f"--deepspeed_config=ds_configs/zero{args.zero_stage}.json", f"--zero_stage={args.zero_stage}",
                           f"--dtype={args.dtype}", f"--out_dir={tmp}/out", "--compile=False", *shape_flags])
         run = resolve(cfg, 1, cuda=cuda)
-        tf = write_synthetic_bin(Path(tmp) / "train.bin", 1 << 22, args.vocab_size)
-        sampler = RandomWindowSampler(tf, "train", args.block_size, args.vocab_size, cfg.seed,
+        model_cfg = GPTConfig(**run.model)
+        tf = write_synthetic_bin(Path(tmp) / "train.bin", 1 << 22, model_cfg.vocab_size)
+        sampler = RandomWindowSampler(tf, "train", model_cfg.block_size, model_cfg.vocab_size, cfg.seed,
                                       run.batch.micro, run.batch.grad_accum, 1, 0)
         torch.manual_seed(cfg.seed)
-        model = GPT(GPTConfig(**run.model))
+        model = GPT(model_cfg)
         plain = copy.deepcopy(model).to(dev)  # the same initial weights for both
         n_params = model.num_params()
         eng = ds_engine.build_engine(model, run)
 
-        # The plain loop: torch AdamW over the same param groups and JSON hyper-parameters,
-        # nanoGPT's accumulation (loss / accum) and clipping.
+        # The plain loop is nanoGPT's train.py step: torch AdamW (fused on GPUs) over the same param
+        # groups and JSON hyper-parameters, autocast for bf16, loss / accum, clipping, torch.compile.
         hp = run.ds_config["optimizer"]["params"]
         opt = torch.optim.AdamW(plain.optimizer_param_groups(run.weight_decay), lr=run.learning_rate,
                                 betas=tuple(hp.get("betas", (0.9, 0.999))), eps=hp.get("eps", 1e-8), fused=cuda or None)
+        if args.compile:
+            eng.compile()
+            plain_forward = torch.compile(plain)
+        else:
+            plain_forward = plain
         clip = float(run.ds_config.get("gradient_clipping", 0.0))
         autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                     else contextlib.nullcontext())
@@ -82,7 +100,7 @@ def bench_step(args: argparse.Namespace) -> None:
             for micro in range(run.batch.grad_accum):
                 x, y = (t.to(dev) for t in sampler.micro_batch(it, micro))
                 with autocast:
-                    loss = plain(x, y)[1]
+                    loss = plain_forward(x, y)[1]
                 total += loss.item()
                 (loss / run.batch.grad_accum).backward()
             if clip > 0:
@@ -94,32 +112,53 @@ def bench_step(args: argparse.Namespace) -> None:
         steps = {"DeepSpeed (ds_gpt)": ds_iter, "plain PyTorch": plain_iter}
         times: dict[str, list[float]] = {name: [] for name in steps}
         losses: dict[str, list[float]] = {name: [] for name in steps}
+        peak_mem: dict[str, float] = {name: 0.0 for name in steps}
         for it in range(args.warmup + args.iters):
             # Both see iteration `it`'s batch and lr; the order alternates so drift in load cancels.
             for name in (list(steps) if it % 2 == 0 else list(steps)[::-1]):
                 sync()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 losses[name].append(steps[name](it))
                 sync()
                 if it >= args.warmup:
                     times[name].append(time.perf_counter() - t0)
+                if cuda:
+                    peak_mem[name] = max(peak_mem[name], torch.cuda.max_memory_allocated() / 2**30)
 
     peak, source = mfu.peak_flops_per_device(ds_engine.device_name(), run.dtype, args.peak_tflops)
-    fpt = mfu.flops_per_token(n_params, args.n_layer, args.n_embd, args.block_size)
-    print(f"\nstep benchmark: ZeRO-{run.zero_stage} {run.dtype}, 1 rank on {ds_engine.device_name()}; "
-          f"{args.n_layer} layers, d={args.n_embd}, T={args.block_size}, vocab {args.vocab_size}, "
-          f"{n_params / 1e6:.2f}M params; batch {run.batch.micro} x {run.batch.grad_accum} accum "
-          f"= {run.tokens_per_iter:,} tokens/iter; {args.iters} timed iterations of each after {args.warmup} warm-up")
+    fpt = mfu.flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_embd, model_cfg.block_size)
+    setting = (f"ZeRO-{run.zero_stage} {run.dtype}{', torch.compile' if args.compile else ''}, 1 rank on "
+               f"{ds_engine.device_name()}; {model_cfg.n_layer} layers, d={model_cfg.n_embd}, T={model_cfg.block_size}, "
+               f"vocab {model_cfg.vocab_size}, {n_params / 1e6:.2f}M params; batch {run.batch.micro} x "
+               f"{run.batch.grad_accum} accum = {run.tokens_per_iter:,} tokens/iter")
+    print(f"\nstep benchmark: {setting}; {args.iters} timed iterations of each after {args.warmup} warm-up")
     print(f"machine: {machine()}; {load()}; peak {peak / 1e12:.1f} TFLOPS ({source})")
     # Medians, and overhead paired by iteration: two steps run back to back see the same load,
     # which other jobs on a shared machine vary several-fold from one second to the next.
+    figures: dict[str, dict] = {}
     for name, ts in times.items():
         rate = run.tokens_per_iter / statistics.median(ts)
-        print(f"  {name:20s} {rate:10,.0f} tokens/s  {statistics.median(ts) * 1000:8.1f} ms/iter median "
-              f"({min(ts) * 1000:.1f} best)  MFU {mfu.mfu(rate, fpt, 1, peak):6.2%}  final loss {losses[name][-1]:.4f}")
+        figures[name] = {"tokens_per_s": rate, "ms_per_iter": statistics.median(ts) * 1000, "ms_best": min(ts) * 1000,
+                         "mfu": mfu.mfu(rate, fpt, 1, peak), "final_loss": losses[name][-1]}
+        memory = f"  peak GPU memory {peak_mem[name]:.1f} GiB" if cuda else ""
+        if cuda:
+            figures[name]["peak_gpu_mem_gib"] = peak_mem[name]
+        print(f"  {name:20s} {rate:10,.0f} tokens/s  {figures[name]['ms_per_iter']:8.1f} ms/iter median "
+              f"({figures[name]['ms_best']:.1f} best)  MFU {figures[name]['mfu']:6.2%}  "
+              f"final loss {losses[name][-1]:.4f}{memory}")
+    if cuda:
+        print("  (peak memory: allocated during that side's steps, with both models resident)")
     ds_t, plain_t = times.values()
     paired = statistics.median(a / b for a, b in zip(ds_t, plain_t)) - 1
     drift = max(abs(a - b) for a, b in zip(*losses.values()))
     print(f"  DeepSpeed overhead {paired:+.1%} of the plain loop's time, median of per-iteration ratios "
           f"(best vs best {min(ds_t) / min(plain_t) - 1:+.1%}; target <= 5%); "
           f"largest loss difference between the two {drift:.2e}")
+    if args.json:
+        atomic.write_text(args.json, json.dumps({
+            "benchmark": "step", "setting": setting, "machine": machine(), "device": ds_engine.device_name(),
+            "date": time.strftime("%Y-%m-%d"), "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
+            "peak_flops": peak, "peak_source": source, "tokens_per_iter": run.tokens_per_iter,
+            "results": figures, "overhead_paired": paired, "max_loss_difference": drift}, indent=1) + "\n")
