@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from ds_gpt import launch_env
+from ds_gpt import build_locks, launch_env
 from ds_gpt.run_config import RunConfig
 from ds_gpt.launch_env import LaunchEnv
 from ds_gpt.model import GPT
@@ -25,6 +25,7 @@ def init_distributed(timeout_s: int) -> LaunchEnv:
     """
     env = launch_env.detect()
     launch_env.export(env)
+    build_locks.watch()  # DeepSpeed builds its ops from here on: deepspeed.init_distributed, then the optimizer
     # DeepSpeed's INFO lines repeat on every rank; warnings and errors still show.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if torch.cuda.is_available():

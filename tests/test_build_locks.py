@@ -1,0 +1,103 @@
+"""Stale JIT-build locks: found in both torch layouts, removed only when nobody can hold them."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO_ROOT, write_token_bins
+from ds_gpt import build_locks
+from ds_gpt.build_locks import StaleLockWatcher
+
+HOLD = "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print('held', flush=True); time.sleep(60)"
+
+
+def make_lock(root: Path, *parts: str) -> Path:
+    lock = root.joinpath(*parts, "lock")
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    return lock
+
+
+def test_locks_are_found_with_and_without_torch_extensions_dir(tmp_path):
+    flat = make_lock(tmp_path, "fused_adam")  # $TORCH_EXTENSIONS_DIR/<op>/lock
+    versioned = make_lock(tmp_path, "py311_cu121", "cpu_adam")  # default root/<py_cuda>/<op>/lock
+    (tmp_path / "fused_adam" / "fused_adam.so").touch()
+    assert build_locks.build_locks(tmp_path) == sorted([flat, versioned])
+
+
+def test_an_unheld_lock_goes_on_the_second_look(tmp_path):
+    lock = make_lock(tmp_path, "deepspeed_shm_comm")
+    watcher = StaleLockWatcher(tmp_path)
+    watcher.poll()
+    assert lock.exists()  # one look could fall between a holder's close() and its unlink()
+    watcher.poll()
+    assert not lock.exists() and watcher.removed == [lock]
+
+
+def test_a_held_lock_stays_until_its_holder_is_killed(tmp_path):
+    lock = tmp_path / "fused_adam" / "lock"
+    lock.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert build_locks.holders(lock) == [holder.pid]
+        watcher = StaleLockWatcher(tmp_path)
+        for _ in range(3):
+            watcher.poll()
+        assert lock.exists()  # a build in progress on this node: wait for it
+    finally:
+        holder.kill()  # killed mid-build: the lock is left behind
+        holder.wait()
+    assert lock.exists() and build_locks.holders(lock) == []
+    watcher.poll()
+    watcher.poll()
+    assert not lock.exists()
+
+
+def test_on_a_shared_filesystem_only_an_old_lock_goes(tmp_path, monkeypatch, capsys):
+    """A holder on another node is invisible from here: wait until no build could still be running."""
+    lock = make_lock(tmp_path, "fused_adam")
+    monkeypatch.setattr(build_locks, "filesystem_type", lambda path: "nfs4")
+    watcher = StaleLockWatcher(tmp_path, shared_max_age_s=600)
+    for _ in range(3):
+        watcher.poll()
+    assert lock.exists()
+    assert capsys.readouterr().err.count("may be shared") == 1  # said once, not at every poll
+    old = time.time() - 601
+    os.utime(lock, (old, old))
+    watcher.poll()
+    assert not lock.exists() and "removed stale build lock" in capsys.readouterr().err
+
+
+def test_filesystem_types_come_from_the_mount_table():
+    assert build_locks.filesystem_type(Path("/proc/self")) == "proc"
+    assert build_locks.filesystem_type(Path("/dev/shm")) == "tmpfs"
+    assert build_locks.filesystem_type(REPO_ROOT) in build_locks.LOCAL_FILESYSTEMS
+
+
+@pytest.mark.slow
+def test_the_trainer_starts_past_a_lock_left_by_a_killed_build(tmp_path):
+    """Without the watcher, torch waits on this file forever and the job hangs silently."""
+    ext = tmp_path / "torch_extensions"
+    built = Path(os.environ.get("TORCH_EXTENSIONS_DIR", REPO_ROOT / ".cache" / "torch_extensions"))
+    if (built / "deepspeed_shm_comm").is_dir():  # reuse the suite's build; else this run builds it
+        shutil.copytree(built / "deepspeed_shm_comm", ext / "deepspeed_shm_comm")
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    data = write_token_bins(tmp_path / "data")
+    proc = subprocess.run(
+        [PYTHON, "-m", "ds_gpt.train", "--deepspeed_config", "ds_configs/zero1.json", "--data_dir", str(data),
+         "--out_dir", str(tmp_path / "out"), "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--block_size", "32",
+         "--vocab_size", "512", "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2",
+         "--gradient_accumulation_steps", "1", "--max_iters", "2", "--eval_iters", "1"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"removed stale build lock {lock}" in proc.stderr
+    assert (tmp_path / "out" / "latest").read_text() == "global_step2"
