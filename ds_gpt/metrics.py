@@ -29,6 +29,13 @@ class MetricsLogger:
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
         self.path = Path(out_dir) / "metrics.jsonl"
         self._fh = open(self.path, "a", buffering=1) if enabled else None
+        if self._fh is not None and self._fh.tell() > 0:
+            with open(self.path, "rb") as fh:
+                fh.seek(-1, 2)
+                if fh.read(1) != b"\n":
+                    # A line cut short (a full disk, a crashed node): end it, or the resumed run's
+                    # first event would be glued to it and lost with it.
+                    self._fh.write("\n")
 
     def log(self, record: dict, console: str | None = None) -> None:
         """Append one event; `iter` is the TensorBoard step."""

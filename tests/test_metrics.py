@@ -1,0 +1,35 @@
+"""metrics.jsonl: one JSON object per line, also across a restart after a line was cut short."""
+from __future__ import annotations
+
+import json
+
+from ds_gpt.metrics import MetricsLogger
+
+
+def test_a_resumed_run_does_not_glue_its_first_event_to_a_cut_line(tmp_path):
+    first = MetricsLogger(tmp_path, enabled=True)
+    first.log({"iter": 7, "loss": 3.5})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"time": 1, "iter": 8, "lo')  # the run died mid-line
+    resumed = MetricsLogger(tmp_path, enabled=True)
+    resumed.log({"event": "start", "iter": 8, "resumed_from": "global_step8"})
+    resumed.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and lines[1] == '{"time": 1, "iter": 8, "lo'
+    assert json.loads(lines[2])["resumed_from"] == "global_step8"
+
+
+def test_values_json_cannot_hold_are_written_as_null(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=True)
+    logger.log({"iter": 0, "loss": float("nan"), "lr": float("inf"), "mfu": 0.25})
+    logger.close()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert (record["loss"], record["lr"], record["mfu"]) == (None, None, 0.25)
+
+
+def test_only_the_writing_rank_touches_the_file(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=False)
+    logger.log({"iter": 0, "loss": 1.0})
+    logger.close()
+    assert not (tmp_path / "metrics.jsonl").exists()
