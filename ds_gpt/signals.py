@@ -22,6 +22,8 @@ class GracefulStop:
     def install(self) -> "GracefulStop":
         for sig in GRACEFUL:
             signal.signal(sig, self._handle)
+        # A launcher shielded by ds_gpt.signal_shield passes SIGTERM on blocked to the ranks it forks.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, GRACEFUL)
         return self
 
     def _handle(self, signum: int, frame) -> None:

@@ -19,11 +19,16 @@
 #   MAX_REQUEUES   stop requeueing after this many restarts     (default: 20)
 #   DS_GPT_CACHE   JIT-built ops, tokenizer files               (default: ./.cache)
 #
-# Preemption and time limits: SLURM sends USR1 to this script 120 s before the limit. The
-# script forwards it to the ranks (srun: every task; deepspeed launcher: the first node's ranks,
-# which share the stop with all others); the ranks checkpoint at the next step boundary and exit
-# with 75 (ds_gpt.errors.EXIT_REQUEUE); the script then runs `scontrol requeue`, and the
-# requeued job starts with --init_from auto, i.e. from that checkpoint.
+# Preemption and time limits: SLURM sends USR1 to this script 120 s before the limit (a
+# pre-empted job's limit moves to now + GraceTime, so this warning comes then too). The script
+# forwards it to the ranks (srun: every task; deepspeed launcher: the first node's ranks, which
+# share the stop with all others); the ranks checkpoint at the next step boundary and exit with
+# 75 (ds_gpt.errors.EXIT_REQUEUE); the script then runs `scontrol requeue`, and the requeued job
+# starts with --init_from auto, i.e. from that checkpoint. SIGTERM to the job's steps (what
+# pre-emption sends first, or `scancel --signal=TERM`) reaches srun's tasks directly, with the same
+# effect. SIGTERM to the whole job (`scancel`, `scancel --full`) is forwarded the same way, but
+# the job is not requeued: it was cancelled. In mode A the launcher is shielded from SIGTERM
+# (ds_gpt.signal_shield) so that the ranks live to checkpoint.
 #
 #SBATCH --job-name=ds_gpt
 #SBATCH --nodes=2
@@ -89,8 +94,12 @@ deepspeed)
         done
         env | grep -E '^(NCCL|GLOO|TORCH_NCCL)_' || true
     } >"$DS_ENV_FILE"
-    deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-        ds_gpt/train.py "${TRAIN_ARGS[@]}" &
+    # SIGTERM (pre-emption, scancel) reaches every process of the job, this launcher and its
+    # pdsh/ssh too, and the launcher's own handler would kill the ranks before they checkpoint.
+    # The shield blocks SIGTERM for the launcher and its transport; forward_signal below asks the
+    # ranks to checkpoint and exit 75 instead.
+    python -m ds_gpt.signal_shield deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \
+        --master_port "$MASTER_PORT" ds_gpt/train.py "${TRAIN_ARGS[@]}" &
     ;;
 srun)
     # Mode B: SLURM starts one task per GPU; ds_gpt.launch_env maps SLURM_* to torch's variables.
@@ -105,7 +114,9 @@ LAUNCH_PID=$!
 
 # -----------------------------------------------------------------------------
 # preemption: pass the warning signal to the ranks; they checkpoint together and exit 75
+CAUGHT=
 forward_signal() {
+    CAUGHT=$1
     echo "ds_train.sh: caught SIG$1 at $(date -Is); asking the ranks to checkpoint and exit"
     if [[ $DS_GPT_LAUNCH == srun ]]; then
         kill -USR1 "$LAUNCH_PID" 2>/dev/null || true  # srun relays USR1 to every task at once
@@ -134,6 +145,13 @@ while :; do
 done
 echo "ds_train.sh: trainer exited with $rc at $(date -Is)"
 
+if ((rc == EXIT_REQUEUE)) && [[ $CAUGHT == TERM ]]; then
+    # SIGTERM reaches this script only when the whole job is signalled: `scancel` (a cancel, which
+    # `scontrol requeue` would undo) or `scancel --full`. Pre-emption signals the steps only, and
+    # SLURM requeues pre-empted jobs itself where the partition says so.
+    echo "ds_train.sh: stopped by SIGTERM (scancel): checkpoint saved; not requeueing"
+    exit "$rc"
+fi
 if ((rc == EXIT_REQUEUE)); then
     if ((${SLURM_RESTART_COUNT:-0} >= MAX_REQUEUES)); then
         echo "ds_train.sh: already restarted ${SLURM_RESTART_COUNT} times (MAX_REQUEUES=$MAX_REQUEUES); not requeueing"

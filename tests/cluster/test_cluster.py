@@ -202,9 +202,14 @@ def test_deepspeed_hostfile_through_pdsh(cluster, data_dir: Path, tmp_path: Path
     assert "node1:" in proc.stdout + proc.stderr and "node2:" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("mode", ["deepspeed", "srun"])
-def test_usr1_checkpoints_requeues_and_resumes(cluster, data_dir: Path, tmp_path: Path, mode: str) -> None:
-    """SLURM's warning signal mid-run -> checkpoint -> exit 75 -> scontrol requeue -> resume -> done."""
+@pytest.mark.parametrize("mode,scancel", [
+    ("deepspeed", ["--batch", "--signal=USR1"]),  # `#SBATCH --signal=B:USR1@120`, before the time limit
+    ("srun", ["--batch", "--signal=USR1"]),
+    ("srun", ["--signal=TERM"]),  # pre-emption's first signal: SIGTERM to the job's steps
+])
+def test_signal_checkpoints_requeues_and_resumes(cluster, data_dir: Path, tmp_path: Path, mode: str,
+                                                 scancel: list[str]) -> None:
+    """A signal mid-run -> checkpoint -> exit 75 -> scontrol requeue -> resume -> done."""
     out, log = tmp_path / "out", tmp_path / "job.out"
     max_iters = 300  # long enough that the signal, relayed through pdsh, lands mid-run
     job = sbatch([*SBATCH_TINY, f"--output={log}", "slurm/ds_train.sh", *TINY, "--max_iters", str(max_iters),
@@ -214,8 +219,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, data_dir: Path, tmp_path
     while not ((out / "metrics.jsonl").exists() and len(train_iters(out)) >= 3):
         assert time.monotonic() < deadline and job_info(job).get("JobState") in ("PENDING", "RUNNING"), tail(log)
         time.sleep(0.5)
-    # Exactly what `#SBATCH --signal=B:USR1@120` does before the time limit: USR1 to the batch shell.
-    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
+    subprocess.run(["scancel", *scancel, str(job)], check=True)
 
     info = wait_job(job, log, nudge_requeued=True)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
@@ -233,6 +237,30 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, data_dir: Path, tmp_path
     assert (out / "latest").read_text().strip() == f"global_step{max_iters}"
     text = log.read_text()
     assert "requeueing job" in text and "restart 1" in text
+
+
+def test_scancel_saves_a_checkpoint_and_does_not_requeue(cluster, data_dir: Path, tmp_path: Path) -> None:
+    """Mode A: a plain scancel (SIGTERM to every process of the job, SIGKILL after KillWait) stops
+    the ranks at a checkpoint; the launcher, shielded, does not kill them first. No requeue."""
+    out, log = tmp_path / "out", tmp_path / "job.out"
+    job = sbatch([*SBATCH_TINY, f"--output={log}", "slurm/ds_train.sh", *TINY, "--max_iters", "300",
+                  "--eval_interval", "1000", "--checkpoint_interval", "1000"],
+                 job_env(DATA_DIR=str(data_dir), OUT_DIR=str(out)))
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not ((out / "metrics.jsonl").exists() and len(train_iters(out)) >= 3):
+        assert time.monotonic() < deadline and job_info(job).get("JobState") in ("PENDING", "RUNNING"), tail(log)
+        time.sleep(0.5)
+    subprocess.run(["scancel", str(job)], check=True)
+    info = wait_job(job, log)
+    while "not requeueing" not in log.read_text():  # the batch script may still be finishing its log
+        assert time.monotonic() < deadline, tail(log)
+        time.sleep(0.5)
+    time.sleep(3)  # a requeue, if one were (wrongly) made, shows within moments
+    info = job_info(job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", tail(log)
+    stopped_at = train_iters(out)[-1] + 1
+    assert 3 <= stopped_at < 300 and (out / "latest").read_text().strip() == f"global_step{stopped_at}"
+    assert (out / f"global_step{stopped_at}" / "ds_gpt_complete.json").is_file()
 
 
 def test_mpirun_two_ranks(data_dir: Path, tmp_path: Path) -> None:
