@@ -68,12 +68,19 @@ class StaleLockWatcher(threading.Thread):
         self.root, self.interval_s, self.shared_max_age_s = root, interval_s, shared_max_age_s
         self.unheld: dict[Path, int] = {}  # lock -> consecutive polls that found no holder
         self.removed: list[Path] = []
+        self._stopped = threading.Event()
 
     def run(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             with contextlib.suppress(OSError):  # a cache directory that is not there yet, a lock just gone
                 self.poll()
-            time.sleep(self.interval_s)
+            self._stopped.wait(self.interval_s)
+
+    def stop(self) -> None:
+        """Stop and join: no thread of ours should be running when the interpreter shuts down."""
+        self._stopped.set()
+        if self.is_alive():
+            self.join()
 
     def poll(self) -> None:
         locks = build_locks(self.root)
@@ -99,7 +106,7 @@ class StaleLockWatcher(threading.Thread):
 
 
 def watch() -> StaleLockWatcher:
-    """Start watching this process's extension root, for the rest of the process."""
+    """Start watching this process's extension root, until `stop()`."""
     watcher = StaleLockWatcher(extension_root())
     watcher.start()
     return watcher

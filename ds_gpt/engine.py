@@ -17,6 +17,16 @@ from ds_gpt.launch_env import LaunchEnv
 from ds_gpt.model import GPT
 
 
+_lock_watcher: build_locks.StaleLockWatcher | None = None
+
+
+def _stop_lock_watcher() -> None:
+    global _lock_watcher
+    if _lock_watcher is not None:
+        _lock_watcher.stop()
+        _lock_watcher = None
+
+
 def init_distributed(timeout_s: int) -> LaunchEnv:
     """Find out who we are from the launcher's environment and join the process group.
 
@@ -25,7 +35,10 @@ def init_distributed(timeout_s: int) -> LaunchEnv:
     """
     env = launch_env.detect()
     launch_env.export(env)
-    build_locks.watch()  # DeepSpeed builds its ops from here on: deepspeed.init_distributed, then the optimizer
+    global _lock_watcher
+    # DeepSpeed loads (and if need be builds) its ops from here until the engine exists:
+    # the CPU all-reduce in deepspeed.init_distributed, then the optimizer in build_engine.
+    _lock_watcher = build_locks.watch()
     # DeepSpeed's INFO lines repeat on every rank; warnings and errors still show.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if torch.cuda.is_available():
@@ -88,6 +101,7 @@ def build_engine(model: GPT, run: RunConfig) -> deepspeed.DeepSpeedEngine:
     """
     groups = model.optimizer_param_groups(run.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
+    _stop_lock_watcher()  # every op this run uses is loaded
     return engine
 
 
@@ -129,6 +143,7 @@ def shutdown() -> None:
     """Tear the process group down before the interpreter does: left to exit, gloo's threads are
     destroyed mid-flight now and then and the rank aborts ("terminate called without an active
     exception"), turning a finished run into a failed one."""
+    _stop_lock_watcher()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -5,6 +5,7 @@ and reported once, at the edge, by `run_cli`: one line on stderr, no traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -31,14 +32,30 @@ class UserError(Exception):
         return f"{text} (HINT: {self.hint})" if self.hint else text
 
 
-def run_cli(main: Callable[[], int | None], prog: str = "ds_gpt") -> NoReturn:
-    """Run a command's `main`, turning a UserError into one line on stderr and its exit code."""
+def run_cli(main: Callable[[], int | None], prog: str = "ds_gpt", skip_teardown: bool = False) -> NoReturn:
+    """Run a command's `main`, turning a UserError into one line on stderr and its exit code.
+
+    `skip_teardown` ends the process with os._exit once `main` has returned or reported its
+    error, for commands that close what they write themselves (the trainer). Interpreter
+    teardown then runs no C++ destructors of threads that other libraries left running, which
+    now and then abort the process ("terminate called without an active exception") and turn
+    a finished run's 0 or a checkpointed stop's 75 into a signal death.
+    """
     try:
         code = main()
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(err.exit_code)
+        code = err.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
-    sys.exit(code or EXIT_OK)
+        code = 130
+    except SystemExit as stop:  # argparse's usage errors, the trainer's non-finite stop
+        if stop.code is not None and not isinstance(stop.code, int):
+            print(stop.code, file=sys.stderr, flush=True)
+        code = stop.code if isinstance(stop.code, int) else (EXIT_OK if stop.code is None else EXIT_INTERNAL)
+    code = code or EXIT_OK
+    if skip_teardown:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -232,4 +232,4 @@ def guarded_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(guarded_main, prog="ds_gpt.train")
+    run_cli(guarded_main, prog="ds_gpt.train", skip_teardown=True)

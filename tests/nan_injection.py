@@ -38,4 +38,4 @@ if __name__ == "__main__":
     assert sep == "--", __doc__
     poison({int(n) for n in spec.split(",")})
     sys.argv = [sys.argv[0], *argv]
-    run_cli(lambda: train.guarded_main(argv), prog="ds_gpt.train")
+    run_cli(lambda: train.guarded_main(argv), prog="ds_gpt.train", skip_teardown=True)

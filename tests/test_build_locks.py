@@ -101,3 +101,10 @@ def test_the_trainer_starts_past_a_lock_left_by_a_killed_build(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"removed stale build lock {lock}" in proc.stderr
     assert (tmp_path / "out" / "latest").read_text() == "global_step2"
+
+
+def test_the_watcher_stops_when_asked(tmp_path):
+    watcher = StaleLockWatcher(tmp_path, interval_s=60)
+    watcher.start()
+    watcher.stop()  # wakes it from its wait at once
+    assert not watcher.is_alive()
