@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import deepspeed
@@ -146,6 +147,11 @@ def shutdown() -> None:
     _stop_lock_watcher()
     if dist.is_initialized():
         dist.destroy_process_group()
+    mpi = sys.modules.get("mpi4py.MPI")  # imported only under mpirun, by DeepSpeed's MPI discovery
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        # mpi4py finalizes at interpreter exit, which the trainer skips (errors.run_cli), and
+        # MPICH removes its /dev/shm segment only in MPI_Finalize.
+        mpi.Finalize()
 
 
 def barrier() -> None:

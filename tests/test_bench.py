@@ -17,6 +17,7 @@ def bench(*args: str, timeout: int = 300) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_prepare_writes_the_same_files_as_nanogpts_way():
     out = bench("prepare", "--num_proc", "1", "--repeat", "1")
     assert "ds_gpt.prepare" in out and "nanoGPT (datasets.map)" in out and "speed-up" in out

@@ -270,6 +270,7 @@ def test_mpirun_two_ranks(data_dir: Path, tmp_path: Path) -> None:
         pytest.skip("LOUD SKIP: no mpirun in the venv (requirements.txt installs the mpich wheel)")
     out = tmp_path / "out"
     env = job_env(MASTER_PORT=str(30000 + os.getpid() % 1000))
+    shm_before = set(Path("/dev/shm").glob("mpich_shm_*"))
     proc = subprocess.run([str(mpirun), "-np", "2", PYTHON, "ds_gpt/train.py", "--deepspeed_config",
                            "ds_configs/zero1.json", "--data_dir", str(data_dir), "--out_dir", str(out), *TINY,
                            "--max_iters", "4", "--eval_interval", "2", "--checkpoint_interval", "2"],
@@ -279,3 +280,5 @@ def test_mpirun_two_ranks(data_dir: Path, tmp_path: Path) -> None:
     assert config["launcher"] == "mpirun" and config["world_size"] == 2
     assert config["launch_env"]["master_port"] == int(env["MASTER_PORT"])
     assert train_iters(out) == [0, 1, 2, 3] and (out / "latest").read_text().strip() == "global_step4"
+    # MPICH's shared-memory segment goes in MPI_Finalize; left behind, it holds RAM until reboot
+    assert set(Path("/dev/shm").glob("mpich_shm_*")) <= shm_before
