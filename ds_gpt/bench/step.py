@@ -96,18 +96,18 @@ def bench_step(args: argparse.Namespace) -> None:
         def plain_iter(it: int) -> float:
             for group in opt.param_groups:
                 group["lr"] = run.lr_at(it)
-            total = 0.0
+            total = torch.zeros((), device=dev)
             for micro in range(run.batch.grad_accum):
                 x, y = (t.to(dev) for t in sampler.micro_batch(it, micro))
                 with autocast:
                     loss = plain_forward(x, y)[1]
-                total += loss.item()
+                total += loss.detach()  # on the device: like nanoGPT, no host sync per micro-batch
                 (loss / run.batch.grad_accum).backward()
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(plain.parameters(), clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return total / run.batch.grad_accum
+            return total.item() / run.batch.grad_accum
 
         steps = {"DeepSpeed (ds_gpt)": ds_iter, "plain PyTorch": plain_iter}
         times: dict[str, list[float]] = {name: [] for name in steps}
