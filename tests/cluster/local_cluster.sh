@@ -204,7 +204,8 @@ down() {
     for what in sshd:sshd slurmd-node1:slurmd slurmd-node2:slurmd slurmctld:slurmctld munged:munged; do
         local file=$STATE/${what%%:*}.pid comm=${what##*:}
         if alive "$file" "$comm"; then
-            kill "$(<"$file")" && say "stopped $comm ($(<"$file"))"
+            local pid; pid=$(<"$file")  # read once: a daemon removes its pid file as it exits
+            kill "$pid" && say "stopped $comm ($pid)"
         fi
         rm -f "$file"
     done
