@@ -124,6 +124,11 @@ def load_ds_config(path: str) -> dict:
     return ds
 
 
+def ds_zero_stage(ds: dict) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it has no zero_optimization block)."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
 def ds_dtype(ds: dict) -> str:
     """The training precision a resolved DeepSpeed config asks for."""
     if ds.get("bf16", {}).get("enabled"):
@@ -148,7 +153,7 @@ class RunConfig:
 
     @property
     def zero_stage(self) -> int:
-        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        return ds_zero_stage(self.ds_config)
 
     @property
     def learning_rate(self) -> float:
@@ -239,11 +244,10 @@ def resolve(cfg: TrainConfig, world_size: int, *, cuda: bool, overrides_log: lis
         # DeepSpeed's monitor writes under output_path/job_name: pin it inside the run directory.
         override(("tensorboard", "output_path"), str(Path(cfg.out_dir) / "tb"), "--out_dir")
         override(("tensorboard", "job_name"), "train", "--out_dir")
-    if cfg.dtype == "float16" or ds.get("fp16", {}).get("enabled"):
-        if not cuda:
-            raise UserError("float16 training needs a GPU; use --dtype float32 (or bfloat16) on CPU")
+    if ds.get("fp16", {}).get("enabled") and not cuda:  # --dtype float16 has set it above
+        raise UserError("float16 training needs a GPU; use --dtype float32 (or bfloat16) on CPU")
     # Every resolved config carries the flops_profiler block; --profile_step turns it on.
-    for block, values in profiler_ds_overrides(cfg.profile_step, cfg.out_dir, int(ds.get("zero_optimization", {}).get("stage", 0))).items():
+    for block, values in profiler_ds_overrides(cfg.profile_step, cfg.out_dir, ds_zero_stage(ds)).items():
         for key, value in values.items():
             override((block, key), value, "--profile_step")
     return RunConfig(train=cfg, model=model_args(cfg), ds_config=ds, batch=batch)
