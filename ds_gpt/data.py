@@ -113,15 +113,18 @@ class RandomWindowSampler:
                 self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             self._tokens = np.frombuffer(self._map, dtype=TOKEN_DTYPE)
         windows = self._tokens[offsets[:, None] + self._window].astype(np.int64)  # [B, T+1], one gather
+        self._drop_pages()
+        if windows.max() >= self.vocab_size:
+            raise UserError(f"{self.file.path} holds token id {int(windows.max())} >= vocab_size {self.vocab_size}")
+        batch = torch.from_numpy(windows)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def _drop_pages(self) -> None:
         # A long-lived map keeps every page it ever touched in the process RSS (a 17 GB file ends up
         # resident, and SLURM's cgroup may charge it to the job: the seed's OOM kill). nanoGPT
         # reopens the memmap per batch; dropping the mapped pages after each gather keeps RSS as
         # flat for about half the cost per batch. The data stays in the page cache.
         self._map.madvise(mmap.MADV_DONTNEED)
-        if windows.max() >= self.vocab_size:
-            raise UserError(f"{self.file.path} holds token id {int(windows.max())} >= vocab_size {self.vocab_size}")
-        batch = torch.from_numpy(windows)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
     def micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of shape [micro, block_size] for this rank's `micro_step` of global `step`."""

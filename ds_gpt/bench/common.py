@@ -50,16 +50,11 @@ def nanogpt_get_batch(path: Path, block_size: int, batch_size: int) -> tuple[tor
 
 
 class LongLivedMemmapSampler(RandomWindowSampler):
-    """Our sampler with one np.memmap kept open for the whole run, as nanoGPT read its data
-    before the per-batch fix: every page a window touches stays mapped, so RSS climbs."""
+    """Our sampler without the page drop: one map kept for the whole run, as nanoGPT read its
+    data before its per-batch fix. Every page a window touches stays mapped, so RSS climbs."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._tokens = np.memmap(self.file.path, dtype=TOKEN_DTYPE, mode="r")
-
-    def _read(self, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = torch.from_numpy(self._tokens[offsets[:, None] + self._window].astype(np.int64))
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    def _drop_pages(self) -> None:
+        pass
 
 
 def rss_mb(pid: int | None = None) -> float:
