@@ -54,9 +54,9 @@ def bench_step(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
     dev = ds_engine.device()
     with tempfile.TemporaryDirectory(prefix="ds_gpt-bench-") as tmp:
-        shape = {k: getattr(args, k) if getattr(args, k) is not None or args.recipe else default
-                 for k, default in CPU_SHAPE.items()}
-        shape_flags = [f"--{k}={v}" for k, v in shape.items() if v is not None]
+        defaults = {} if args.recipe else CPU_SHAPE  # --recipe: the trainer's own defaults and the JSON's batch
+        given = {k: getattr(args, k) for k in CPU_SHAPE if getattr(args, k) is not None}
+        shape_flags = [f"--{k}={v}" for k, v in {**defaults, **given}.items()]
         # The trainer's own parsing and resolution: the same JSON, overrides and batch arithmetic.
         cfg = parse_args([f"--deepspeed_config=ds_configs/zero{args.zero_stage}.json", f"--zero_stage={args.zero_stage}",
                           f"--dtype={args.dtype}", f"--out_dir={tmp}/out", "--compile=False", *shape_flags])
