@@ -94,8 +94,8 @@ deepspeed)
         done
         env | grep -E '^(NCCL|GLOO|TORCH_NCCL)_' || true
     } >"$DS_ENV_FILE"
-    # SIGTERM (pre-emption, scancel) reaches every process of the job, this launcher and its
-    # pdsh/ssh too, and the launcher's own handler would kill the ranks before they checkpoint.
+    # SIGTERM to the whole job (scancel) reaches this launcher and its pdsh/ssh too, and the
+    # launcher's own handler would kill the ranks before they checkpoint.
     # The shield blocks SIGTERM for the launcher and its transport; forward_signal below asks the
     # ranks to checkpoint and exit 75 instead.
     python -m ds_gpt.signal_shield deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \
@@ -145,14 +145,14 @@ while :; do
 done
 echo "ds_train.sh: trainer exited with $rc at $(date -Is)"
 
-if ((rc == EXIT_REQUEUE)) && [[ $CAUGHT == TERM ]]; then
-    # SIGTERM reaches this script only when the whole job is signalled: `scancel` (a cancel, which
-    # `scontrol requeue` would undo) or `scancel --full`. Pre-emption signals the steps only, and
-    # SLURM requeues pre-empted jobs itself where the partition says so.
-    echo "ds_train.sh: stopped by SIGTERM (scancel): checkpoint saved; not requeueing"
-    exit "$rc"
-fi
 if ((rc == EXIT_REQUEUE)); then
+    if [[ $CAUGHT == TERM ]]; then
+        # SIGTERM reaches this script only when the whole job is signalled: `scancel` (a cancel,
+        # which `scontrol requeue` would undo) or `scancel --full`. Pre-emption signals the steps
+        # only, and SLURM requeues pre-empted jobs itself where the partition says so.
+        echo "ds_train.sh: stopped by SIGTERM (scancel): checkpoint saved; not requeueing"
+        exit "$rc"
+    fi
     if ((${SLURM_RESTART_COUNT:-0} >= MAX_REQUEUES)); then
         echo "ds_train.sh: already restarted ${SLURM_RESTART_COUNT} times (MAX_REQUEUES=$MAX_REQUEUES); not requeueing"
         exit "$rc"
