@@ -133,24 +133,21 @@ def save(engine, out_dir: Path, iter_num: int, client_state: dict, marker: dict,
     tag = tag_for(iter_num)
     if rank == 0:  # re-saving into an existing tag: a crash mid-way must not leave it marked complete
         (out_dir / tag / MARKER).unlink(missing_ok=True)
-    error = None
+    error, shards_saved = None, False
     try:
         engine.save_checkpoint(str(out_dir), tag=tag, client_state=client_state, save_latest=False)
+        shards_saved = True
+        # per-rank RNG: DeepSpeed's client_state is written by rank 0 only
+        torch.save(rng_state(), out_dir / tag / f"rng_rank{rank}.pt")
     except Exception as err:
         if not write_failed(err):
             raise
         error = err
-        # DeepSpeed's save ends in a barrier, after its last write, which the ranks whose writes
-        # succeeded are waiting in: join it, or they wait there until --pg_timeout and never
-        # hear of the failure. (Its other collectives come before the first write.)
-        barrier()
-    if error is None:
-        try:  # per-rank RNG: DeepSpeed's client_state is written by rank 0 only
-            torch.save(rng_state(), out_dir / tag / f"rng_rank{rank}.pt")
-        except Exception as err:
-            if not write_failed(err):
-                raise
-            error = err
+        if not shards_saved:
+            # DeepSpeed's save ends in a barrier, after its last write, which the ranks whose writes
+            # succeeded are waiting in: join it, or they wait there until --pg_timeout and never
+            # hear of the failure. (Its other collectives come before the first write.)
+            barrier()
     failed = all_reduce_sum([1.0 if error else 0.0])[0]
     if failed:
         if rank == 0:
