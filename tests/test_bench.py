@@ -26,7 +26,11 @@ def test_prepare_writes_the_same_files_as_nanogpts_way():
 
 def test_loader_prints_both_rates_and_the_speed_up():
     out = bench("loader", "--synthetic_mb", "4", "--seconds", "0.2", "--rounds", "2")
-    assert "RandomWindowSampler" in out and "nanoGPT get_batch" in out and "speed-up" in out
+    rates = {name: float(rate.replace(",", "")) for name, rate in
+             re.findall(r"^  (RandomWindowSampler|nanoGPT get_batch) +([\d,]+) batches/s", out, re.M)}
+    assert set(rates) == {"RandomWindowSampler", "nanoGPT get_batch"} and min(rates.values()) > 0
+    speed_up = float(re.search(r"speed-up ([\d.]+)x", out).group(1))
+    assert speed_up == pytest.approx(rates["RandomWindowSampler"] / rates["nanoGPT get_batch"], abs=0.06)
 
 
 @pytest.mark.slow
@@ -57,4 +61,11 @@ def test_step_refuses_a_count_below_one():
 @pytest.mark.slow
 def test_memory_prints_trainer_and_loader_growth():
     out = bench("memory", "--iters", "30", "--warmup", "10", "--synthetic_gb", "0.02", "--block", "64")
-    assert "trainer (python -m ds_gpt.train" in out and "one long-lived memmap" in out
+    # Each line: RSS before -> after = growth; the growth must be the difference it claims.
+    lines = re.findall(r"^  (trainer \(.*?\):|loader, .*?)\s+RSS ([\d,]+) -> ([\d,]+) MiB.*?= ([+-][\d,]+) MiB",
+                       out, re.M)
+    assert [name.split(" (python")[0] for name, *_ in lines] == [
+        "trainer", "loader, pages dropped per batch (ours)", "loader, one long-lived memmap"], out
+    for _, before, after, growth in lines:
+        before, after, growth = (int(v.replace(",", "")) for v in (before, after, growth))
+        assert before > 0 and abs(after - before - growth) <= 1

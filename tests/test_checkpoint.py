@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ds_gpt import checkpoint
-from ds_gpt.atomic import write_text as write_atomic
+from ds_gpt.atomic import write_text
 from ds_gpt.checkpoint import CheckpointInfo, check_resumable, find_latest, tags_to_prune
 from ds_gpt.errors import UserError
 
@@ -28,10 +28,10 @@ def test_find_latest_follows_pointer_and_skips_partial(tmp_path):
     fake_tag(tmp_path, 20)
     fake_tag(tmp_path, 30, complete=False)  # crashed mid-save
     assert find_latest(tmp_path) is not None and find_latest(tmp_path).tag == "global_step20"
-    write_atomic(tmp_path / "latest", "global_step30")  # DeepSpeed's premature pointer
+    write_text(tmp_path / "latest", "global_step30")  # DeepSpeed's premature pointer
     with pytest.warns(UserWarning, match="not a complete checkpoint"):
         assert find_latest(tmp_path).tag == "global_step20"
-    write_atomic(tmp_path / "latest", "global_step10")
+    write_text(tmp_path / "latest", "global_step10")
     assert find_latest(tmp_path).tag == "global_step10"
     assert find_latest(tmp_path / "missing") is None
 
@@ -43,7 +43,7 @@ def test_resume_refuses_another_layout_with_the_command_that_works():
     check_resumable(info, 2, 1)
 
 
-def test_write_atomic_leaves_no_temp_files(tmp_path):
-    write_atomic(tmp_path / "latest", "a")
-    write_atomic(tmp_path / "latest", "b")
+def test_write_text_leaves_no_temp_files(tmp_path):
+    write_text(tmp_path / "latest", "a")
+    write_text(tmp_path / "latest", "b")
     assert [p.name for p in tmp_path.iterdir()] == ["latest"] and (tmp_path / "latest").read_text() == "b"

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, REPO_ROOT, read_jsonl, write_token_bins
-from test_train import TINY, background_train, free_port, losses, train
+from conftest import PYTHON, REPO_ROOT, free_port, read_jsonl, write_token_bins
+from test_train import TINY, background_train, losses, train
 
 pytestmark = pytest.mark.slow
 

@@ -251,7 +251,7 @@ def test_scancel_saves_a_checkpoint_and_does_not_requeue(cluster, data_dir: Path
         assert time.monotonic() < deadline and job_info(job).get("JobState") in ("PENDING", "RUNNING"), tail(log)
         time.sleep(0.5)
     subprocess.run(["scancel", str(job)], check=True)
-    info = wait_job(job, log)
+    wait_job(job, log)
     while "not requeueing" not in log.read_text():  # the batch script may still be finishing its log
         assert time.monotonic() < deadline, tail(log)
         time.sleep(0.5)
