@@ -103,6 +103,14 @@ def tail(path: Path, n: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else f"(no {path})"
 
 
+def wait_until_training(job_id: int, out: Path, log: Path, iters: int = 3) -> None:
+    """Wait until the job has logged `iters` training iterations, failing if it ends first."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not ((out / "metrics.jsonl").exists() and len(train_iters(out)) >= iters):
+        assert time.monotonic() < deadline and job_info(job_id).get("JobState") in ("PENDING", "RUNNING"), tail(log)
+        time.sleep(0.5)
+
+
 def train_iters(out: Path) -> list[int]:
     return [e["iter"] for e in read_jsonl(out / "metrics.jsonl") if "loss" in e and "event" not in e]
 
@@ -215,10 +223,7 @@ def test_signal_checkpoints_requeues_and_resumes(cluster, data_dir: Path, tmp_pa
     job = sbatch([*SBATCH_TINY, f"--output={log}", "slurm/ds_train.sh", *TINY, "--max_iters", str(max_iters),
                   "--eval_interval", "1000", "--checkpoint_interval", "1000"],
                  job_env(DS_GPT_LAUNCH=mode, DATA_DIR=str(data_dir), OUT_DIR=str(out)))
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not ((out / "metrics.jsonl").exists() and len(train_iters(out)) >= 3):
-        assert time.monotonic() < deadline and job_info(job).get("JobState") in ("PENDING", "RUNNING"), tail(log)
-        time.sleep(0.5)
+    wait_until_training(job, out, log)
     subprocess.run(["scancel", *scancel, str(job)], check=True)
 
     info = wait_job(job, log, nudge_requeued=True)
@@ -246,12 +251,10 @@ def test_scancel_saves_a_checkpoint_and_does_not_requeue(cluster, data_dir: Path
     job = sbatch([*SBATCH_TINY, f"--output={log}", "slurm/ds_train.sh", *TINY, "--max_iters", "300",
                   "--eval_interval", "1000", "--checkpoint_interval", "1000"],
                  job_env(DATA_DIR=str(data_dir), OUT_DIR=str(out)))
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not ((out / "metrics.jsonl").exists() and len(train_iters(out)) >= 3):
-        assert time.monotonic() < deadline and job_info(job).get("JobState") in ("PENDING", "RUNNING"), tail(log)
-        time.sleep(0.5)
+    wait_until_training(job, out, log)
     subprocess.run(["scancel", str(job)], check=True)
     wait_job(job, log)
+    deadline = time.monotonic() + 60
     while "not requeueing" not in log.read_text():  # the batch script may still be finishing its log
         assert time.monotonic() < deadline, tail(log)
         time.sleep(0.5)
