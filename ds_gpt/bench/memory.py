@@ -55,7 +55,10 @@ def trainer_rss(data_dir: Path, out_dir: Path, args: argparse.Namespace, poll_s:
                     tail = [json.loads(line) for line in metrics_path.read_text().splitlines()[-3:]]
                     last_iter = max([last_iter] + [r["iter"] for r in tail if "loss" in r and "event" not in r])
                 with contextlib.suppress(Exception):  # the process may exit between poll() and here
-                    samples.append((last_iter, rss_mb(proc.pid)))
+                    rss = rss_mb(proc.pid)
+                    # An exited process not yet reaped reads as 0 MiB: keep only samples it outlived.
+                    if proc.poll() is None:
+                        samples.append((last_iter, rss))
                 time.sleep(poll_s)
         finally:
             if proc.poll() is None:
