@@ -8,34 +8,43 @@ MFU counts the work the model needs, not what the kernels happened to do.
     peak, source = peak_flops_per_device(detect_device_name(), "bfloat16", override_tflops=None)
     mfu(tokens_per_s, fpt, world_size, peak)                        # every logged iteration
 
-The flops-profiler cross-check (`--profile_step N`) works with DeepSpeed's own profiler:
+The flops-profiler cross-check (`--profile_step N`) runs DeepSpeed's FlopsProfiler:
 
-    ds_config = deep_merge(ds_config, profiler_ds_overrides(N, out_dir, zero_stage))  # resolver
+    ds_config = deep_merge(ds_config, profiler_ds_overrides(N, zero_stage))   # resolver
     engine, *_ = deepspeed.initialize(...)
-    capture = FlopsProfileCapture(engine, n_params=..., n_layer=..., n_embd=..., peak_flops=peak)
-    for iter_num ...:                        # after the iteration's last engine.step():
-        if (event := capture.collect(iter_num, step_time_s=dt)) is not None:
+    capture = FlopsProfileCapture(engine, profile_step=N, output_file=OUT / PROFILE_FILE, ...)
+    for iter_num ...:
+        for each micro-batch:
+            with capture.count(iter_num, x):  # around the training forward only
+                loss = engine(x, y)[1]
+            ...
+        if (event := capture.collect(iter_num, step_time_s=dt)) is not None:  # after the last step()
             metrics.log(event)               # {"event": "flops_profile", ...}, rank 0 only
 
-How it works (DeepSpeed 0.19.8, runtime/engine.py): with the `flops_profiler` block enabled,
-on global step `profile_step` and on rank 0 only, the engine starts its profiler in each
-forward's prologue (which resets the counts), stops it in the forward's epilogue, and in
-`engine.step()` prints the profile to `output_file` and ends the profile. With gradient
-accumulation every micro-step of that step does this, so each print covers one micro-batch.
-`FlopsProfileCapture` therefore reads the profiler's API (get_total_flops/macs/duration/params)
-from a forward hook that runs right after the engine's epilogue, once per training micro-batch,
-and sums them: the analytic figure is computed for exactly the tokens those forwards saw.
-Eval forwards (no grad, or module in eval mode) are not counted.
+How it works: on iteration N, on rank 0, `count` starts the profiler before each training forward
+(which resets its counts and patches torch.nn.functional) and stops it after, then reads its API
+(get_total_flops/macs/duration/params). `collect` sums the micro-batches, computes the analytic
+figure for exactly the tokens those forwards saw, writes DeepSpeed's print of the last micro-batch
+to OUT/flops_profile.txt with our totals under it, and removes the profiler's hooks. Eval forwards
+are not wrapped, so not counted.
 
-DeepSpeed side effects of enabling the block, worth knowing: from `profile_step` on, the engine
-keeps its synchronized fwd/bwd/step timers and logs one "time (ms)" line per step on rank 0.
-Under torch.compile (the default), the profiler's patching of torch.nn.functional changes what
-dynamo traced, so the profiled step re-traces the model: that step and the next are slow, and the
-profiler's own latency includes the re-trace. The counts match eager's (tested on CPU), and the
-MFU figures use the step time of the iteration before the profiled one.
+Why not the engine's own profiler (the JSON's `flops_profiler` block, which runs the same class
+from the engine's forward hooks): enabling that block also turns on DeepSpeed's wall-clock
+breakdown for the whole run (runtime/config.py ORs the two). That logs timer lines and syncs the
+device on every micro-step of every iteration, and under engine.compile() on CUDA it fails the
+first step: the forward timers' CUDA events are created inside the compiled module's hooks, and
+reading them raises "Both events must be recorded before calculating elapsed time" (seen on an
+H200, DeepSpeed 0.19.8, torch 2.11). `count` runs outside the compiled call instead.
+
+Under torch.compile (the default) the profiled forwards run eagerly (torch.compiler.set_stance
+"force_eager"): the profiler works through module hooks and patched torch functions, which would
+make dynamo re-trace the model until it hits its recompile limit and leaves parts of the model
+eager for the rest of the run. So the counts are eager's, the profiled iteration is slower (and
+holds eager's activations), and the MFU figures use the step time of the iteration before it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,6 +52,7 @@ import platform
 import re
 import time
 from pathlib import Path
+from typing import Iterator
 
 from ds_gpt import atomic
 from ds_gpt.errors import UserError
@@ -230,28 +240,18 @@ def cpu_peak_flops(dtype: str = "fp32", cache_path: Path | None = None) -> float
 
 
 # -----------------------------------------------------------------------------
-# DeepSpeed's flops profiler: the config it needs, and reading it on the profiled step
+# DeepSpeed's flops profiler: the config it needs, and counting the profiled iteration
 
 PROFILE_FILE = "flops_profile.txt"
 
 
-def profiler_ds_overrides(profile_step: int | None, out_dir: str | os.PathLike,
-                          zero_stage: int) -> dict:
+def profiler_ds_overrides(profile_step: int | None, zero_stage: int) -> dict:
     """What the config resolver merges into the ds_config for `--profile_step`.
 
-    None: the block is present and off (every resolved ds_config carries it).
+    The engine's own profiler block is always off; see the module docstring for why.
     """
-    if profile_step is None:
-        return {"flops_profiler": {"enabled": False}}
-    overrides: dict = {"flops_profiler": {
-        "enabled": True,
-        "profile_step": profile_step,  # engine.global_steps, i.e. the 0-based iteration
-        "module_depth": -1,
-        "top_modules": 1,
-        "detailed": True,
-        "output_file": str(Path(out_dir) / PROFILE_FILE),
-    }}
-    if zero_stage == 3:
+    overrides: dict = {"flops_profiler": {"enabled": False}}
+    if profile_step is not None and zero_stage == 3:
         # ZeRO-3 swaps torch.nn.functional.linear for its memory-efficient autograd function
         # (deepspeed/runtime/zero/linear.py), whose forward calls input.matmul(weight.t()).
         # The profiler wraps both F.linear and Tensor.matmul, so it counts every linear layer
@@ -264,45 +264,48 @@ def profiler_ds_overrides(profile_step: int | None, out_dir: str | os.PathLike,
 
 
 class FlopsProfileCapture:
-    """Reads the engine's flops profiler on the profiled step; see the module docstring.
+    """DeepSpeed's FlopsProfiler over the training forwards of one iteration, on rank 0.
 
-    A no-op unless the ds_config's `flops_profiler` block is enabled; only rank 0 ever
-    returns an event, as only rank 0 profiles.
+    A no-op when profile_step is None, on other ranks, and on other iterations.
     """
 
-    def __init__(self, engine, *, n_params: int, n_layer: int, n_embd: int, peak_flops: float):
+    def __init__(self, engine, *, profile_step: int | None, output_file: str | os.PathLike,
+                 n_params: int, n_layer: int, n_embd: int, peak_flops: float):
         self.engine = engine
+        self.profile_step = profile_step if engine.global_rank == 0 else None
+        self.output_file = Path(output_file)
         self.n_params, self.n_layer, self.n_embd = n_params, n_layer, n_embd
         self.peak_flops = peak_flops
+        self._profiler = None
         self._micro: list[dict] = []  # one entry per profiled training forward
-        self._handle = None
-        if engine.flops_profiler_enabled():
-            # Registered after the engine's own forward post-hook, so it runs after the
-            # engine's epilogue has stopped the profiler and the counts are final.
-            self._handle = engine.module.register_forward_hook(self._after_forward, with_kwargs=True)
 
-    def should_profile(self) -> bool:
-        """True while the engine profiles: its profile_step, on rank 0 (DeepSpeed's condition)."""
-        e = self.engine
-        return bool(e.flops_profiler_enabled() and e.global_rank == 0
-                    and e.global_steps == e.flops_profiler_profile_step())
-
-    def _after_forward(self, module, args, kwargs, output) -> None:
-        import torch
-
-        prof = getattr(self.engine, "flops_profiler", None)
-        if prof is None or not prof.started or not self.should_profile():
+    @contextlib.contextmanager
+    def count(self, iter_num: int, idx) -> Iterator[None]:
+        """Wrap one training forward (idx: [B, T]); on the profiled iteration, count its FLOPs."""
+        if iter_num != self.profile_step:
+            yield
             return
-        if not (module.training and torch.is_grad_enabled()):
-            return  # an eval forward on the profiled step: not part of the training step
-        idx = args[0] if args else kwargs["idx"]  # idx: [B, T]
+        import torch
+        from deepspeed.profiling.flops_profiler import FlopsProfiler
+
+        if self._profiler is None:
+            self._profiler = FlopsProfiler(self.engine.module, self.engine)
+        prof = self._profiler
+        prof.start_profile()  # resets the counts; patches torch.nn.functional
+        try:
+            # Eager, also under torch.compile: the profiler's hooks and patched functions would make
+            # dynamo re-trace the model and hit its recompile limit, which leaves parts of the
+            # model eager for the rest of the run (seen on an H200: MFU 40% -> 18-27% afterwards).
+            with torch.compiler.set_stance("force_eager"):
+                yield
+        finally:
+            prof.stop_profile()  # restores torch.nn.functional; the counts stay readable
         batch, seq_len = idx.shape[0], idx.shape[1]
         self._micro.append({
             "flops": prof.get_total_flops(), "macs": prof.get_total_macs(),
             "latency_s": prof.get_total_duration(), "params": prof.get_total_params(),
             "tokens": batch * seq_len,
-            "analytic": fwd_flops_per_token(self.n_params, self.n_layer, self.n_embd, seq_len)
-            * batch * seq_len,
+            "analytic": fwd_flops_per_token(self.n_params, self.n_layer, self.n_embd, seq_len) * batch * seq_len,
         })
 
     def collect(self, iter_num: int, step_time_s: float) -> dict | None:
@@ -313,9 +316,12 @@ class FlopsProfileCapture:
         module), so the previous iteration's time gives MFUs comparable with metrics' `mfu`.
         Both MFUs below use the same time, so they differ only in how FLOPs were counted.
         """
-        if not self._micro or self.should_profile():
+        if iter_num != self.profile_step or not self._micro:
             return None
         micro, self._micro = self._micro, []
+        self._profiler.print_model_profile(profile_step=iter_num, module_depth=-1, top_modules=1, detailed=True,
+                                           output_file=str(self.output_file))
+        self.close()
         prof_flops = sum(m["flops"] for m in micro)
         analytic = sum(m["analytic"] for m in micro)
         ratio = prof_flops / analytic
@@ -338,7 +344,7 @@ class FlopsProfileCapture:
             # Training = forward + backward (2x forward): the profiler's own convention.
             "mfu_profiler": 3 * prof_flops / step_time_s / self.peak_flops,
             "mfu_analytic": 3 * analytic / step_time_s / self.peak_flops,
-            "profile_file": self.engine.flops_profiler_output_file() or None,
+            "profile_file": str(self.output_file),
         }
         zero_config = getattr(getattr(self.engine, "_config", None), "zero_config", None)
         if zero_stage == 3 and getattr(zero_config, "memory_efficient_linear", False):
@@ -361,6 +367,7 @@ class FlopsProfileCapture:
                 f.write(f"{k}: {event[k]}\n")
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the profiler's module hooks and attributes (a run stopped mid-profile included)."""
+        if self._profiler is not None:
+            self._profiler.end_profile()
+            self._profiler = None

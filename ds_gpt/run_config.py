@@ -146,6 +146,7 @@ class RunConfig:
     model: dict  # GPTConfig fields
     ds_config: dict
     batch: BatchSizes
+    profile_step: int | None = None  # the iteration the flops profiler counts, if any
 
     @property
     def dtype(self) -> str:
@@ -183,7 +184,8 @@ class RunConfig:
         train = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "explicit"}
         return {"model": self.model, "train": train, "ds_config": self.ds_config,
                 "batch": {**dataclasses.asdict(self.batch), "global_batch": self.batch.global_batch,
-                          "tokens_per_iter": self.tokens_per_iter}, "dtype": self.dtype, "zero_stage": self.zero_stage}
+                          "tokens_per_iter": self.tokens_per_iter}, "dtype": self.dtype, "zero_stage": self.zero_stage,
+                "profile_step": self.profile_step}
 
 
 def adopt_model_args(run: RunConfig, saved: dict, source: str) -> None:
@@ -246,8 +248,13 @@ def resolve(cfg: TrainConfig, world_size: int, *, cuda: bool, overrides_log: lis
         override(("tensorboard", "job_name"), "train", "--out_dir")
     if ds.get("fp16", {}).get("enabled") and not cuda:  # --dtype float16 has set it above
         raise UserError("float16 training needs a GPU; use --dtype float32 (or bfloat16) on CPU")
-    # Every resolved config carries the flops_profiler block; --profile_step turns it on.
-    for block, values in profiler_ds_overrides(cfg.profile_step, cfg.out_dir, ds_zero_stage(ds)).items():
+    # --profile_step, or else the JSON's own flops_profiler block, asks for one profiled iteration.
+    # The training loop runs the profiler (mfu.FlopsProfileCapture); the engine's block goes off.
+    wanted = ds.get("flops_profiler", {})
+    profile_step = cfg.profile_step
+    if profile_step is None and wanted.get("enabled"):
+        profile_step = int(wanted.get("profile_step", 1))  # DeepSpeed's default
+    for block, values in profiler_ds_overrides(profile_step, ds_zero_stage(ds)).items():
         for key, value in values.items():
-            override((block, key), value, "--profile_step")
-    return RunConfig(train=cfg, model=model_args(cfg), ds_config=ds, batch=batch)
+            override((block, key), value, "flops profiler (run by the training loop)")
+    return RunConfig(train=cfg, model=model_args(cfg), ds_config=ds, batch=batch, profile_step=profile_step)

@@ -16,6 +16,7 @@ loss (--on_nan stop), 4 a peer rank failed, 75 checkpointed on a signal (requeue
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,8 @@ def evaluate(eng, samplers: dict[str, RandomWindowSampler], eval_iters: int) -> 
     return out
 
 
-def train_step(eng, sampler: RandomWindowSampler, step: int, stop: GracefulStop) -> dict:
+def train_step(eng, sampler: RandomWindowSampler, step: int, stop: GracefulStop,
+               profile: mfu.FlopsProfileCapture | None = None) -> dict:
     """One optimizer step over this rank's micro-batches; returns rank-agreed statistics.
 
     A micro-batch whose loss is not finite is not back-propagated (its NaN would spread into
@@ -63,7 +65,8 @@ def train_step(eng, sampler: RandomWindowSampler, step: int, stop: GracefulStop)
     loss_sum, finite, bad = 0.0, 0, 0
     for micro in range(sampler.grad_accum):
         x, y = (t.to(ds_engine.device()) for t in sampler.micro_batch(step, micro))
-        loss = eng(x, y)[1]
+        with profile.count(step, x) if profile else contextlib.nullcontext():
+            loss = eng(x, y)[1]
         value = loss.item()
         if value == value and abs(value) != float("inf"):
             loss_sum, finite = loss_sum + value, finite + 1
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in overrides:
             print(f"override {line}", flush=True)
     metrics = MetricsLogger(out_dir, master, eng.monitor)
-    profile = mfu.FlopsProfileCapture(eng, n_params=n_params, n_layer=shape.n_layer, n_embd=shape.n_embd, peak_flops=peak)
+    profile = mfu.FlopsProfileCapture(eng, profile_step=run.profile_step, output_file=out_dir / mfu.PROFILE_FILE,
+                                      n_params=n_params, n_layer=shape.n_layer, n_embd=shape.n_embd, peak_flops=peak)
     stop = GracefulStop().install()
     metrics.log({"event": "start", "iter": iter_num, "world_size": world_size, "launcher": env.launcher,
                  "resumed_from": resume_from.tag if resume_from else None, "init_from": cfg.init_from})
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         lr = run.lr_at(iter_num)
         t0 = time.perf_counter()
         ds_engine.set_lr(eng, lr)
-        stats = train_step(eng, samplers["train"], iter_num, stop)
+        stats = train_step(eng, samplers["train"], iter_num, stop, profile)
         all_bad_in_a_row = all_bad_in_a_row + 1 if stats["nonfinite"] == run.batch.grad_accum * world_size else 0
         if stats["nonfinite"]:
             # skip drops a bad batch; a whole global batch bad twice running means the weights went bad

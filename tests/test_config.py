@@ -1,6 +1,7 @@
 """Config parsing, the DeepSpeed JSON resolver and the batch arithmetic."""
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -86,6 +87,21 @@ def test_overrides_are_applied_and_logged():
     assert run.zero_stage == 3 and run.dtype == "float32"
     assert run.ds_config["gradient_clipping"] == 0.5 and run.weight_decay == 0.0
     assert any(line.startswith("--zero_stage: zero_optimization.stage 1 -> 3") for line in log)
+
+
+@pytest.mark.parametrize("json_block, argv, step", [
+    ({"enabled": False, "profile_step": 10}, [], None),           # the shipped block: no profile
+    ({"enabled": False, "profile_step": 10}, ["--profile_step", "4"], 4),
+    ({"enabled": True, "profile_step": 7}, [], 7),                 # the JSON asks: honoured
+    ({"enabled": True}, [], 1),                                   # DeepSpeed's default step
+    ({"enabled": True, "profile_step": 7}, ["--profile_step", "4"], 4),
+])
+def test_profile_step_comes_from_the_cli_or_the_json_and_the_engine_block_stays_off(tmp_path, json_block, argv, step):
+    ds = json.loads((REPO_ROOT / "ds_configs" / "zero1.json").read_text())
+    (tmp_path / "ds.json").write_text(json.dumps({**ds, "flops_profiler": json_block}))
+    run = resolve(parse_args(["--deepspeed_config", str(tmp_path / "ds.json"), *argv]), 1, cuda=True)
+    assert run.profile_step == step and run.to_dict()["profile_step"] == step
+    assert run.ds_config["flops_profiler"]["enabled"] is False  # DeepSpeed would force its per-step timers
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -129,13 +129,19 @@ def test_resume_after_sigkill_is_bitwise_exact(runs, data_dir, tmp_path, stage):
 
 def test_compiled_engine_trains_checkpoints_and_resumes_like_eager(runs, data_dir, tmp_path):
     """--compile True (the default; inductor's C++ backend on CPU): the same losses as eager,
-    checkpoints with the eager parameter names, and a compiled resume that continues the curve."""
+    checkpoints with the eager parameter names, and a compiled resume that continues the curve.
+    The first half also runs the flops profiler on iteration 3, which must not change the math
+    nor turn on DeepSpeed's per-step wall-clock timers."""
     from ds_gpt.checkpoint import load_fp32_state_dict
 
     eager = runs(1, 2, 2)
     common = ["--deepspeed_config", "ds_configs/zero1.json", "--data_dir", str(data_dir), "--out_dir", str(tmp_path),
               *TINY, "--gradient_accumulation_steps", "2", "--compile", "True"]
-    train(2, *common, "--max_iters", "10")
+    first = train(2, *common, "--max_iters", "10", "--profile_step", "3")
+    (profile,) = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "flops_profile"]
+    assert profile["iter"] == 3 and profile["micro_batches"] == 2 and profile["agree"] is True, profile
+    assert "DeepSpeed Flops Profiler" in (tmp_path / "flops_profile.txt").read_text()
+    assert "time (ms)" not in first.stdout + first.stderr
     train(2, *common, "--init_from", "resume")
     compiled, reference = losses(tmp_path), losses(eager)
     assert sorted(compiled) == list(range(20))
