@@ -162,3 +162,4 @@ def bench_step(args: argparse.Namespace) -> None:
             "date": time.strftime("%Y-%m-%d"), "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
             "peak_flops": peak, "peak_source": source, "tokens_per_iter": run.tokens_per_iter,
             "results": figures, "overhead_paired": paired, "max_loss_difference": drift}, indent=1) + "\n")
+    ds_engine.shutdown()  # as the trainer does: the process group goes before the interpreter
