@@ -56,8 +56,9 @@ def trainer_rss(data_dir: Path, out_dir: Path, args: argparse.Namespace, poll_s:
                     last_iter = max([last_iter] + [r["iter"] for r in tail if "loss" in r and "event" not in r])
                 with contextlib.suppress(Exception):  # the process may exit between poll() and here
                     rss = rss_mb(proc.pid)
-                    # An exited process not yet reaped reads as 0 MiB: keep only samples it outlived.
-                    if proc.poll() is None:
+                    # A process on its way out reads as 0 MiB: once its main thread has gone (the
+                    # others still finishing), and as a zombie not yet reaped. Keep live readings only.
+                    if rss > 0 and proc.poll() is None:
                         samples.append((last_iter, rss))
                 time.sleep(poll_s)
         finally:
