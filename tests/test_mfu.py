@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ds_gpt import mfu as M
 from ds_gpt.errors import UserError
@@ -84,7 +85,18 @@ def test_cpu_peak_is_cached_per_dtype_and_threads(tmp_path, monkeypatch):
     assert M.cpu_peak_flops("bf16", cache_path=path) == 1.5e11
     assert calls == ["fp32", "bf16"]
     keys = list(json.loads(path.read_text()))
-    assert keys[0].startswith("fp32|threads=") and keys[1].startswith("bf16|threads=")
+    assert keys[0].startswith("fp32|linear|threads=") and keys[1].startswith("bf16|linear|threads=")
+
+
+def test_cpu_probe_times_the_op_the_models_layers_run(monkeypatch):
+    """F.linear: on CPUs without bf16 units torch.matmul's bf16 path is ~20x slower."""
+    import torch.nn.functional as F
+
+    shapes = []
+    real_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, *rest: shapes.append((x.dtype, *x.shape)) or real_linear(x, w, *rest))
+    M.probe_matmul_flops("bf16", n=64, seconds=0.01)
+    assert len(shapes) >= 2 and set(shapes) == {(torch.bfloat16, 64, 64)}
 
 
 def test_cpu_probe_measures_a_plausible_peak():

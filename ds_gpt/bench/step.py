@@ -134,7 +134,7 @@ def bench_step(args: argparse.Namespace) -> None:
                f"vocab {model_cfg.vocab_size}, {n_params / 1e6:.2f}M params; batch {run.batch.micro} x "
                f"{run.batch.grad_accum} accum = {run.tokens_per_iter:,} tokens/iter")
     print(f"\nstep benchmark: {setting}; {args.iters} timed iterations of each after {args.warmup} warm-up")
-    print(f"machine: {machine()}; {load()}; peak {peak / 1e12:.1f} TFLOPS ({source})")
+    print(f"machine: {machine()}; {load()}; peak {peak / 1e12:.3g} TFLOPS ({source})")
     # Medians, and overhead paired by iteration: two steps run back to back see the same load,
     # which other jobs on a shared machine vary several-fold from one second to the next.
     figures: dict[str, dict] = {}
