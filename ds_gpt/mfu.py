@@ -361,10 +361,7 @@ class FlopsProfileCapture:
 
     def _append_summary(self, event: dict) -> None:
         """Add our cross-check under DeepSpeed's printed profile (of the last micro-batch)."""
-        path = event["profile_file"]
-        if not path or not Path(path).exists():
-            return
-        with open(path, "a") as f:
+        with open(self.output_file, "a") as f:
             f.write(f"\n# ds_gpt cross-check, iteration {event['iter']} (ZeRO-{event['zero_stage']}): "
                     f"the profile above is DeepSpeed's print for the last of {event['micro_batches']} "
                     f"micro-batches; totals over all of them:\n")

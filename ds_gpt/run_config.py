@@ -250,10 +250,10 @@ def resolve(cfg: TrainConfig, world_size: int, *, cuda: bool, overrides_log: lis
         raise UserError("float16 training needs a GPU; use --dtype float32 (or bfloat16) on CPU")
     # --profile_step, or else the JSON's own flops_profiler block, asks for one profiled iteration.
     # The training loop runs the profiler (mfu.FlopsProfileCapture); the engine's block goes off.
-    wanted = ds.get("flops_profiler", {})
+    json_profiler = ds.get("flops_profiler", {})
     profile_step = cfg.profile_step
-    if profile_step is None and wanted.get("enabled"):
-        profile_step = int(wanted.get("profile_step", 1))  # DeepSpeed's default
+    if profile_step is None and json_profiler.get("enabled"):
+        profile_step = int(json_profiler.get("profile_step", 1))  # DeepSpeed's default
     for block, values in profiler_ds_overrides(profile_step, ds_zero_stage(ds)).items():
         for key, value in values.items():
             override((block, key), value, "flops profiler (run by the training loop)")
