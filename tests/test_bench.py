@@ -60,7 +60,9 @@ def test_step_refuses_a_count_below_one():
 
 @pytest.mark.slow
 def test_memory_prints_trainer_and_loader_growth():
-    out = bench("memory", "--iters", "30", "--warmup", "10", "--synthetic_gb", "0.02", "--block", "64")
+    # 300 iterations keep the loop running for seconds after the baseline: with 30 it lasted ~0.2 s
+    # past iteration 10, and on a slow machine no RSS sample fell inside it.
+    out = bench("memory", "--iters", "300", "--warmup", "50", "--synthetic_gb", "0.02", "--block", "64")
     # Each line: RSS before -> after = growth; the growth must be the difference it claims.
     lines = re.findall(r"^  (trainer \(.*?\):|loader, .*?)\s+RSS ([\d,]+) -> ([\d,]+) MiB.*?= ([+-][\d,]+) MiB",
                        out, re.M)

@@ -30,7 +30,7 @@ def add_memory(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=bench_memory)
 
 
-def trainer_rss(data_dir: Path, out_dir: Path, args: argparse.Namespace, poll_s: float = 0.25) -> dict[str, float]:
+def trainer_rss(data_dir: Path, out_dir: Path, args: argparse.Namespace, poll_s: float = 0.05) -> dict[str, float]:
     """Run `python -m ds_gpt.train` (tiny model, full-size windows) and sample its RSS from /proc.
 
     The iteration each sample belongs to is read from metrics.jsonl as the run writes it.
@@ -51,9 +51,14 @@ def trainer_rss(data_dir: Path, out_dir: Path, args: argparse.Namespace, poll_s:
                                 env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
         try:
             while proc.poll() is None:
-                with contextlib.suppress(OSError, ValueError):  # not there yet, or a line half written
-                    tail = [json.loads(line) for line in metrics_path.read_text().splitlines()[-3:]]
-                    last_iter = max([last_iter] + [r["iter"] for r in tail if "loss" in r and "event" not in r])
+                # The whole file, not its tail: between two polls a fast run can log several
+                # iterations, then enough eval/checkpoint events to push them out of any tail.
+                with contextlib.suppress(OSError):  # not there yet
+                    for line in metrics_path.read_text().splitlines():
+                        with contextlib.suppress(ValueError):  # a line half written
+                            record = json.loads(line)
+                            if "loss" in record and "event" not in record:
+                                last_iter = max(last_iter, record["iter"])
                 with contextlib.suppress(Exception):  # the process may exit between poll() and here
                     rss = rss_mb(proc.pid)
                     # A process on its way out reads as 0 MiB: once its main thread has gone (the
