@@ -18,6 +18,11 @@ PYTHON = sys.executable
 os.environ.setdefault("DS_GPT_CACHE", str(REPO_ROOT / ".cache"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ["DS_GPT_CACHE"]) / "torch_extensions"))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(os.environ["DS_GPT_CACHE"]) / "tiktoken"))
+# The venv's bin first, as under `make test` or an activated venv: torch builds those ops with the
+# first `ninja` on PATH, and a system ninja of another version hashes the build commands
+# differently, so alternating between the two rebuilds the op (~35 s here) every time.
+if os.environ.get("PATH", "").split(os.pathsep)[0] != str(Path(PYTHON).parent):
+    os.environ["PATH"] = os.pathsep.join([str(Path(PYTHON).parent), os.environ.get("PATH", "")])
 
 
 def write_token_bins(data_dir: Path, n_train: int = 20_000, n_val: int = 4_000,
