@@ -16,6 +16,7 @@ DEMO_OUT ?= out/demo
 # `make setup EXTRAS=hf` also installs requirements-hf.txt (transformers, for Hugging Face interop).
 setup: $(VENV)/.installed $(foreach e,$(EXTRAS),$(VENV)/.installed-$(e))
 	$(PY) -m ds_gpt.assets
+	$(PY) -m ds_gpt.ops
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)

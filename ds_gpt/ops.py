@@ -1,0 +1,47 @@
+"""Build, once and before any job, the DeepSpeed op that CPU runs load: `python -m ds_gpt.ops`.
+
+    python -m ds_gpt.ops      # what `make setup` runs; a second run only loads the build
+
+On CPU, DeepSpeed's communication backend compiles its shared-memory all-reduce
+(deepspeed_shm_comm) into $TORCH_EXTENSIONS_DIR the first time a process starts it: about a
+minute on 2 cores, during which the first training run's ranks wait on torch's build lock and
+print nothing. Compiling it here keeps that out of the first run (and out of a job's time
+limit). On a GPU machine DeepSpeed compiles fused Adam at the first run instead; this command
+leaves that to the run, which has the GPU environment the build needs.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from ds_gpt import build_locks
+from ds_gpt.errors import run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ds_gpt.ops", description=__doc__.split("\n\n")[0])
+    parser.parse_args(argv)
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    accelerator = get_accelerator().device_name()
+    if accelerator != "cpu":
+        print(f"ds_gpt.ops: accelerator {accelerator}: DeepSpeed builds its ops at the first run")
+        return 0
+    root = build_locks.extension_root()
+    t0 = time.perf_counter()
+    watcher = build_locks.watch()  # a build killed earlier must not leave this command waiting forever
+    try:
+        # DeepSpeed's own entry point: the same builder, flags and cache directory as a run's.
+        op = build_shm_op()
+    finally:
+        watcher.stop()
+    if op is None:
+        print("ds_gpt.ops: DeepSpeed has no shared-memory all-reduce for this CPU; nothing to build")
+    else:
+        print(f"ds_gpt.ops: deepspeed_shm_comm ready under {root} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, prog="ds_gpt.ops")

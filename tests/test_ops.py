@@ -1,0 +1,43 @@
+"""`python -m ds_gpt.ops`: DeepSpeed's CPU op compiled at set-up, so that runs only load it."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO_ROOT
+
+OP = "deepspeed_shm_comm"
+
+
+def ops(extensions: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "ds_gpt.ops"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)})
+
+
+@pytest.mark.slow
+def test_loads_the_set_up_build_without_recompiling_and_past_a_stale_lock(tmp_path):
+    ext = tmp_path / "torch_extensions"
+    built = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / OP
+    if built.is_dir():  # `make setup` built it; copied with its timestamps, so it is up to date
+        shutil.copytree(built, ext / OP)
+    else:
+        assert ops(ext).returncode == 0  # a run without `make setup`: compile it here once
+    library = ext / OP / f"{OP}.so"
+    compiled_at = library.stat().st_mtime_ns
+    lock = ext / OP / "lock"
+    lock.touch()  # left by a build that was killed: torch alone would wait on it forever
+
+    proc = ops(ext)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"ds_gpt.ops: {OP} ready under {ext}" in proc.stdout
+    assert f"removed stale build lock {lock}" in proc.stderr and not lock.exists()
+    assert library.stat().st_mtime_ns == compiled_at  # loaded, not compiled again
+
+
+def test_usage_error_is_one_line_exit_2():
+    proc = subprocess.run([PYTHON, "-m", "ds_gpt.ops", "--bogus"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
