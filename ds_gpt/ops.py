@@ -6,8 +6,8 @@ On CPU, DeepSpeed's communication backend compiles its shared-memory all-reduce
 (deepspeed_shm_comm) into $TORCH_EXTENSIONS_DIR the first time a process starts it: about a
 minute on 2 cores, during which the first training run's ranks wait on torch's build lock and
 print nothing. Compiling it here keeps that out of the first run (and out of a job's time
-limit). On a GPU machine DeepSpeed compiles fused Adam at the first run instead; this command
-leaves that to the run, which has the GPU environment the build needs.
+limit). A CUDA build of torch (a GPU install) needs no CPU op: there this command builds nothing
+and DeepSpeed compiles fused Adam at the first GPU run, which has the environment that build needs.
 """
 from __future__ import annotations
 
@@ -15,18 +15,25 @@ import argparse
 import time
 
 from ds_gpt import build_locks
-from ds_gpt.errors import run_cli
+from ds_gpt.errors import UserError, run_cli
+
+OP = "deepspeed_shm_comm"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ds_gpt.ops", description=__doc__.split("\n\n")[0])
     parser.parse_args(argv)
+    # Imported here, not at the top: deepspeed takes seconds to import, and --help should not.
+    import torch
     from deepspeed.accelerator import get_accelerator
     from deepspeed.comm.torch import build_shm_op
 
     accelerator = get_accelerator().device_name()
-    if accelerator != "cpu":
-        print(f"ds_gpt.ops: accelerator {accelerator}: DeepSpeed builds its ops at the first run")
+    if torch.version.cuda is not None or accelerator != "cpu":
+        # A CUDA torch is a GPU install (on a login node DeepSpeed still reports "cpu"): its runs
+        # never load the CPU op, so compiling it would only cost time and need a compiler here.
+        print(f"ds_gpt.ops: torch {torch.__version__}, accelerator {accelerator}: nothing to build; "
+              f"DeepSpeed compiles what GPU runs need at the first run")
         return 0
     root = build_locks.extension_root()
     t0 = time.perf_counter()
@@ -34,12 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # DeepSpeed's own entry point: the same builder, flags and cache directory as a run's.
         op = build_shm_op()
+    except (RuntimeError, OSError) as err:  # torch's "Error building extension", a missing compiler
+        last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise UserError(f"compiling DeepSpeed's {OP} under {root} failed: {last}",
+                        hint="install a C++ compiler with OpenMP (g++); CPU runs need this op") from err
     finally:
         watcher.stop()
     if op is None:
         print("ds_gpt.ops: DeepSpeed has no shared-memory all-reduce for this CPU; nothing to build")
     else:
-        print(f"ds_gpt.ops: deepspeed_shm_comm ready under {root} ({time.perf_counter() - t0:.0f} s)")
+        print(f"ds_gpt.ops: {OP} ready under {root} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

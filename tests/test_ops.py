@@ -1,6 +1,7 @@
 """`python -m ds_gpt.ops`: DeepSpeed's CPU op compiled at set-up, so that runs only load it."""
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -41,3 +42,36 @@ def test_loads_the_set_up_build_without_recompiling_and_past_a_stale_lock(tmp_pa
 def test_usage_error_is_one_line_exit_2():
     proc = subprocess.run([PYTHON, "-m", "ds_gpt.ops", "--bogus"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+def ds_comm_backend():
+    """deepspeed.comm.torch, the module (as an attribute path, deepspeed.comm.torch is torch itself)."""
+    return importlib.import_module("deepspeed.comm.torch")
+
+
+def test_a_cuda_torch_builds_nothing(monkeypatch, capsys):
+    import torch
+
+    from ds_gpt import ops
+
+    def must_not_build():
+        raise AssertionError("the CPU op was built for a GPU install")
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(ds_comm_backend(), "build_shm_op", must_not_build)
+    assert ops.main([]) == 0
+    assert "nothing to build" in capsys.readouterr().out
+
+
+def test_a_failed_compile_is_one_error_naming_the_op_and_the_fix(monkeypatch):
+    from ds_gpt import ops
+    from ds_gpt.errors import UserError
+
+    def compiler_fails():
+        raise RuntimeError("ninja: build stopped: subcommand failed.\nError building extension 'deepspeed_shm_comm'")
+
+    monkeypatch.setattr(ds_comm_backend(), "build_shm_op", compiler_fails)
+    with pytest.raises(UserError, match="compiling DeepSpeed's deepspeed_shm_comm under .* failed: Error building "
+                                        "extension 'deepspeed_shm_comm'") as info:
+        ops.main([])
+    assert "C++ compiler" in info.value.hint
