@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from ds_gpt import build_locks, launch_env
+from ds_gpt import build_locks, launch_env, ops
 from ds_gpt.run_config import RunConfig
 from ds_gpt.launch_env import LaunchEnv
 from ds_gpt.model import GPT
@@ -39,6 +39,7 @@ def init_distributed(timeout_s: int) -> LaunchEnv:
     global _lock_watcher
     # DeepSpeed loads (and if need be builds) its ops from here until the engine exists:
     # the CPU all-reduce in deepspeed.init_distributed, then the optimizer in build_engine.
+    ops.put_venv_ninja_first()
     _lock_watcher = build_locks.watch()
     # DeepSpeed's INFO lines repeat on every rank; warnings and errors still show.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

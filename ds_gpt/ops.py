@@ -1,6 +1,13 @@
-"""Build, once and before any job, the DeepSpeed op that CPU runs load: `python -m ds_gpt.ops`.
+"""DeepSpeed's JIT-compiled ops: the ninja that builds them, and the CPU op compiled at set-up.
 
     python -m ds_gpt.ops      # what `make setup` runs; a second run only loads the build
+
+torch builds and loads an op by running `ninja` from PATH. The pip `ninja` that DeepSpeed
+depends on sits next to this interpreter, which is not on PATH when the venv is not activated
+(`.venv/bin/deepspeed ...`, `srun .venv/bin/python ...`). The run then fails to load its ops
+("ninja not being installed"), or uses a system ninja of another version, which records builds
+differently, so that the cache recompiles whenever runs alternate between the two.
+`put_venv_ninja_first` is called before anything loads an op.
 
 On CPU, DeepSpeed's communication backend compiles its shared-memory all-reduce
 (deepspeed_shm_comm) into $TORCH_EXTENSIONS_DIR the first time a process starts it: about a
@@ -12,12 +19,28 @@ and DeepSpeed compiles fused Adam at the first GPU run, which has the environmen
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import sysconfig
 import time
+from pathlib import Path
 
 from ds_gpt import build_locks
 from ds_gpt.errors import UserError, run_cli
 
 OP = "deepspeed_shm_comm"
+
+
+def put_venv_ninja_first() -> None:
+    """Put this interpreter's scripts directory first on PATH when it holds the `ninja` that
+    PATH would not find first. Processes started from here (ranks, compilers) inherit it."""
+    scripts = Path(sysconfig.get_path("scripts"))
+    if not (scripts / "ninja").is_file():
+        return
+    found = shutil.which("ninja")
+    if found is None or not os.path.samefile(found, scripts / "ninja"):
+        entries = [entry for entry in os.environ.get("PATH", "").split(os.pathsep) if entry]
+        os.environ["PATH"] = os.pathsep.join([str(scripts), *entries])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from deepspeed.accelerator import get_accelerator
     from deepspeed.comm.torch import build_shm_op
 
+    put_venv_ninja_first()
     accelerator = get_accelerator().device_name()
     if torch.version.cuda is not None or accelerator != "cpu":
         # A CUDA torch is a GPU install (on a login node DeepSpeed still reports "cpu"): its runs

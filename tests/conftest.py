@@ -5,11 +5,14 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ds_gpt.ops import put_venv_ninja_first
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -18,11 +21,9 @@ PYTHON = sys.executable
 os.environ.setdefault("DS_GPT_CACHE", str(REPO_ROOT / ".cache"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ["DS_GPT_CACHE"]) / "torch_extensions"))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(os.environ["DS_GPT_CACHE"]) / "tiktoken"))
-# The venv's bin first, as under `make test` or an activated venv: torch builds those ops with the
-# first `ninja` on PATH, and a system ninja of another version hashes the build commands
-# differently, so alternating between the two rebuilds the op (~35 s here) every time.
-if os.environ.get("PATH", "").split(os.pathsep)[0] != str(Path(PYTHON).parent):
-    os.environ["PATH"] = os.pathsep.join([str(Path(PYTHON).parent), os.environ.get("PATH", "")])
+# Tests that start DeepSpeed in-process (not through the trainer) load its ops too: with the
+# same ninja as every run (see ds_gpt.ops), or each switch between two ninjas recompiles them.
+put_venv_ninja_first()
 
 
 def write_token_bins(data_dir: Path, n_train: int = 20_000, n_val: int = 4_000,
@@ -41,6 +42,18 @@ def write_token_bins(data_dir: Path, n_train: int = 20_000, n_val: int = 4_000,
         ids.astype(np.uint16).tofile(data_dir / f"{name}.bin")
     return data_dir
 
+
+
+def two_step_single_process_run(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m ds_gpt.train` as one plain process (no launcher): a 1-layer model, 2 iterations on
+    TMP/data, into TMP/out; for tests of what happens around DeepSpeed's start-up."""
+    data = write_token_bins(tmp_path / "data")
+    return subprocess.run(
+        [PYTHON, "-m", "ds_gpt.train", "--deepspeed_config", "ds_configs/zero1.json", "--data_dir", str(data),
+         "--out_dir", str(tmp_path / "out"), "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--block_size", "32",
+         "--vocab_size", "512", "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2",
+         "--gradient_accumulation_steps", "1", "--max_iters", "2", "--eval_iters", "1"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, env=env)
 
 @pytest.fixture
 def token_bins(tmp_path: Path) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO_ROOT, write_token_bins
+from conftest import REPO_ROOT, two_step_single_process_run
 from ds_gpt import build_locks
 from ds_gpt.build_locks import StaleLockWatcher
 
@@ -91,13 +91,7 @@ def test_the_trainer_starts_past_a_lock_left_by_a_killed_build(tmp_path):
     lock = ext / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.touch()
-    data = write_token_bins(tmp_path / "data")
-    proc = subprocess.run(
-        [PYTHON, "-m", "ds_gpt.train", "--deepspeed_config", "ds_configs/zero1.json", "--data_dir", str(data),
-         "--out_dir", str(tmp_path / "out"), "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--block_size", "32",
-         "--vocab_size", "512", "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2",
-         "--gradient_accumulation_steps", "1", "--max_iters", "2", "--eval_iters", "1"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
+    proc = two_step_single_process_run(tmp_path, {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"removed stale build lock {lock}" in proc.stderr
     assert (tmp_path / "out" / "latest").read_text() == "global_step2"

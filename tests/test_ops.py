@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO_ROOT
+from conftest import PYTHON, REPO_ROOT, two_step_single_process_run
 
 OP = "deepspeed_shm_comm"
 
@@ -42,6 +42,43 @@ def test_loads_the_set_up_build_without_recompiling_and_past_a_stale_lock(tmp_pa
 def test_usage_error_is_one_line_exit_2():
     proc = subprocess.run([PYTHON, "-m", "ds_gpt.ops", "--bogus"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+def fake_ninja_dir(tmp_path: Path) -> Path:
+    """A PATH directory whose `ninja` is not the venv's: a system ninja of another version, say."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ninja").write_text("#!/bin/sh\necho 'not the venv ninja' >&2\nexit 1\n")
+    (bin_dir / "ninja").chmod(0o755)
+    return bin_dir
+
+
+def test_the_venvs_ninja_goes_first_once(tmp_path, monkeypatch):
+    from ds_gpt.ops import put_venv_ninja_first
+
+    venv_bin = str(Path(PYTHON).parent)
+    other = str(fake_ninja_dir(tmp_path))
+    monkeypatch.setenv("PATH", f"{other}{os.pathsep}/usr/bin")
+    put_venv_ninja_first()
+    assert os.environ["PATH"] == os.pathsep.join([venv_bin, other, "/usr/bin"])
+    put_venv_ninja_first()  # already first: unchanged
+    assert os.environ["PATH"] == os.pathsep.join([venv_bin, other, "/usr/bin"])
+    monkeypatch.setenv("PATH", "")  # no PATH at all: no empty entry (the current directory) added
+    put_venv_ninja_first()
+    assert os.environ["PATH"] == venv_bin
+
+
+@pytest.mark.slow
+def test_a_run_outside_the_venv_loads_the_op_with_the_venvs_ninja(tmp_path):
+    """`.venv/bin/python -m ds_gpt.train` with another ninja first on PATH (or none): the run
+    loads the set-up build with the venv's ninja, neither failing nor recompiling it."""
+    library = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / OP / f"{OP}.so"
+    assert ops(Path(os.environ["TORCH_EXTENSIONS_DIR"])).returncode == 0
+    compiled_at = library.stat().st_mtime_ns
+    proc = two_step_single_process_run(tmp_path, {**os.environ, "PATH": str(fake_ninja_dir(tmp_path))})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "latest").read_text() == "global_step2"
+    assert library.stat().st_mtime_ns == compiled_at
 
 
 def ds_comm_backend():
