@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ds_gpt.ops import put_venv_ninja_first
+from ds_gpt.ops import OP, put_venv_ninja_first
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+VENV_BIN = Path(PYTHON).parent  # the venv's deepspeed, torchrun, mpirun and ninja
 
 # One cache for every test process and rank: JIT-built DeepSpeed ops, tiktoken ranks, corpora.
 os.environ.setdefault("DS_GPT_CACHE", str(REPO_ROOT / ".cache"))
@@ -43,6 +45,16 @@ def write_token_bins(data_dir: Path, n_train: int = 20_000, n_val: int = 4_000,
     return data_dir
 
 
+def copy_of_the_op_build(extensions: Path) -> Path:
+    """A private $TORCH_EXTENSIONS_DIR with a copy of the suite's build of DeepSpeed's CPU op,
+    timestamps kept so torch finds it up to date; empty when there is none yet (the process under
+    test then builds it). Returns the op's build directory."""
+    built = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / OP
+    if built.is_dir():
+        shutil.copytree(built, extensions / OP)
+    (extensions / OP).mkdir(parents=True, exist_ok=True)
+    return extensions / OP
+
 
 def two_step_single_process_run(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """`python -m ds_gpt.train` as one plain process (no launcher): a 1-layer model, 2 iterations on
@@ -54,6 +66,7 @@ def two_step_single_process_run(tmp_path: Path, env: dict[str, str]) -> subproce
          "--vocab_size", "512", "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2",
          "--gradient_accumulation_steps", "1", "--max_iters", "2", "--eval_iters", "1"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, env=env)
+
 
 @pytest.fixture
 def token_bins(tmp_path: Path) -> Path:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, two_step_single_process_run
+from conftest import REPO_ROOT, copy_of_the_op_build, two_step_single_process_run
 from ds_gpt import build_locks
 from ds_gpt.build_locks import StaleLockWatcher
 
@@ -85,11 +84,7 @@ def test_filesystem_types_come_from_the_mount_table():
 def test_the_trainer_starts_past_a_lock_left_by_a_killed_build(tmp_path):
     """Without the watcher, torch waits on this file forever and the job hangs silently."""
     ext = tmp_path / "torch_extensions"
-    built = Path(os.environ.get("TORCH_EXTENSIONS_DIR", REPO_ROOT / ".cache" / "torch_extensions"))
-    if (built / "deepspeed_shm_comm").is_dir():  # reuse the suite's build; else this run builds it
-        shutil.copytree(built / "deepspeed_shm_comm", ext / "deepspeed_shm_comm")
-    lock = ext / "deepspeed_shm_comm" / "lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock = copy_of_the_op_build(ext) / "lock"
     lock.touch()
     proc = two_step_single_process_run(tmp_path, {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import VENV_BIN
 from ds_gpt.errors import UserError
 from ds_gpt.launch_env import LaunchEnv, detect, export, slurm_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 
 # The batch shell of `sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=a100:1` (no step id).
 SBATCH = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_PROCID": "0",

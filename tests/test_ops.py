@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO_ROOT, two_step_single_process_run
-
-OP = "deepspeed_shm_comm"
+from conftest import PYTHON, REPO_ROOT, VENV_BIN, copy_of_the_op_build, two_step_single_process_run
+from ds_gpt.ops import OP
 
 
 def ops(extensions: Path) -> subprocess.CompletedProcess:
@@ -22,14 +20,11 @@ def ops(extensions: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_loads_the_set_up_build_without_recompiling_and_past_a_stale_lock(tmp_path):
     ext = tmp_path / "torch_extensions"
-    built = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / OP
-    if built.is_dir():  # `make setup` built it; copied with its timestamps, so it is up to date
-        shutil.copytree(built, ext / OP)
-    else:
-        assert ops(ext).returncode == 0  # a run without `make setup`: compile it here once
-    library = ext / OP / f"{OP}.so"
+    library = copy_of_the_op_build(ext) / f"{OP}.so"
+    if not library.exists():  # a run without `make setup`: compile it here once
+        assert ops(ext).returncode == 0
     compiled_at = library.stat().st_mtime_ns
-    lock = ext / OP / "lock"
+    lock = library.parent / "lock"
     lock.touch()  # left by a build that was killed: torch alone would wait on it forever
 
     proc = ops(ext)
@@ -56,7 +51,7 @@ def fake_ninja_dir(tmp_path: Path) -> Path:
 def test_the_venvs_ninja_goes_first_once(tmp_path, monkeypatch):
     from ds_gpt.ops import put_venv_ninja_first
 
-    venv_bin = str(Path(PYTHON).parent)
+    venv_bin = str(VENV_BIN)
     other = str(fake_ninja_dir(tmp_path))
     monkeypatch.setenv("PATH", f"{other}{os.pathsep}/usr/bin")
     put_venv_ninja_first()

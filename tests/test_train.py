@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, REPO_ROOT, free_port, read_jsonl, write_token_bins
+from conftest import PYTHON, REPO_ROOT, VENV_BIN, free_port, read_jsonl, write_token_bins
 
 pytestmark = pytest.mark.slow
 
-DEEPSPEED = str(Path(PYTHON).parent / "deepspeed")
+DEEPSPEED = str(VENV_BIN / "deepspeed")
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--vocab_size", "512",
         "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2", "--eval_interval", "10",
         "--eval_iters", "2", "--log_interval", "1", "--checkpoint_interval", "10", "--warmup_iters", "2",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -11,9 +10,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from ds_gpt import report
 from ds_gpt.bench.common import (LongLivedMemmapSampler, add_window_args, bench_data, load, loader_rss, machine,
                                  positive_int, rss_mb, sampler_for)
 from ds_gpt.data import check_token_file
+from ds_gpt.errors import UserError
 from ds_gpt.paths import REPO_ROOT
 
 
@@ -43,7 +44,7 @@ def trainer_rss(data_dir: Path, out_dir: Path, args: argparse.Namespace, poll_s:
            f"--eval_interval={args.iters}", "--eval_iters=2", f"--log_interval={log_every}",
            f"--checkpoint_interval={args.iters}", "--warmup_iters=10", f"--lr_decay_iters={args.iters}"]
     out_dir.mkdir()
-    metrics_path, last_iter, samples = out_dir / "metrics.jsonl", -1, []
+    last_iter, samples = -1, []
     with open(out_dir.parent / "train.log", "w") as log:
         # One thread: on a loaded 2-core machine a tiny model's T=1024 step runs several times faster
         # with one than with two, and the thread count does not change what this measures.
@@ -53,12 +54,9 @@ def trainer_rss(data_dir: Path, out_dir: Path, args: argparse.Namespace, poll_s:
             while proc.poll() is None:
                 # The whole file, not its tail: between two polls a fast run can log several
                 # iterations, then enough eval/checkpoint events to push them out of any tail.
-                with contextlib.suppress(OSError):  # not there yet
-                    for line in metrics_path.read_text().splitlines():
-                        with contextlib.suppress(ValueError):  # a line half written
-                            record = json.loads(line)
-                            if "loss" in record and "event" not in record:
-                                last_iter = max(last_iter, record["iter"])
+                with contextlib.suppress(UserError):  # no metrics logged yet
+                    train, _, _ = report.split_events(report.load_metrics(out_dir))
+                    last_iter = train[-1]["iter"] if train else last_iter
                 with contextlib.suppress(Exception):  # the process may exit between poll() and here
                     rss = rss_mb(proc.pid)
                     # A process on its way out reads as 0 MiB: once its main thread has gone (the

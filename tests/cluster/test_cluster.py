@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO_ROOT, read_jsonl, write_token_bins
+from conftest import PYTHON, REPO_ROOT, VENV_BIN, read_jsonl, write_token_bins
 
 CLUSTER_SH = Path(__file__).resolve().parent / "local_cluster.sh"
-VENV_BIN = Path(PYTHON).parent
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--vocab_size", "512",
         "--dtype", "float32", "--micro_batch_size", "2", "--gradient_accumulation_steps", "1",
         "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "2", "--lr_decay_iters", "100"]
