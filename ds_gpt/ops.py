@@ -10,8 +10,8 @@ differently, so that the cache recompiles whenever runs alternate between the tw
 `put_venv_ninja_first` is called before anything loads an op.
 
 On CPU, DeepSpeed's communication backend compiles its shared-memory all-reduce
-(deepspeed_shm_comm) into $TORCH_EXTENSIONS_DIR the first time a process starts it: about a
-minute on 2 cores, during which the first training run's ranks wait on torch's build lock and
+(deepspeed_shm_comm) into $TORCH_EXTENSIONS_DIR the first time a process starts it: about 40 s
+on 2 cores, during which the first training run's ranks wait on torch's build lock and
 print nothing. Compiling it here keeps that out of the first run (and out of a job's time
 limit). A CUDA build of torch (a GPU install) needs no CPU op: there this command builds nothing
 and DeepSpeed compiles fused Adam at the first GPU run, which has the environment that build needs.
