@@ -1,23 +1,31 @@
-"""Checkpoints that a crash, a full disk or a pre-emption cannot corrupt.
+"""Checkpoints that a crash, a full disk, a damaged file or a pre-emption cannot corrupt.
 
 Layout in OUT/: one DeepSpeed checkpoint per tag `global_step{N}/`, and the pointer file `latest`
 naming the newest complete one (the name DeepSpeed's loader and zero_to_fp32 look for).
 
 DeepSpeed's save writes shards under their final names and writes `latest` before every rank
 has finished, so a crash can leave `latest` naming a half-written tag. We save with
-save_latest=False, wait for every rank, and only then mark the tag complete and move the
-pointer (temp file, fsync, os.replace). Old tags are pruned only after that.
+save_latest=False, wait for every rank, record every file of the tag with its size and sha256
+in the completion marker (written last, by rename), and only then move the pointer. Old tags
+are pruned only after that.
+
+Resume takes the newest tag whose marker vouches for it and whose files still match it: a
+truncated, missing or altered file (a dying node, a bad disk) makes it fall back to the next
+older tag, with one warning naming the file. The pointer is not trusted for this: a kill
+between the marker and the pointer leaves a newer complete tag that the pointer does not name.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
 import shutil
+import sys
 import traceback
-import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +36,8 @@ from ds_gpt.errors import UserError
 POINTER = "latest"
 MARKER = "ds_gpt_complete.json"
 TAG_RE = re.compile(r"^global_step(\d+)$")
+MARKER_KEYS = ("iter_num", "model_args", "world_size", "zero_stage", "dtype")
+RESUME_HINT = "free disk space under --out_dir and resume with --init_from resume"
 
 
 def tag_for(iter_num: int) -> str:
@@ -39,22 +49,88 @@ def iter_of(tag: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     tag: str
     iter_num: int
-    marker: dict  # model_args, world_size, zero_stage, dtype as written at save time
+    marker: dict  # model_args, world_size, zero_stage, dtype, files as written at save time
+
+
+@dataclass
+class TrainState:
+    """The loop's counters, saved in every checkpoint's client state."""
+
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    tokens_seen: int = 0  # carried, not recomputed: the batch size may change across a resume
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, client: dict, tokens_per_iter: int) -> None:
+        self.iter_num, self.best_val_loss = int(client["iter_num"]), float(client["best_val_loss"])
+        # checkpoints written before the count was carried: the batch size has not changed since
+        self.tokens_seen = int(client.get("tokens_seen", self.iter_num * tokens_per_iter))
+
+
+# -----------------------------------------------------------------------------
+# finding a checkpoint to trust
 
 
 def read_marker(out_dir: Path, tag: str) -> dict | None:
+    """The tag's completion marker, or None when there is none or it is not one of ours."""
     try:
-        return json.loads((out_dir / tag / MARKER).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        marker = json.loads((out_dir / tag / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    if not isinstance(marker, dict) or any(k not in marker for k in ("iter_num", "model_args")):
+        return None
+    return marker
+
+
+def file_digest(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
+
+
+def tag_files(tag_dir: Path) -> list[str]:
+    """Every file of a tag but the marker, as paths relative to the tag, sorted."""
+    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def damage(out_dir: Path, info: CheckpointInfo) -> str | None:
+    """What is wrong with the tag's files against its marker's record, or None if they match.
+
+    Sizes first (cheap), then checksums. Markers written before files were recorded vouch only
+    for completeness.
+    """
+    files = info.marker.get("files")
+    if not isinstance(files, dict):
+        return None
+    tag_dir = out_dir / info.tag
+    for name, want in files.items():
+        path = tag_dir / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{path} is missing"
+        if size != want["bytes"]:
+            return f"{path} has {size} bytes, {want['bytes']} were saved"
+    for name, want in files.items():
+        try:
+            if file_digest(tag_dir / name)["sha256"] != want["sha256"]:
+                return f"{tag_dir / name} does not match its checksum"
+        except OSError as err:
+            return f"{tag_dir / name} cannot be read ({err.strerror})"
+    return None
 
 
 def complete_checkpoints(out_dir: Path) -> list[CheckpointInfo]:
-    """Complete checkpoints in OUT, oldest first."""
+    """Checkpoints in OUT whose completion marker is there, oldest first (files not verified)."""
     found = []
     if out_dir.is_dir():
         for entry in out_dir.iterdir():
@@ -72,21 +148,30 @@ def partial_tags(out_dir: Path) -> list[str]:
     return [e.name for e in out_dir.iterdir() if iter_of(e.name) is not None and read_marker(out_dir, e.name) is None]
 
 
-def find_latest(out_dir: Path) -> CheckpointInfo | None:
-    """The checkpoint to resume from: the pointer's, if complete, else the newest complete one."""
+def find_latest(out_dir: Path, warn: Callable[[str], None] = print_warning) -> CheckpointInfo | None:
+    """The checkpoint to resume from: the newest complete tag whose files verify, pointer or not."""
     pointer = out_dir / POINTER
-    if pointer.exists():
-        tag = pointer.read_text().strip()
-        marker = read_marker(out_dir, tag)
-        if marker is not None and iter_of(tag) is not None:
-            return CheckpointInfo(tag, iter_of(tag), marker)
-        warnings.warn(f"{pointer} names {tag!r}, which is not a complete checkpoint; looking for an older one")
+    try:
+        pointer.read_text()
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as err:
+        warn(f"{pointer} is unreadable ({getattr(err, 'strerror', None) or type(err).__name__}); "
+             "choosing the newest checkpoint that verifies")
     complete = complete_checkpoints(out_dir)
-    newest = complete[-1] if complete else None
-    skipped = [t for t in partial_tags(out_dir) if newest is None or iter_of(t) > newest.iter_num]
+    newest = complete[-1].iter_num if complete else -1
+    skipped = sorted(t for t in partial_tags(out_dir) if iter_of(t) > newest)
     if skipped:
-        warnings.warn(f"skipping incomplete checkpoint(s) {', '.join(sorted(skipped))} in {out_dir}")
-    return newest
+        warn(f"skipping incomplete checkpoint(s) {', '.join(skipped)} in {out_dir}")
+    for info in reversed(complete):
+        problem = damage(out_dir, info)
+        if problem is None:
+            return info
+        warn(f"skipping checkpoint {info.tag}: {problem}")
+    if complete:
+        raise UserError(f"no checkpoint in {out_dir} verifies: every tag has a damaged or missing file",
+                        hint="restore the run directory from a copy, or start afresh with a new --out_dir")
+    return None
 
 
 def tags_to_prune(iters: list[int], keep_last: int, milestones: set[int], milestone_every: int) -> list[int]:
@@ -94,6 +179,10 @@ def tags_to_prune(iters: list[int], keep_last: int, milestones: set[int], milest
     newest = sorted(iters)[-keep_last:]
     keep = set(newest) | {i for i in iters if i in milestones or (milestone_every and i > 0 and i % milestone_every == 0)}
     return sorted(i for i in iters if i not in keep)
+
+
+# -----------------------------------------------------------------------------
+# saving
 
 
 def rng_state() -> dict:
@@ -122,55 +211,116 @@ def write_failed(err: BaseException) -> bool:
         for frame, _ in traceback.walk_tb(err.__traceback__))
 
 
-def save(engine, out_dir: Path, iter_num: int, client_state: dict, marker: dict, *, rank: int,
-         all_reduce_sum, barrier, keep_last: int, milestones: set[int], milestone_every: int) -> str:
-    """Save on every rank; the tag becomes visible only once all ranks have written it.
+@dataclass
+class Collectives:
+    """The few collectives a save needs (ds_gpt.engine's), passed in so this module stays testable."""
 
-    `all_reduce_sum`/`barrier` come from ds_gpt.engine (passed in so this module stays testable).
-    A failed write on any rank (full disk, quota) leaves the previous checkpoint as the
-    pointer's target and the partial tag removed, and every rank raises the same UserError.
+    all_reduce_sum: Callable[[list[float]], list[float]]
+    barrier: Callable[[], None]
+    all_gather_object: Callable[[object], list]
+
+
+class Checkpointer:
+    """Saves the run's checkpoints and decides when: every `interval` iterations, on a stop, at the end.
+
+    Built once per run. `client_state()` returns what DeepSpeed stores beside the weights (rank 0's
+    copy; RNG is saved per rank); `marker` is what resume checks before building anything.
     """
-    tag = tag_for(iter_num)
-    if rank == 0:  # re-saving into an existing tag: a crash mid-way must not leave it marked complete
-        (out_dir / tag / MARKER).unlink(missing_ok=True)
-    error, shards_saved = None, False
-    try:
-        engine.save_checkpoint(str(out_dir), tag=tag, client_state=client_state, save_latest=False)
-        shards_saved = True
-        # per-rank RNG: DeepSpeed's client_state is written by rank 0 only
-        torch.save(rng_state(), out_dir / tag / f"rng_rank{rank}.pt")
-    except Exception as err:
-        if not write_failed(err):
-            raise
-        error = err
-        if not shards_saved:
-            # DeepSpeed's save ends in a barrier, after its last write, which the ranks whose writes
-            # succeeded are waiting in: join it, or they wait there until --pg_timeout and never
-            # hear of the failure. (Its other collectives come before the first write.)
-            barrier()
-    failed = all_reduce_sum([1.0 if error else 0.0])[0]
-    if failed:
+
+    def __init__(self, engine, out_dir: Path, *, rank: int, world_size: int, collectives: Collectives,
+                 interval: int, keep_last: int, milestones: set[int], milestone_every: int,
+                 client_state: Callable[[], dict], marker: dict, saved_at: int | None = None):
+        self.engine, self.out_dir, self.rank, self.world_size = engine, Path(out_dir), rank, world_size
+        self.comm = collectives
+        self.interval, self.keep_last = interval, keep_last
+        self.milestones, self.milestone_every = milestones, milestone_every
+        self.client_state, self.marker = client_state, marker
+        self.saved_at = saved_at  # the iteration whose state is on disk (the resumed one, at first)
+
+    def maybe_save(self, iter_num: int, stopping: bool = False) -> str | None:
+        """Save if `iter_num` is on the interval or the run is stopping on a signal."""
+        if iter_num % self.interval == 0 or stopping:
+            return self.save(iter_num)
+        return None
+
+    def save_final(self, iter_num: int) -> str | None:
+        """Save the end of the run unless that state is on disk already."""
+        return None if self.saved_at == iter_num else self.save(iter_num)
+
+    def save(self, iter_num: int) -> str:
+        """Save on every rank; the tag becomes visible only once all ranks have written it.
+
+        A failed write on any rank (full disk, quota) leaves the previous checkpoint as the
+        newest complete one and the partial tag removed, and every rank raises the same UserError.
+        """
+        tag, out_dir, rank = tag_for(iter_num), self.out_dir, self.rank
+        if rank == 0:  # re-saving into an existing tag: a crash mid-way must not leave it marked complete
+            (out_dir / tag / MARKER).unlink(missing_ok=True)
+        error, shards_saved = None, False
+        try:
+            self.engine.save_checkpoint(str(out_dir), tag=tag, client_state=self.client_state(), save_latest=False)
+            shards_saved = True
+            # per-rank RNG: DeepSpeed's client_state is written by rank 0 only
+            torch.save(rng_state(), out_dir / tag / f"rng_rank{rank}.pt")
+        except Exception as err:
+            if not write_failed(err):
+                raise
+            error = err
+            if not shards_saved:
+                # DeepSpeed's save ends in a barrier, after its last write, which the ranks whose writes
+                # succeeded are waiting in: join it, or they wait there until --pg_timeout and never
+                # hear of the failure. (Its other collectives come before the first write.)
+                self.comm.barrier()
+        self._raise_if_any_failed(tag, error)
+        files = self._record_files(tag)
+        error = None
         if rank == 0:
-            shutil.rmtree(out_dir / tag, ignore_errors=True)
-        barrier()  # the partial tag is gone before any rank exits (a launcher then kills the rest)
-        previous = find_latest(out_dir)
-        cause = f"rank {rank}: {str(error).strip().splitlines()[0]}" if error else "see the failing rank's error"
-        free_gb = shutil.disk_usage(out_dir).free / 2**30
+            try:
+                marker = {"iter_num": iter_num, **self.marker, "files": files}
+                atomic.write_text(out_dir / tag / MARKER, json.dumps(marker, indent=1))
+                atomic.write_text(out_dir / POINTER, tag)
+            except OSError as err:
+                shutil.rmtree(out_dir / tag, ignore_errors=True)
+                error = err
+        self._raise_if_any_failed(tag, error)
+        if rank == 0:
+            self._prune(iter_num)
+        self.comm.barrier()
+        self.saved_at = iter_num
+        return tag
+
+    def _record_files(self, tag: str) -> dict:
+        """Sizes and sha256 of every file of the tag, each rank hashing its share."""
+        self.comm.barrier()
+        names = tag_files(self.out_dir / tag)
+        mine = {name: file_digest(self.out_dir / tag / name) for name in names[self.rank::self.world_size]}
+        return {k: v for part in self.comm.all_gather_object(mine) for k, v in sorted(part.items())}
+
+    def _raise_if_any_failed(self, tag: str, error: BaseException | None) -> None:
+        failed = self.comm.all_reduce_sum([1.0 if error else 0.0])[0]
+        if not failed:
+            return
+        if self.rank == 0:
+            shutil.rmtree(self.out_dir / tag, ignore_errors=True)
+        self.comm.barrier()  # the partial tag is gone before any rank exits (a launcher then kills the rest)
+        previous = complete_checkpoints(self.out_dir)
+        cause = f"rank {self.rank}: {str(error).strip().splitlines()[0]}" if error else "see the failing rank's error"
+        free_gb = shutil.disk_usage(self.out_dir).free / 2**30
+        kept = f"the previous checkpoint {previous[-1].tag} is intact" if previous else "no earlier checkpoint exists"
         raise UserError(f"saving checkpoint {tag} failed on {int(failed)} rank(s): {cause}; {free_gb:.1f} GiB free "
-                        f"under {out_dir}; {'the previous checkpoint ' + previous.tag + ' is intact' if previous else 'no earlier checkpoint exists'}",
-                        hint="free disk space under --out_dir and resume with --init_from resume")
-    barrier()
-    if rank == 0:
-        atomic.write_text(out_dir / tag / MARKER, json.dumps({"iter_num": iter_num, **marker}, indent=1))
-        atomic.write_text(out_dir / POINTER, tag)
-        complete = [c.iter_num for c in complete_checkpoints(out_dir)]
-        for n in tags_to_prune(complete, keep_last, milestones, milestone_every):
-            shutil.rmtree(out_dir / tag_for(n), ignore_errors=True)
-        for name in partial_tags(out_dir):  # left by earlier crashes
+                        f"under {self.out_dir}; {kept}", hint=RESUME_HINT)
+
+    def _prune(self, iter_num: int) -> None:
+        complete = [c.iter_num for c in complete_checkpoints(self.out_dir)]
+        for n in tags_to_prune(complete, self.keep_last, self.milestones, self.milestone_every):
+            shutil.rmtree(self.out_dir / tag_for(n), ignore_errors=True)
+        for name in partial_tags(self.out_dir):  # left by earlier crashes
             if iter_of(name) < iter_num:
-                shutil.rmtree(out_dir / name, ignore_errors=True)
-    barrier()
-    return tag
+                shutil.rmtree(self.out_dir / name, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# loading
 
 
 def load(engine, out_dir: Path, info: CheckpointInfo, *, rank: int) -> dict:
@@ -202,8 +352,13 @@ def resolve_tag(out_dir: Path, tag: str | None) -> str:
         if info is None:
             raise UserError(f"no complete checkpoint in {out_dir}", hint="train first, or pass --out_dir of a run")
         return info.tag
-    if not (out_dir / tag).is_dir():
-        raise UserError(f"no checkpoint {tag} in {out_dir}", hint=f"ls {out_dir} lists the global_step* tags")
+    marker = read_marker(out_dir, tag) if iter_of(tag) is not None else None
+    if marker is None:
+        raise UserError(f"no complete checkpoint {tag} in {out_dir}", hint=f"ls {out_dir} lists the global_step* tags")
+    problem = damage(out_dir, CheckpointInfo(tag, iter_of(tag), marker))
+    if problem is not None:
+        raise UserError(f"checkpoint {tag} is damaged: {problem}", hint="pick an older tag, or leave the tag out "
+                        "to take the newest one that verifies")
     return tag
 
 
@@ -222,7 +377,11 @@ def load_fp32_state_dict(out_dir: str | Path, tag: str | None = None) -> tuple[d
                                     out_dir / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt") if p.exists()), None)
     if states_file is None:
         raise UserError(f"{out_dir / tag} has no model-states file: not a complete DeepSpeed checkpoint")
-    states = torch.load(states_file, map_location="cpu", weights_only=False)
+    try:
+        states = torch.load(states_file, map_location="cpu", weights_only=False)
+    except (RuntimeError, OSError, EOFError) as err:  # a tag from before files were checksummed
+        raise UserError(f"{states_file} cannot be read ({str(err).splitlines()[0]})",
+                        hint="pick an older tag") from None
     skip = {"module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
             "frozen_param_fragments", "shared_params", "ds_config", "ds_version", "csr_tensor_module_names",
             "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "data_sampler",

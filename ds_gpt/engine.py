@@ -1,4 +1,8 @@
-"""The DeepSpeed side of a run: the process group, the engine, and the few collectives the loop needs."""
+"""The DeepSpeed side of a run: the process group, the engine, and the few collectives the loop needs.
+
+DeepSpeed is imported when a process group or an engine is built, not with this module: a run's
+inputs are checked first (ds_gpt.startup), and `--help` or a bad flag costs no DeepSpeed start-up.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,16 +10,20 @@ import os
 import socket
 import sys
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import deepspeed
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from ds_gpt import build_locks, launch_env, ops
-from ds_gpt.run_config import RunConfig
+from ds_gpt.checkpoint import Collectives
 from ds_gpt.launch_env import LaunchEnv
 from ds_gpt.model import GPT
+from ds_gpt.run_config import RunConfig
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 _lock_watcher: build_locks.StaleLockWatcher | None = None
@@ -28,13 +36,13 @@ def _stop_lock_watcher() -> None:
         _lock_watcher = None
 
 
-def init_distributed(timeout_s: int) -> LaunchEnv:
-    """Find out who we are from the launcher's environment and join the process group.
+def init_distributed(timeout_s: int, env: LaunchEnv | None = None) -> LaunchEnv:
+    """Join the process group as the launcher's environment says (`env`, or read it now).
 
     `timeout_s` bounds every collective: when a peer rank dies, the others fail with an error
     after this long instead of hanging until the job's time limit.
     """
-    env = launch_env.detect()
+    env = env or launch_env.detect()
     launch_env.export(env)
     global _lock_watcher
     # DeepSpeed loads (and if need be builds) its ops from here until the engine exists:
@@ -58,6 +66,8 @@ def init_distributed(timeout_s: int) -> LaunchEnv:
     c10d.default_pg_timeout = timeout
     if c10d.default_pg_nccl_timeout is not None:
         c10d.default_pg_nccl_timeout = timeout
+    import deepspeed
+
     deepspeed.init_distributed(
         auto_mpi_discovery=env.launcher == "mpirun",  # mpi4py tells ranks and the master address
         distributed_port=env.master_port,
@@ -95,28 +105,45 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def build_engine(model: GPT, run: RunConfig) -> deepspeed.DeepSpeedEngine:
+def build_engine(model: GPT, run: RunConfig) -> DeepSpeedEngine:
     """Wrap the model in a DeepSpeed engine configured by the resolved JSON.
 
     The optimizer is built by DeepSpeed from the JSON (fused Adam on GPUs), over nanoGPT's
     two parameter groups, so weight decay skips biases and norms.
     """
+    import deepspeed
+
     groups = model.optimizer_param_groups(run.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
     _stop_lock_watcher()  # every op this run uses is loaded
     return engine
 
 
-def set_lr(engine: deepspeed.DeepSpeedEngine, lr: float) -> None:
+def set_lr(engine: DeepSpeedEngine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few floats over all ranks in one collective (loss, counts, flags)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device() if dist.get_backend() == "nccl" else "cpu")
+def all_reduce_sum(values: list[float] | torch.Tensor) -> list[float]:
+    """Sum a few numbers over all ranks in one collective (loss, counts, flags), read back to the host.
+
+    A tensor already on the device stays there for the collective: reading the result is the
+    one device-to-host sync of a training step.
+    """
+    comm_device = device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.as_tensor(values, dtype=torch.float64).to(comm_device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def all_gather_object(obj: object) -> list:
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def collectives() -> Collectives:
+    return Collectives(all_reduce_sum=all_reduce_sum, barrier=barrier, all_gather_object=all_gather_object)
 
 
 def is_peer_failure(err: BaseException) -> bool:
@@ -135,9 +162,7 @@ def hostnames(env: LaunchEnv) -> list[str]:
     """The run's hosts. The launcher's list (SLURM's node names) when it names at least as many
     hosts as the ranks report; else what the ranks report, in rank order: outside SLURM, ranks
     started over ssh by `deepspeed --hostfile` only know their own host."""
-    names: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(names, socket.gethostname())
-    reported = list(dict.fromkeys(names))
+    reported = list(dict.fromkeys(all_gather_object(socket.gethostname())))
     return list(env.hosts) if len(env.hosts) >= len(reported) else reported
 
 
@@ -157,10 +182,6 @@ def shutdown() -> None:
 
 def barrier() -> None:
     dist.barrier()
-
-
-def is_rank0() -> bool:
-    return dist.get_rank() == 0
 
 
 def peak_memory_mb() -> float:

@@ -1,30 +1,20 @@
 """What a fresh run's weights start from, per --init_from (resume is the checkpoint module's job).
 
 scratch            GPT-2 init (model.py)
-weights:DIR[/TAG]  consolidated fp32 weights of a ds_gpt checkpoint, fresh optimizer
-                   (the way to change world size or ZeRO stage mid-run)
+weights:DIR[/TAG]  consolidated fp32 weights of a ds_gpt checkpoint, fresh optimizer: a new run
+                   from old weights (a resume on another layout keeps the optimizer: --init_from resume)
 nanogpt:PATH       a nanoGPT ckpt.pt; with --resume_optimizer also its AdamW state and iteration
 gpt2*, HF dir      OpenAI GPT-2 / a Hugging Face GPT2LMHeadModel (ds_gpt.interop)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
-from typing import Callable
 
-import torch
-
-from ds_gpt import checkpoint
+from ds_gpt import checkpoint, interop
 from ds_gpt.config import TrainConfig
 from ds_gpt.errors import UserError
-
-
-@dataclass
-class StartWeights:
-    model_args: dict  # the source's shape; the run adopts it (run_config.adopt_model_args)
-    state_dict: dict[str, torch.Tensor]
-    source: str
-    apply_optimizer: Callable | None = None  # engine -> iter_num, for --resume_optimizer
+from ds_gpt.interop import StartWeights
 
 
 def _from_run_dir(spec: str) -> StartWeights:
@@ -35,20 +25,16 @@ def _from_run_dir(spec: str) -> StartWeights:
 
 
 def initial_weights(cfg: TrainConfig) -> StartWeights | None:
+    """The weights --init_from names, or None for GPT-2's own init. The optimizer state and the
+    iteration count come along only with --resume_optimizer."""
     spec = cfg.init_from
     if spec in ("scratch", "resume", "auto"):  # resume/auto reach here only when there is nothing to resume
         return None
     if spec.startswith("weights:"):
         return _from_run_dir(spec.removeprefix("weights:"))
-    from ds_gpt import interop  # transformers stays optional: imported only for these sources
-
     loaded = interop.load_init_weights(spec, vocab_size=cfg.vocab_size)
     if not cfg.resume_optimizer:
-        return StartWeights(loaded.model_args, loaded.state_dict, loaded.source or spec)
+        return dataclasses.replace(loaded, iter_num=0, optimizer_state=None, best_val_loss=None)
     if loaded.optimizer_state is None:
         raise UserError(f"--resume_optimizer: {spec} holds no optimizer state")
-
-    def apply_optimizer(eng) -> int:
-        interop.apply_nanogpt_optimizer_state(eng.optimizer, eng.module, loaded.optimizer_state)
-        return loaded.iter_num
-    return StartWeights(loaded.model_args, loaded.state_dict, loaded.source or spec, apply_optimizer)
+    return loaded

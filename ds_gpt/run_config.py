@@ -14,7 +14,7 @@ from typing import Any
 
 from ds_gpt.config import MODEL_KEYS, TrainConfig, model_args
 from ds_gpt.errors import UserError
-from ds_gpt.mfu import profiler_ds_overrides
+from ds_gpt.flops_profile import profiler_ds_overrides
 from ds_gpt.paths import repo_path
 
 # DeepSpeed silently ignores unknown top-level keys (a typo such as "zero_optimisation" runs
@@ -249,7 +249,7 @@ def resolve(cfg: TrainConfig, world_size: int, *, cuda: bool, overrides_log: lis
     if ds.get("fp16", {}).get("enabled") and not cuda:  # --dtype float16 has set it above
         raise UserError("float16 training needs a GPU; use --dtype float32 (or bfloat16) on CPU")
     # --profile_step, or else the JSON's own flops_profiler block, asks for one profiled iteration.
-    # The training loop runs the profiler (mfu.FlopsProfileCapture); the engine's block goes off.
+    # The training loop runs the profiler (flops_profile.FlopsProfileCapture); the engine's block goes off.
     json_profiler = ds.get("flops_profiler", {})
     profile_step = cfg.profile_step
     if profile_step is None and json_profiler.get("enabled"):

@@ -7,34 +7,36 @@ import platform
 import sys
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from ds_gpt import __version__, atomic, checkpoint
-from ds_gpt.checkpoint import CheckpointInfo
+from ds_gpt.checkpoint import CheckpointInfo, TrainState
 from ds_gpt.run_config import RunConfig
 from ds_gpt.errors import UserError
 from ds_gpt.launch_env import LaunchEnv
 
 
-def prepare(out_dir: Path, master: bool) -> None:
-    """Create OUT and prove it writable on every rank (a read-only or foreign dir fails here, not at the first save)."""
+def prepare(out_dir: Path) -> None:
+    """Create OUT and prove it writable on every rank (a read-only or foreign dir fails here, not at the first save).
+
+    Every rank creates it (exist_ok): the ranks have no process group yet to wait for rank 0 with.
+    """
     try:
-        if master:
-            out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write_probe_{uuid.uuid4().hex}"
-        if out_dir.exists():
-            probe.write_text("ok")
-            probe.unlink()
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as err:
         raise UserError(f"out_dir {out_dir} is not writable ({err.strerror})", hint="pass a writable --out_dir") from None
 
 
-def resume_point(init_from: str, out_dir: Path) -> CheckpointInfo | None:
+def resume_point(init_from: str, out_dir: Path, warn: Callable[[str], None]) -> CheckpointInfo | None:
     """The checkpoint to continue from, per --init_from (resume: required; auto: if any).
 
     Starting afresh in a directory that holds checkpoints is refused: the old run's higher
     iteration numbers would count as newest, and retention would prune the new run's saves.
     """
-    info = checkpoint.find_latest(out_dir)
+    info = checkpoint.find_latest(out_dir, warn)
     if init_from not in ("resume", "auto"):
         if info is not None:
             raise UserError(f"{out_dir} already holds checkpoints (newest {info.tag}) and --init_from {init_from} "
@@ -55,6 +57,14 @@ def versions() -> dict:
             "python": sys.version.split()[0], "cuda": torch.version.cuda, "platform": platform.platform()}
 
 
+def summary(run: RunConfig, env: LaunchEnv, hosts: list[str], device: str, n_params: int) -> str:
+    """The run in one console line: who, where, what, and the batch arithmetic."""
+    b = run.batch
+    return (f"{env.launcher}: {env.world_size} rank(s) on {', '.join(hosts)}; {device}; {n_params / 1e6:.2f}M params; "
+            f"ZeRO-{run.zero_stage} {run.dtype}; batch {b.micro} x {b.grad_accum} accum x {env.world_size} "
+            f"= {b.global_batch} seqs = {run.tokens_per_iter:,} tokens/iter")
+
+
 def write_config(out_dir: Path, run: RunConfig, env: LaunchEnv, hosts: list[str], device: str, n_params: int,
                  peak_flops: float, peak_source: str, overrides: list[str]) -> None:
     """OUT/config.json: the effective configuration of this (re)start, for people and for report.py."""
@@ -65,10 +75,9 @@ def write_config(out_dir: Path, run: RunConfig, env: LaunchEnv, hosts: list[str]
     atomic.write_text(out_dir / "config.json", json.dumps(doc, indent=2, default=str))
 
 
-def client_state(run: RunConfig, iter_num: int, best_val_loss: float, sampler) -> dict:
+def client_state(run: RunConfig, state: TrainState, sampler) -> dict:
     """What DeepSpeed stores beside the weights (rank 0's copy; RNG is saved per rank)."""
-    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "model_args": run.model,
-            "config": run.to_dict(), "sampler": sampler.state_dict()}
+    return {**state.state_dict(), "model_args": run.model, "config": run.to_dict(), "sampler": sampler.state_dict()}
 
 
 def marker(run: RunConfig, world_size: int, out_dir: Path) -> dict:

@@ -1,6 +1,6 @@
 """Train GPT-2 with DeepSpeed: nanoGPT's recipe, configured by a DeepSpeed JSON.
 
-The GPT-2 124M run of the seed (8 x A100, 2 nodes), with the deepspeed launcher:
+The reference run's GPT-2 124M (8 x A100, 2 nodes), with the deepspeed launcher:
     deepspeed --hostfile hostfiles/narval ds_gpt/train.py --deepspeed_config ds_configs/zero1.json
 Under SLURM (generates the hostfile, forwards pre-emption, requeues; DS_GPT_LAUNCH=srun for srun):
     sbatch slurm/ds_train.sh
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # started as a file by a launcher: import the package, not siblings
@@ -27,15 +28,17 @@ if __package__ in (None, ""):  # started as a file by a launcher: import the pac
 import torch
 import torch.distributed as dist
 
-from ds_gpt import checkpoint, engine as ds_engine, mfu, run_dir
-from ds_gpt.config import parse_args
-from ds_gpt.data import RandomWindowSampler, check_data_dir
+from ds_gpt import engine as ds_engine, mfu, run_dir
+from ds_gpt.checkpoint import Checkpointer, TrainState, load
+from ds_gpt.data import RandomWindowSampler
 from ds_gpt.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_FAILED, EXIT_REQUEUE, UserError, run_cli
-from ds_gpt.init_weights import initial_weights
+from ds_gpt.flops_profile import PROFILE_FILE, FlopsProfileCapture
 from ds_gpt.metrics import MetricsLogger
-from ds_gpt.model import GPT, GPTConfig
-from ds_gpt.run_config import RunConfig, adopt_model_args, resolve
+from ds_gpt.model import GPT
+from ds_gpt.nonfinite import NonFiniteGuard
+from ds_gpt.optimizer_state import apply_nanogpt_optimizer_state
 from ds_gpt.signals import GracefulStop
+from ds_gpt.startup import build_run
 
 
 @torch.no_grad()
@@ -44,176 +47,148 @@ def evaluate(eng, samplers: dict[str, RandomWindowSampler], eval_iters: int) -> 
     eng.eval()
     out = {}
     for split, sampler in samplers.items():
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=ds_engine.device())
         for k in range(eval_iters):
             x, y = (t.to(ds_engine.device()) for t in sampler.eval_batch(k))
-            total += eng(x, y)[1].item()
-        summed, ranks = ds_engine.all_reduce_sum([total / eval_iters, 1.0])
+            total += eng(x, y)[1]
+        summed, ranks = ds_engine.all_reduce_sum(torch.stack([total / eval_iters, torch.ones_like(total)]))
         out[split] = summed / ranks
     eng.train()
     return out
 
 
-def train_step(eng, sampler: RandomWindowSampler, step: int, stop: GracefulStop,
-               profile: mfu.FlopsProfileCapture | None = None) -> dict:
-    """One optimizer step over this rank's micro-batches; returns rank-agreed statistics.
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch's finite micro-batches
+    nonfinite: int  # micro-batches, all ranks, whose loss was NaN/inf
+    action: str  # "ok", or the guard's "skip" / "stop"
+    stop_requested: bool  # a signal reached some rank: checkpoint and exit
 
-    A micro-batch whose loss is not finite is not back-propagated (its NaN would spread into
-    every gradient under every ZeRO stage); a clean batch's loss times zero stands in, so the
-    engine's hooks and gradient accumulation run as usual with an exact zero contribution.
+
+def train_step(eng, sampler: RandomWindowSampler, step: int, guard: NonFiniteGuard, stop: GracefulStop,
+               profile: FlopsProfileCapture) -> StepResult:
+    """One optimizer step over this rank's micro-batches, with one device-to-host sync.
+
+    The losses and the non-finite count stay on the device until the step's one all-reduce, which
+    also shares the stop flag, so every rank decides the same. The guard keeps a non-finite
+    micro-batch's gradient out of the step (see ds_gpt.nonfinite).
     """
-    loss_sum, finite, bad = 0.0, 0, 0
+    device = ds_engine.device()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    bad = torch.zeros((), dtype=torch.float64, device=device)
     for micro in range(sampler.grad_accum):
-        x, y = (t.to(ds_engine.device()) for t in sampler.micro_batch(step, micro))
-        with profile.count(step, x) if profile else contextlib.nullcontext():
+        x, y = (t.to(device, non_blocking=True) for t in sampler.micro_batch(step, micro))
+        with profile.count(step, x):
             loss = eng(x, y)[1]
-        value = loss.item()
-        if value == value and abs(value) != float("inf"):
-            loss_sum, finite = loss_sum + value, finite + 1
-        else:
-            bad += 1
-            x, y = (t.to(ds_engine.device()) for t in sampler.eval_batch(0))
-            loss = eng(x, y)[1] * 0.0
+        finite = torch.isfinite(loss)
+        guard.mark(finite)
+        loss_sum += torch.where(finite, loss.detach(), 0.0)
+        bad += (~finite).double()
         eng.backward(loss)
         if micro < sampler.grad_accum - 1:
             eng.step()  # DeepSpeed counts micro-steps here; the optimizer steps at the boundary
-    total, n_finite, n_bad, n_stop = ds_engine.all_reduce_sum([loss_sum, finite, bad, float(stop.requested)])
-    return {"loss": total / n_finite if n_finite else float("nan"), "nonfinite": int(n_bad), "stop": n_stop > 0}
+    total, n_bad, n_stop = ds_engine.all_reduce_sum(
+        torch.stack([loss_sum, bad, torch.tensor(float(stop.requested), dtype=torch.float64, device=device)]))
+    n_finite = sampler.grad_accum * sampler.world_size - n_bad
+    action = guard.decide(int(n_bad))
+    if action == "skip":
+        ds_engine.set_lr(eng, 0.0)  # AdamW with lr 0 leaves every parameter exactly as it was
+    if action != "stop":
+        eng.step()
+    return StepResult(total / n_finite if n_finite else float("nan"), int(n_bad), action, n_stop > 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    # --- configuration: CLI > --config file > defaults, resolved once against the DeepSpeed JSON
-    cfg = parse_args(argv)
-    env = ds_engine.init_distributed(cfg.pg_timeout)
+    # --- the run: options, launcher, DeepSpeed JSON, resume point, data; checked before any rendezvous
+    start = build_run(argv)
+    cfg, run, out_dir, shape = start.cfg, start.run, start.out_dir, start.shape
+
+    # --- process group, then data: nanoGPT's random windows, keyed by (seed, step) so every world size sees the same batch
+    env = ds_engine.init_distributed(cfg.pg_timeout, start.env)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     master = rank == 0
-    overrides: list[str] = []
-    run: RunConfig = resolve(cfg, world_size, cuda=torch.cuda.is_available(), overrides_log=overrides)
-    out_dir = Path(cfg.out_dir)
-    run_dir.prepare(out_dir, master)
-
-    # --- where the weights come from: a checkpoint to resume, other weights, or GPT-2 init
-    resume_from = run_dir.resume_point(cfg.init_from, out_dir)
-    init = initial_weights(cfg) if resume_from is None else None
-    if resume_from is not None:
-        checkpoint.check_resumable(resume_from, world_size, run.zero_stage)
-        adopt_model_args(run, resume_from.marker["model_args"], f"checkpoint {out_dir / resume_from.tag}")
-    elif init is not None:
-        adopt_model_args(run, init.model_args, init.source)
-    shape = GPTConfig(**run.model)
-
-    # --- data: nanoGPT's random windows, keyed by (seed, step) so every world size sees the same batch
-    files = check_data_dir(cfg.data_dir, shape.block_size, shape.vocab_size)
-    samplers = {split: RandomWindowSampler(files[split], split, shape.block_size, shape.vocab_size, cfg.seed,
+    samplers = {split: RandomWindowSampler(start.data[split], split, shape.block_size, shape.vocab_size, cfg.seed,
                                            run.batch.micro, run.batch.grad_accum, world_size, rank)
                 for split in ("train", "val")}
 
     # --- model and engine: the same init on every rank, then DeepSpeed wraps it
     torch.manual_seed(cfg.seed)
     model = GPT(shape)
-    if init is not None:
-        model.load_state_dict(init.state_dict)
+    if start.init is not None:
+        model.load_state_dict(start.init.state_dict)
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters and numel() reads 0
     eng = ds_engine.build_engine(model, run)
     if cfg.compile:
         eng.compile()
-    iter_num, best_val_loss = 0, float("inf")
-    if resume_from is not None:
-        client = checkpoint.load(eng, out_dir, resume_from, rank=rank)
-        iter_num, best_val_loss = client["iter_num"], client["best_val_loss"]
+    state = TrainState()
+    if start.resume_from is not None:
+        client = load(eng, out_dir, start.resume_from, rank=rank)
+        state.load_state_dict(client, run.tokens_per_iter)
         samplers["train"].load_state_dict(client["sampler"])
-    elif init is not None and init.apply_optimizer is not None:
-        iter_num = init.apply_optimizer(eng)
+    elif start.init is not None and start.init.optimizer_state is not None:  # --resume_optimizer
+        apply_nanogpt_optimizer_state(eng.optimizer, eng.module, start.init.optimizer_state)
+        state.iter_num = start.init.iter_num
+        state.tokens_seen = state.iter_num * run.tokens_per_iter
 
-    # --- bookkeeping: config.json, metrics, MFU, signals
+    # --- bookkeeping: config.json, metrics, MFU, checkpoints, signals
     device_name, hosts = ds_engine.device_name(), ds_engine.hostnames(env)
     peak, peak_source = mfu.peak_flops_per_device(device_name, run.dtype, cfg.peak_tflops)
     flops_per_token = mfu.flops_per_token(n_params, shape.n_layer, shape.n_embd, shape.block_size)
     if master:
-        run_dir.write_config(out_dir, run, env, hosts, device_name, n_params, peak, peak_source, overrides)
-        print(f"{env.launcher}: {world_size} rank(s) on {', '.join(hosts)}; {device_name}; {n_params / 1e6:.2f}M params; "
-              f"ZeRO-{run.zero_stage} {run.dtype}; batch {run.batch.micro} x {run.batch.grad_accum} accum x {world_size} "
-              f"= {run.batch.global_batch} seqs = {run.tokens_per_iter:,} tokens/iter", flush=True)
-        for line in overrides:
+        run_dir.write_config(out_dir, run, env, hosts, device_name, n_params, peak, peak_source, start.overrides)
+        print(run_dir.summary(run, env, hosts, device_name, n_params), flush=True)
+        for line in start.overrides:
             print(f"override {line}", flush=True)
-    metrics = MetricsLogger(out_dir, master, eng.monitor)
-    profile = mfu.FlopsProfileCapture(eng, profile_step=run.profile_step, output_file=out_dir / mfu.PROFILE_FILE,
-                                      n_params=n_params, n_layer=shape.n_layer, n_embd=shape.n_embd, peak_flops=peak)
+    metrics = MetricsLogger(out_dir, master, eng.monitor, tokens_per_iter=run.tokens_per_iter,
+                            mfu_of=lambda tokens_per_s: mfu.mfu(tokens_per_s, flops_per_token, world_size, peak))
+    profile = FlopsProfileCapture(eng, profile_step=run.profile_step, output_file=out_dir / PROFILE_FILE,
+                                  n_params=n_params, n_layer=shape.n_layer, n_embd=shape.n_embd, peak_flops=peak)
+    checkpointer = Checkpointer(
+        eng, out_dir, rank=rank, world_size=world_size, collectives=ds_engine.collectives(),
+        interval=cfg.checkpoint_interval, keep_last=cfg.keep_last, milestones=cfg.milestone_set(),
+        milestone_every=cfg.milestone_every, marker=run_dir.marker(run, world_size, out_dir),
+        client_state=lambda: run_dir.client_state(run, state, samplers["train"]),
+        saved_at=state.iter_num if start.resume_from is not None else None)
+    guard = NonFiniteGuard(cfg.on_nan, micro_batches_per_step=run.batch.grad_accum * world_size, model=eng.module)
     stop = GracefulStop().install()
-    metrics.log({"event": "start", "iter": iter_num, "world_size": world_size, "launcher": env.launcher,
-                 "resumed_from": resume_from.tag if resume_from else None, "init_from": cfg.init_from})
+    metrics.start(iter=state.iter_num, world_size=world_size, launcher=env.launcher, init_from=cfg.init_from,
+                  resumed_from=start.resume_from.tag if start.resume_from else None)
 
-    def save() -> None:
-        checkpoint.save(eng, out_dir, iter_num, run_dir.client_state(run, iter_num, best_val_loss, samplers["train"]),
-                        run_dir.marker(run, world_size, out_dir), rank=rank, all_reduce_sum=ds_engine.all_reduce_sum,
-                        barrier=ds_engine.barrier, keep_last=cfg.keep_last, milestones=cfg.milestone_set(),
-                        milestone_every=cfg.milestone_every)
-
-    # --- the loop: eval -> lr -> step -> log -> checkpoint -> signals
-    tokens_seen = iter_num * run.tokens_per_iter
-    last_saved = iter_num if resume_from is not None else None
-    dt_prev = None
-    all_bad_in_a_row = 0  # steps in a row where every micro-batch on every rank was non-finite
-    while True:
-        if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters or cfg.eval_only:
-            losses = evaluate(eng, samplers, cfg.eval_iters)
-            best_val_loss = min(best_val_loss, losses["val"])
-            metrics.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                         "tokens": tokens_seen},
-                        f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if cfg.eval_only:
+    # --- the loop: eval -> lr -> step -> log -> checkpoint -> stop
+    with contextlib.closing(metrics), contextlib.closing(profile):
+        while True:
+            if cfg.eval_due(state.iter_num):
+                losses = evaluate(eng, samplers, cfg.eval_iters)
+                state.best_val_loss = min(state.best_val_loss, losses["val"])
+                metrics.eval(state.iter_num, losses, state.tokens_seen)
+                if cfg.eval_only:
+                    return EXIT_OK
+            if state.iter_num >= cfg.max_iters:
                 break
-        if iter_num >= cfg.max_iters:
-            break
 
-        lr = run.lr_at(iter_num)
-        t0 = time.perf_counter()
-        ds_engine.set_lr(eng, lr)
-        stats = train_step(eng, samplers["train"], iter_num, stop, profile)
-        all_bad_in_a_row = all_bad_in_a_row + 1 if stats["nonfinite"] == run.batch.grad_accum * world_size else 0
-        if stats["nonfinite"]:
-            # skip drops a bad batch; a whole global batch bad twice running means the weights went bad
-            action = "stop" if cfg.on_nan == "stop" or all_bad_in_a_row > 1 else "skip"
-            metrics.log({"event": "nonfinite_loss", "iter": iter_num, "lr": lr, "micro_batches": stats["nonfinite"],
-                         "action": action}, f"iter {iter_num}: non-finite loss in {stats['nonfinite']} "
-                         f"micro-batch(es) at lr {lr:.3e}: {action}")
-            if action == "stop":
-                metrics.close()
-                raise SystemExit(EXIT_NONFINITE)
-            ds_engine.set_lr(eng, 0.0)  # skip: AdamW with lr 0 leaves every parameter exactly as it was
-        eng.step()
-        iter_num += 1
-        tokens_seen += run.tokens_per_iter
-        dt = time.perf_counter() - t0
-        event = profile.collect(iter_num - 1, step_time_s=dt_prev or dt)
-        if event is not None:
-            metrics.log(event, f"flops profile: profiler {event['profiler_fwd_flops']:.3e} vs analytic "
-                               f"{event['analytic_fwd_flops']:.3e} fwd FLOPs, MFU {event['mfu_profiler']:.2%} "
-                               f"vs {event['mfu_analytic']:.2%}")
-        dt_prev = dt
+            lr = run.lr_at(state.iter_num)
+            t0 = time.perf_counter()
+            ds_engine.set_lr(eng, lr)
+            result = train_step(eng, samplers["train"], state.iter_num, guard, stop, profile)
+            if result.action != "ok":
+                metrics.nonfinite(state.iter_num, lr=lr, micro_batches=result.nonfinite, action=result.action)
+            if result.action == "stop":
+                return EXIT_NONFINITE
+            dt = time.perf_counter() - t0
+            state.tokens_seen += run.tokens_per_iter
+            if (event := profile.step_done(state.iter_num, dt)) is not None:
+                metrics.profile(event)
+            if state.iter_num % cfg.log_interval == 0:
+                metrics.train(state.iter_num, loss=result.loss, lr=lr, tokens=state.tokens_seen, dt_s=dt,
+                              peak_mem_mb=ds_engine.peak_memory_mb())
+            state.iter_num += 1
 
-        if (iter_num - 1) % cfg.log_interval == 0:
-            tokens_per_s = run.tokens_per_iter / dt
-            utilisation = mfu.mfu(tokens_per_s, flops_per_token, world_size, peak)
-            metrics.log({"iter": iter_num - 1, "loss": stats["loss"], "lr": lr, "tokens": tokens_seen,
-                         "dt_ms": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": utilisation,
-                         "peak_mem_mb": ds_engine.peak_memory_mb()},
-                        f"iter {iter_num - 1}: loss {stats['loss']:.4f}, time {dt * 1000:.2f}ms, mfu {utilisation * 100:.2f}%")
-        if iter_num % cfg.checkpoint_interval == 0 or stats["stop"]:
-            save()
-            last_saved = iter_num
-        if stats["stop"]:
-            stop.stand_down()
-            if master:
-                print(f"stopped by {stop.signal_name or 'a signal on another rank'} after iteration {iter_num - 1}; "
-                      f"checkpoint {checkpoint.tag_for(iter_num)} saved; exit {EXIT_REQUEUE} (requeue)", flush=True)
-            metrics.close()
-            return EXIT_REQUEUE
-
-    if last_saved != iter_num and not cfg.eval_only:
-        save()
-    metrics.close()
-    profile.close()
+            checkpointer.maybe_save(state.iter_num, stopping=result.stop_requested)
+            if result.stop_requested:
+                stop.stand_down()
+                metrics.stopped(state.iter_num, signal=stop.signal_name, exit_code=EXIT_REQUEUE)
+                return EXIT_REQUEUE
+        checkpointer.save_final(state.iter_num)
     return EXIT_OK
 
 

@@ -11,10 +11,20 @@ from ds_gpt.checkpoint import CheckpointInfo, check_resumable, find_latest, tags
 from ds_gpt.errors import UserError
 
 
-def fake_tag(out, n, complete=True):
-    (out / f"global_step{n}").mkdir(parents=True)
+def fake_tag(out, n, complete=True, files=None):
+    """A tag directory; `files` (name -> bytes) are written and recorded in its marker, as a save does."""
+    tag_dir = out / f"global_step{n}"
+    tag_dir.mkdir(parents=True)
+    for name, data in (files or {}).items():
+        (tag_dir / name).write_bytes(data)
     if complete:
-        (out / f"global_step{n}" / checkpoint.MARKER).write_text(json.dumps({"iter_num": n, "model_args": {}}))
+        record = {name: checkpoint.file_digest(tag_dir / name) for name in files or {}}
+        (tag_dir / checkpoint.MARKER).write_text(json.dumps({"iter_num": n, "model_args": {}, "files": record}))
+
+
+def warnings_of(out):
+    seen = []
+    return seen, (lambda message: seen.append(message))
 
 
 def test_seed_retention_schedule():
@@ -23,17 +33,72 @@ def test_seed_retention_schedule():
     assert kept == [10000, 20000, 50000, 100000, 115000, 120000]
 
 
-def test_find_latest_follows_pointer_and_skips_partial(tmp_path):
+def test_find_latest_takes_the_newest_complete_tag_whatever_the_pointer_says(tmp_path):
     fake_tag(tmp_path, 10)
     fake_tag(tmp_path, 20)
     fake_tag(tmp_path, 30, complete=False)  # crashed mid-save
-    assert find_latest(tmp_path) is not None and find_latest(tmp_path).tag == "global_step20"
-    write_text(tmp_path / "latest", "global_step30")  # DeepSpeed's premature pointer
-    with pytest.warns(UserWarning, match="not a complete checkpoint"):
-        assert find_latest(tmp_path).tag == "global_step20"
-    write_text(tmp_path / "latest", "global_step10")
-    assert find_latest(tmp_path).tag == "global_step10"
-    assert find_latest(tmp_path / "missing") is None
+    seen, warn = warnings_of(tmp_path)
+    assert find_latest(tmp_path, warn).tag == "global_step20"
+    assert seen == [f"skipping incomplete checkpoint(s) global_step30 in {tmp_path}"]
+    write_text(tmp_path / "latest", "global_step10")  # a kill between the marker of 20 and the pointer
+    assert find_latest(tmp_path, warn).tag == "global_step20"
+    assert find_latest(tmp_path / "missing", warn) is None
+
+
+SHARDS = {"mp_rank_00_model_states.pt": b"weights" * 100, "zero_pp_rank_0_mp_rank_00_optim_states.pt": b"adam" * 100}
+
+
+def damaged(tag_dir, how):
+    shard = tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    if how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif how == "missing":
+        shard.unlink()
+    elif how == "flipped":
+        data = bytearray(shard.read_bytes())
+        data[17] ^= 0x01
+        shard.write_bytes(bytes(data))
+    return shard
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing", "flipped"])
+def test_a_damaged_tag_falls_back_to_the_newest_older_one_that_verifies(tmp_path, how):
+    fake_tag(tmp_path, 10, files=SHARDS)
+    fake_tag(tmp_path, 20, files=SHARDS)
+    shard = damaged(tmp_path / "global_step20", how)
+    seen, warn = warnings_of(tmp_path)
+    assert find_latest(tmp_path, warn).tag == "global_step10"
+    assert len(seen) == 1 and seen[0].startswith(f"skipping checkpoint global_step20: {shard}")
+    with pytest.raises(UserError, match=f"checkpoint global_step20 is damaged: {shard}"):
+        checkpoint.resolve_tag(tmp_path, "global_step20")  # sample/export of that tag by name: refused
+    assert checkpoint.resolve_tag(tmp_path, None) == "global_step10"
+
+
+def test_no_tag_that_verifies_is_one_error(tmp_path):
+    fake_tag(tmp_path, 10, files=SHARDS)
+    damaged(tmp_path / "global_step10", "flipped")
+    with pytest.raises(UserError, match="no checkpoint in .* verifies"):
+        find_latest(tmp_path, warnings_of(tmp_path)[1])
+
+
+@pytest.mark.parametrize("pointer", ["binary", "directory"])
+def test_an_unreadable_pointer_is_a_warning(tmp_path, pointer):
+    fake_tag(tmp_path, 10, files=SHARDS)
+    if pointer == "binary":
+        (tmp_path / "latest").write_bytes(b"\xff\xfe\x00global")
+    else:
+        (tmp_path / "latest").mkdir()
+    seen, warn = warnings_of(tmp_path)
+    assert find_latest(tmp_path, warn).tag == "global_step10"
+    assert len(seen) == 1 and seen[0].startswith(f"{tmp_path / 'latest'} is unreadable")
+
+
+@pytest.mark.parametrize("marker", [b"[1, 2]", b"\x80\x81binary", b'{"iter_num": 20}', b"{not json"])
+def test_a_marker_that_is_not_ours_leaves_the_tag_incomplete(tmp_path, marker):
+    fake_tag(tmp_path, 10, files=SHARDS)
+    fake_tag(tmp_path, 20, complete=False)
+    (tmp_path / "global_step20" / checkpoint.MARKER).write_bytes(marker)
+    assert find_latest(tmp_path, warnings_of(tmp_path)[1]).tag == "global_step10"
 
 
 def test_resume_refuses_another_layout_with_the_command_that_works():

@@ -18,7 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from conftest import free_port  # noqa: E402  (tests/ is on sys.path, also when run as a script)
-from ds_gpt.mfu import PROFILE_FILE, fwd_flops_per_token, profiler_ds_overrides  # noqa: E402
+from ds_gpt.flops_profile import PROFILE_FILE, profiler_ds_overrides  # noqa: E402
+from ds_gpt.mfu import fwd_flops_per_token  # noqa: E402
 
 # The tiny model: d=128 keeps the matmuls dominant, as in GPT-2 (the profiler also counts
 # LayerNorm and GELU, which the analytic formula leaves out: ~1% here, <0.1% at 124M).
@@ -33,7 +34,7 @@ def worker(zero_stage: int, out_dir: Path, overrides: bool, compile: bool) -> No
     import deepspeed
     import torch
 
-    from ds_gpt.mfu import FlopsProfileCapture
+    from ds_gpt.flops_profile import FlopsProfileCapture
     from ds_gpt.model import GPT, GPTConfig
 
     torch.manual_seed(0)
@@ -72,7 +73,7 @@ def worker(zero_stage: int, out_dir: Path, overrides: bool, compile: bool) -> No
             with torch.no_grad():
                 engine(x, x)
             engine.train()
-        event = capture.collect(iter_num, step_time_s=0.5)
+        event = capture.step_done(iter_num, step_time_s=0.5)
         if event is not None:
             events.append(event)
     capture.close()

@@ -16,8 +16,8 @@ import torch
 from conftest import free_port
 from ds_gpt.errors import UserError
 from ds_gpt.export import export
-from ds_gpt.interop import (apply_nanogpt_optimizer_state, check_compatible, load_init_weights,
-                            nanogpt_param_names)
+from ds_gpt.interop import load_init_weights
+from ds_gpt.optimizer_state import apply_nanogpt_optimizer_state, nanogpt_param_names
 from ds_gpt.model import GPT, GPTConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -231,15 +231,6 @@ def test_nanogpt_param_order_is_nanogpts():
 
 # ---------------------------------------------------------------------------------------------
 # mismatches say what differs
-
-
-def test_check_compatible_names_each_field():
-    with pytest.raises(UserError) as err:
-        check_compatible(dict(TINY), {"vocab_size": 50304, "bias": False, "n_layer": 2})
-    msg = str(err.value)
-    assert "vocab_size: checkpoint has 128, requested 50304" in msg and "bias: checkpoint has True" in msg
-    assert "n_layer" not in msg
-    check_compatible(dict(TINY), {"vocab_size": 128})
 
 
 def test_inconsistent_nanogpt_checkpoint_is_named(tmp_path):

@@ -294,9 +294,9 @@ def test_nan_loss_skip_leaves_the_weights_unchanged_and_runs_to_the_end(data_dir
 def test_nan_skip_stops_when_whole_batches_stay_non_finite(data_dir, tmp_path):
     """Two whole global batches in a row non-finite: the weights went bad, skipping cannot help: exit 3."""
     out = tmp_path / "run"
-    # forward 8 is iteration 7's, forward 9 its zero-weighted stand-in, forward 10 iteration 8's
+    # one training forward per iteration: forward 8 is iteration 7's, forward 9 iteration 8's
     single(*one_rank_args(data_dir, out), "--max_iters", "12", "--checkpoint_interval", "5", "--on_nan", "skip",
-           nan_at="8,10", expect=3)
+           nan_at="8,9", expect=3)
     events = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "nonfinite_loss"]
     assert [(e["iter"], e["action"]) for e in events] == [(7, "skip"), (8, "stop")]
     assert (out / "latest").read_text() == "global_step5"

@@ -1,0 +1,66 @@
+"""Building a run: everything a rank can check on its own, before it joins the process group.
+
+Options, launcher environment, the resolved DeepSpeed JSON, the checkpoint to resume (verified)
+or the weights to start from, and the data files. Every rank does the same checks on the same
+inputs and reaches the same verdict, so a bad input is one error line per rank within a second
+or two, not a rendezvous on every node first. Nothing here imports DeepSpeed or creates a
+process group; the run directory is created only once every input has passed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ds_gpt import launch_env, run_dir
+from ds_gpt.checkpoint import CheckpointInfo, check_resumable, print_warning
+from ds_gpt.config import TrainConfig, parse_args
+from ds_gpt.data import TokenFile, check_data_dir
+from ds_gpt.init_weights import initial_weights
+from ds_gpt.interop import StartWeights
+from ds_gpt.launch_env import LaunchEnv
+from ds_gpt.model import GPTConfig
+from ds_gpt.run_config import RunConfig, adopt_model_args, resolve
+
+
+@dataclass
+class Startup:
+    """A run whose inputs have all been checked; ds_gpt.train runs it."""
+
+    cfg: TrainConfig
+    env: LaunchEnv
+    run: RunConfig
+    out_dir: Path
+    resume_from: CheckpointInfo | None  # the newest checkpoint that verifies, for resume/auto
+    init: StartWeights | None  # other weights to start from (--init_from weights:/nanogpt:/gpt2/HF)
+    data: dict[str, TokenFile]  # "train", "val"
+    overrides: list[str]  # what the CLI changed in the DeepSpeed JSON, for the log and config.json
+
+    @property
+    def shape(self) -> GPTConfig:
+        return GPTConfig(**self.run.model)
+
+
+def build_run(argv: list[str] | None = None) -> Startup:
+    """Parse, detect the launcher, resolve, find the resume point or weights, check the data."""
+    cfg = parse_args(argv)
+    env = launch_env.detect()
+    overrides: list[str] = []
+    run = resolve(cfg, env.world_size, cuda=torch.cuda.is_available(), overrides_log=overrides)
+    out_dir = Path(cfg.out_dir)
+    warn = print_warning if env.rank == 0 else (lambda message: None)  # one warning line per run, not per rank
+
+    resume_from = run_dir.resume_point(cfg.init_from, out_dir, warn)
+    init = None
+    if resume_from is not None:
+        check_resumable(resume_from, env.world_size, run.zero_stage)
+        adopt_model_args(run, resume_from.marker["model_args"], f"checkpoint {out_dir / resume_from.tag}")
+    else:
+        init = initial_weights(cfg)
+        if init is not None:
+            adopt_model_args(run, init.model_args, init.source)
+    shape = GPTConfig(**run.model)
+    data = check_data_dir(cfg.data_dir, shape.block_size, shape.vocab_size)
+    run_dir.prepare(out_dir)
+    return Startup(cfg, env, run, out_dir, resume_from, init, data, overrides)
