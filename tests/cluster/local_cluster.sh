@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
 # A real two-node SLURM cluster, plus ssh/pdsh between two host aliases, on this one machine.
 #
-#   tests/cluster/local_cluster.sh up       # install (once), configure, start; idempotent
-#   tests/cluster/local_cluster.sh status   # what runs, sinfo, ssh reachability
-#   tests/cluster/local_cluster.sh down     # stop only what `up` started
+#   tests/cluster/local_cluster.sh up              # install (once), configure, start; idempotent
+#   tests/cluster/local_cluster.sh status          # what runs, sinfo, ssh reachability
+#   tests/cluster/local_cluster.sh down            # stop only what `up` started
+#   tests/cluster/local_cluster.sh exec NODE CMD.. # run CMD with NODE's view of the filesystems
+#   tests/cluster/local_cluster.sh stop-sshd NODE  # make NODE unreachable over ssh (`up` restarts it)
 #
 # Debian's slurmd can run several node daemons on one host (`slurmd -N node1`), so
 # node1 and node2 are real slurmd processes on ports 17001/17002 under one slurmctld.
 # /etc/hosts gets node1 -> 127.0.0.2 and node2 -> 127.0.0.3 (all of 127/8 is loopback),
-# and an sshd listening on those two addresses lets pdsh (the deepspeed launcher's default
-# multi-node transport) "ssh into" each node. Runs as root; exit code 3 means "this
-# machine cannot host the cluster" (not root, no apt-get), which the tests turn into a skip.
+# and one sshd per node, listening on its address, lets pdsh (the deepspeed launcher's
+# default multi-node transport) "ssh into" each node.
+#
+# Each node lives in its own mount namespace (held open by a `sleep` process), where its
+# slurmd and its sshd run, so each node has a disk of its own like a real cluster's
+# /localscratch: a tmpfs at $STATE/local that no other node sees. Everything else is one
+# filesystem for all, like a cluster's network filesystem; mounts made later under
+# $STATE/shared (a shared mount point) reach every node, other new mounts do not.
+#
+# Runs as root; exit code 3 means "this machine cannot host the cluster" (not root, no
+# apt-get), which the tests turn into a skip.
 set -euo pipefail
 
 STATE=${DS_GPT_CLUSTER_STATE:-/var/lib/ds_gpt_local_cluster}
 MARK="# ds_gpt local cluster (tests/cluster/local_cluster.sh)"
-PACKAGES=(slurmctld slurmd slurm-client munge openssh-server openssh-client pdsh procps)
+PACKAGES=(slurmctld slurmd slurm-client munge openssh-server openssh-client pdsh procps util-linux)
 NODES=(node1 node2)
 declare -A NODE_ADDR=([node1]=127.0.0.2 [node2]=127.0.0.3)
 SLURM_CONF=/etc/slurm/slurm.conf
 HOST=$(hostname -s)
+NODE_LOCAL=$STATE/local    # each node's own disk (a tmpfs per node namespace)
+SHARED_MNT=$STATE/shared   # mounts made under here reach every node
+NODE_LOCAL_SIZE=2g
 
 say() { echo "local_cluster: $*" >&2; }
 die() { say "error: $*"; exit "${2:-1}"; }
@@ -128,13 +141,57 @@ EOF
     printf '%s\nName=gpu Type=a100 File=%s/fakegpu/nvidia[0-3]\n' "$MARK" "$STATE" >/etc/slurm/gres.conf
 }
 
+# Stop the process a pid file names, if it is still the program we expect.
+stop_pidfile() {  # stop_pidfile NAME COMM
+    local file=$STATE/$1.pid
+    if alive "$file" "$2"; then
+        local pid; pid=$(<"$file")  # read once: a daemon removes its pid file as it exits
+        kill "$pid" && say "stopped $2 ($pid)"
+        for _ in $(seq 50); do [[ -d /proc/$pid ]] || break; sleep 0.1; done
+    fi
+    rm -f "$file"
+}
+
+# The shared mount point: bound onto itself and marked shared before any node namespace
+# copies the mount table, so that a mount made under it later propagates to every node.
+shared_mount() {
+    mkdir -p "$SHARED_MNT"
+    if ! mountpoint -q "$SHARED_MNT"; then
+        mount --bind "$SHARED_MNT" "$SHARED_MNT"
+    fi
+    mount --make-shared "$SHARED_MNT"
+}
+
+# A node's mount namespace, held by a `sleep` whose pid file is ns-NODE.pid; its tmpfs at
+# $NODE_LOCAL is that node's local disk. A node whose namespace is gone loses its daemons too
+# (they would run with another node's view).
+node_namespace() {  # node_namespace NODE
+    local n=$1
+    alive "$STATE/ns-$n.pid" sleep && return 0
+    stop_pidfile "sshd-$n" sshd
+    stop_pidfile "slurmd-$n" slurmd
+    mkdir -p "$NODE_LOCAL"
+    setsid -f unshare --mount --propagation slave -- sh -c \
+        "mount -t tmpfs -o size=$NODE_LOCAL_SIZE,mode=1777 ds_gpt_$n '$NODE_LOCAL' && echo \$\$ >'$STATE/ns-$n.pid' && exec sleep infinity" \
+        </dev/null >/dev/null 2>>"$STATE/log/ns-$n.err"
+    for _ in $(seq 50); do alive "$STATE/ns-$n.pid" sleep && return 0; sleep 0.1; done
+    die "the mount namespace of $n did not start; see $STATE/log/ns-$n.err"
+}
+
+in_node() {  # in_node NODE CMD...: run CMD in NODE's mount namespace
+    local n=$1; shift
+    alive "$STATE/ns-$n.pid" sleep || die "$n is not up (tests/cluster/local_cluster.sh up)"
+    nsenter --target "$(<"$STATE/ns-$n.pid")" --mount -- "$@"
+}
+
 start_slurm() {
     if ! alive "$STATE/slurmctld.pid" slurmctld; then
         slurmctld
     fi
     for n in "${NODES[@]}"; do
         mkdir -p "$STATE/slurmd/$n"
-        alive "$STATE/slurmd-$n.pid" slurmd || slurmd -N "$n"
+        node_namespace "$n"
+        alive "$STATE/slurmd-$n.pid" slurmd || in_node "$n" slurmd -N "$n"
     done
     for _ in $(seq 60); do
         if [[ $(sinfo -h -N -o '%N %t' 2>/dev/null | grep -cE ' (idle|mix|alloc)') == 2 ]]; then return 0; fi
@@ -152,15 +209,15 @@ setup_ssh() {
     [[ -s $key ]] || ssh-keygen -q -t ed25519 -N '' -f "$key"
     touch "$HOME/.ssh/authorized_keys" && chmod 600 "$HOME/.ssh/authorized_keys"
     grep -qF "$(cut -d' ' -f2 "$key.pub")" "$HOME/.ssh/authorized_keys" || cat "$key.pub" >>"$HOME/.ssh/authorized_keys"
-    if ssh_ok node1 && ssh_ok node2; then return 0; fi
-    if ! alive "$STATE/sshd.pid" sshd; then
-        ssh-keygen -A >/dev/null
-        mkdir -p /run/sshd && chmod 755 /run/sshd
-        cat >"$STATE/sshd_config" <<EOF
+    ssh-keygen -A >/dev/null
+    mkdir -p /run/sshd && chmod 755 /run/sshd
+    stop_pidfile sshd sshd  # the one sshd for both nodes of earlier versions of this script
+    for n in "${NODES[@]}"; do
+        alive "$STATE/sshd-$n.pid" sshd && continue
+        cat >"$STATE/sshd-$n.config" <<EOF
 $MARK
-ListenAddress ${NODE_ADDR[node1]}
-ListenAddress ${NODE_ADDR[node2]}
-PidFile $STATE/sshd.pid
+ListenAddress ${NODE_ADDR[$n]}
+PidFile $STATE/sshd-$n.pid
 PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -168,8 +225,8 @@ UsePAM no
 AcceptEnv LANG LC_*
 Subsystem sftp internal-sftp
 EOF
-        /usr/sbin/sshd -f "$STATE/sshd_config"
-    fi
+        in_node "$n" /usr/sbin/sshd -f "$STATE/sshd-$n.config"
+    done
     # Record the host keys now, so the deepspeed launcher's non-interactive ssh never prompts.
     for n in "${NODES[@]}"; do
         for _ in $(seq 50); do ssh-keyscan -T 2 "$n" >"$STATE/keyscan" 2>/dev/null && [[ -s $STATE/keyscan ]] && break; sleep 0.1; done
@@ -187,6 +244,7 @@ up() {
     hosts_entries
     setup_munge
     write_slurm_conf
+    shared_mount
     start_slurm
     setup_ssh
     # pdsh is what `deepspeed --hostfile` runs; check it reaches both aliases.
@@ -201,14 +259,12 @@ down() {
         scancel --quiet 2>/dev/null || true
     fi
     local what
-    for what in sshd:sshd slurmd-node1:slurmd slurmd-node2:slurmd slurmctld:slurmctld munged:munged; do
-        local file=$STATE/${what%%:*}.pid comm=${what##*:}
-        if alive "$file" "$comm"; then
-            local pid; pid=$(<"$file")  # read once: a daemon removes its pid file as it exits
-            kill "$pid" && say "stopped $comm ($pid)"
-        fi
-        rm -f "$file"
+    for what in sshd:sshd sshd-node1:sshd sshd-node2:sshd slurmd-node1:slurmd slurmd-node2:slurmd \
+                ns-node1:sleep ns-node2:sleep slurmctld:slurmctld munged:munged; do
+        stop_pidfile "${what%%:*}" "${what##*:}"
     done
+    # The node namespaces (and their tmpfs disks) went with their last process.
+    if mountpoint -q "$SHARED_MNT"; then umount --recursive "$SHARED_MNT" || say "could not unmount $SHARED_MNT"; fi
     # Our /etc/hosts lines, by their marker; rewrite in place (it may be a bind mount).
     if grep -qF "$MARK" /etc/hosts; then
         local kept; kept=$(grep -vF "$MARK" /etc/hosts)
@@ -218,7 +274,8 @@ down() {
 
 status() {
     local what
-    for what in munged:munged slurmctld:slurmctld slurmd-node1:slurmd slurmd-node2:slurmd sshd:sshd; do
+    for what in munged:munged slurmctld:slurmctld ns-node1:sleep ns-node2:sleep slurmd-node1:slurmd \
+                slurmd-node2:slurmd sshd-node1:sshd sshd-node2:sshd; do
         if alive "$STATE/${what%%:*}.pid" "${what##*:}"; then echo "${what%%:*}: running ($(<"$STATE/${what%%:*}.pid"))"
         else echo "${what%%:*}: not started here"; fi
     done
@@ -226,9 +283,15 @@ status() {
     for n in "${NODES[@]}"; do ssh_ok "$n" && echo "ssh $n: ok" || echo "ssh $n: unreachable"; done
 }
 
+node_arg() {
+    [[ -n ${1:-} && -n ${NODE_ADDR[$1]:-} ]] || die "expected a node name (${NODES[*]}), got '${1:-}'" 2
+}
+
 case "${1:-}" in
     up) up ;;
     down) down ;;
     status) status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    exec) node_arg "${2:-}"; n=$2; shift 2; in_node "$n" "$@" ;;
+    stop-sshd) node_arg "${2:-}"; stop_pidfile "sshd-$2" sshd ;;
+    *) echo "usage: $0 up|down|status|exec NODE CMD...|stop-sshd NODE" >&2; exit 2 ;;
 esac
