@@ -1,0 +1,219 @@
+"""`python -m ds_gpt.preflight` on the local two-node cluster: the healthy cluster passes, and each
+fault, made real, gives its named line and exit 2.
+
+The faults: node2's sshd stopped; a hostfile naming a host outside the allocation; the master
+port bound by another process; data on node1's local disk only; an out_dir on a 1 MB tmpfs; an
+out_dir on node-local disks; an env file that leaves out a variable. Each is undone in a
+`finally`. One two-node allocation (salloc) serves every test in this file; the preflight runs
+with its variables, as it does inside a job. Assertions read the --json report.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO_ROOT, free_port, write_token_bins
+from test_cluster import CLUSTER_SH, cluster, job_env  # noqa: F401  (cluster: the session fixture)
+
+TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--vocab_size", "512",
+              "--dtype", "float32"]
+STATE = Path(os.environ.get("DS_GPT_CLUSTER_STATE", "/var/lib/ds_gpt_local_cluster"))
+NODE_LOCAL, SHARED_MNT = STATE / "local", STATE / "shared"  # as tests/cluster/local_cluster.sh sets them up
+CACHE_VARS = ("PATH", "DS_GPT_CACHE", "TORCH_EXTENSIONS_DIR", "TIKTOKEN_CACHE_DIR")
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+
+# -----------------------------------------------------------------------------
+# helpers, shared with test_staging.py
+
+
+def write_meta(data_dir: Path) -> Path:
+    """meta.json as ds_gpt.prepare writes it (tokens and sha256 per split) for write_token_bins' files."""
+    splits = {}
+    for split in ("train", "val"):
+        raw = (data_dir / f"{split}.bin").read_bytes()
+        splits[split] = {"tokens": len(raw) // 2, "sha256": hashlib.sha256(raw).hexdigest()}
+    (data_dir / "meta.json").write_text(json.dumps({"vocab_size": 512, "dtype": "uint16", "splits": splits}))
+    return data_dir
+
+
+def on_node(node: str, *cmd: str) -> subprocess.CompletedProcess:
+    """Run cmd with `node`'s view of the filesystems (its own local disk at NODE_LOCAL)."""
+    return subprocess.run(["bash", str(CLUSTER_SH), "exec", node, *cmd], capture_output=True, text=True, timeout=60)
+
+
+def write_env_file(path: Path, env: dict[str, str], names=CACHE_VARS) -> Path:
+    old = os.umask(0o077)
+    try:
+        path.write_text("".join(f"{k}={env[k]}\n" for k in names if k in env))
+    finally:
+        os.umask(old)
+    return path
+
+
+def failures(report: dict) -> dict[str, list[str]]:
+    return {c["check"]: c["hosts"] for c in report["checks"] if not c["ok"]}
+
+
+# -----------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def allocation(cluster, tmp_path_factory) -> dict[str, str]:  # noqa: F811
+    """The SLURM_* variables of a two-node allocation held for this file's tests (released after)."""
+    where = tmp_path_factory.mktemp("allocation")
+    env_file, hold = where / "env", where / "hold"
+    hold.touch()
+    # salloc runs the command here with the allocation's variables; the allocation lasts as long as it does.
+    holder = subprocess.Popen(
+        ["salloc", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=a100:1", "--cpus-per-task=1", "--time=15",
+         "bash", "-c", f"env -0 >{env_file}.tmp && mv {env_file}.tmp {env_file} && "
+         f"while [ -e {hold} ]; do sleep 0.5; done"],
+        cwd=REPO_ROOT, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not env_file.exists():
+        assert holder.poll() is None and time.monotonic() < deadline, "salloc gave no allocation"
+        time.sleep(0.5)
+    env = dict(item.split("=", 1) for item in env_file.read_text().split("\0") if "=" in item)
+    slurm = {k: v for k, v in env.items() if k.startswith("SLURM_")}
+    try:
+        yield slurm
+    finally:
+        hold.unlink()  # the command ends, and salloc releases the allocation
+        try:
+            holder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            subprocess.run(["scancel", slurm["SLURM_JOB_ID"]], capture_output=True)
+            holder.kill()
+            holder.wait()
+
+
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory) -> Path:
+    """A corpus with meta.json on the filesystem every node shares."""
+    return write_meta(write_token_bins(tmp_path_factory.mktemp("preflight_data")))
+
+
+def preflight(allocation: dict, tmp_path: Path, data_dir: Path, out_dir: Path, *args: str,
+              env_file_names=CACHE_VARS, env: dict | None = None) -> tuple[int, dict, str]:
+    """Run the preflight as a job would; (exit code, --json report, stderr)."""
+    env = {**job_env(), **allocation, "MASTER_PORT": str(free_port()), **(env or {})}
+    env["DS_ENV_FILE"] = str(write_env_file(tmp_path / "deepspeed_env", env, env_file_names))
+    report = tmp_path / "preflight.json"
+    proc = subprocess.run([PYTHON, "-m", "ds_gpt.preflight", "--data_dir", str(data_dir), "--out_dir", str(out_dir),
+                           "--json", str(report), *args, "--", *TINY_MODEL],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert report.exists(), proc.stderr
+    return proc.returncode, json.loads(report.read_text()), proc.stderr
+
+
+def assert_fails_with(result: tuple[int, dict, str], expected: dict[str, list[str]]) -> dict:
+    rc, report, stderr = result
+    assert rc == 2 and not report["ok"], stderr
+    assert failures(report) == expected, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == len(expected), "one line per failed check"
+    assert all(line.startswith("ds_gpt.preflight: ") and "(HINT: " in line for line in lines), stderr
+    return report
+
+
+# -----------------------------------------------------------------------------
+# healthy
+
+
+def test_healthy_cluster_passes(allocation, shared_data: Path, tmp_path: Path) -> None:
+    rc, report, stderr = preflight(allocation, tmp_path, shared_data, tmp_path / "out")
+    assert rc == 0 and report["ok"], stderr
+    checks = {c["check"]: c for c in report["checks"]}
+    assert set(checks) == {"hostfile", "env", "ssh", "python", "master", "data", "out_dir", "allreduce"}
+    assert report["hosts"] == {"node1": 1, "node2": 1} and report["transport"] == "ssh"
+    assert report["data_meta"] and report["sha256_checked"]  # small data: hashed on every node
+    assert checks["env"]["mode"] == "0600"
+    ar = report["allreduce"]
+    assert ar["world_size"] == 2 and ar["backend"] == "gloo" and ar["busbw_gbps"] > 0
+    assert ar["link"].startswith("inter-node") and ar["assumed_gbps"] == 25.0
+    assert not list((tmp_path / "out").glob(".preflight*")), "the preflight leaves nothing in out_dir"
+
+
+# -----------------------------------------------------------------------------
+# one fault each
+
+
+def test_stopped_sshd_is_named(allocation, shared_data: Path, tmp_path: Path) -> None:
+    subprocess.run(["bash", str(CLUSTER_SH), "stop-sshd", "node2"], check=True, capture_output=True)
+    try:
+        result = preflight(allocation, tmp_path, shared_data, tmp_path / "out")
+    finally:
+        subprocess.run(["bash", str(CLUSTER_SH), "up"], check=True, capture_output=True, timeout=300)
+    assert_fails_with(result, {"ssh": ["node2"]})
+
+
+def test_host_outside_the_allocation(allocation, shared_data: Path, tmp_path: Path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=1\nnode2 slots=1\nnode3 slots=1\n")
+    assert_fails_with(preflight(allocation, tmp_path, shared_data, tmp_path / "out", "--hostfile", str(hostfile)),
+                      {"hostfile": ["node3"]})
+
+
+def test_master_port_in_use(allocation, shared_data: Path, tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as squatter:  # a stale rank's rendezvous server, say
+        squatter.bind(("0.0.0.0", port))
+        squatter.listen()
+        result = preflight(allocation, tmp_path, shared_data, tmp_path / "out", "--master_port", str(port))
+    assert_fails_with(result, {"port": ["node1"]})
+
+
+def test_data_on_one_node_only(allocation, shared_data: Path, tmp_path: Path) -> None:
+    local = NODE_LOCAL / f"preflight-{uuid.uuid4().hex[:8]}"
+    assert on_node("node1", "cp", "-r", str(shared_data), str(local)).returncode == 0
+    try:
+        report = assert_fails_with(preflight(allocation, tmp_path, local, tmp_path / "out"), {"data": ["node2"]})
+    finally:
+        on_node("node1", "rm", "-rf", str(local))
+    assert "not found" in next(c["message"] for c in report["checks"] if c["check"] == "data")
+
+
+def test_out_dir_too_small(allocation, shared_data: Path, tmp_path: Path) -> None:
+    small = SHARED_MNT / f"preflight-{uuid.uuid4().hex[:8]}"  # mounts here reach every node
+    small.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        report = assert_fails_with(preflight(allocation, tmp_path, shared_data, small), {"out_dir": ["node1", "node2"]})
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+        small.rmdir()
+    check = next(c for c in report["checks"] if c["check"] == "out_dir")
+    assert check["free_bytes"] <= 1 << 20 < check["need_bytes"] == 3 * report["model"]["checkpoint_bytes"]
+
+
+def test_out_dir_on_node_local_disks(allocation, shared_data: Path, tmp_path: Path) -> None:
+    """Checkpoint shards written to each node's own disk would never form one checkpoint."""
+    local = NODE_LOCAL / f"preflight-{uuid.uuid4().hex[:8]}"
+    for node in ("node1", "node2"):
+        on_node(node, "mkdir", "-p", str(local))
+    try:
+        report = assert_fails_with(preflight(allocation, tmp_path, shared_data, local), {"out_dir": ["node1", "node2"]})
+    finally:
+        for node in ("node1", "node2"):
+            on_node(node, "rm", "-rf", str(local))
+        subprocess.run(["rm", "-rf", str(local)])  # the token, in this host's view of that path
+    assert "not one filesystem" in next(c["message"] for c in report["checks"] if c["check"] == "out_dir")
+
+
+def test_env_file_without_a_variable(allocation, shared_data: Path, tmp_path: Path) -> None:
+    names = [n for n in CACHE_VARS if n != "TORCH_EXTENSIONS_DIR"]
+    report = assert_fails_with(preflight(allocation, tmp_path, shared_data, tmp_path / "out", env_file_names=names),
+                               {"env": []})
+    check = next(c for c in report["checks"] if c["check"] == "env")
+    assert list(check["problems"]) == ["TORCH_EXTENSIONS_DIR"]
