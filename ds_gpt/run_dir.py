@@ -72,7 +72,11 @@ def write_config(out_dir: Path, run: RunConfig, env: LaunchEnv, hosts: list[str]
            "launch_env": env.to_dict(), "device": device, "n_params": n_params,
            "peak_flops_per_device": peak_flops, "peak_source": peak_source, "overrides": overrides,
            "argv": sys.argv, "versions": versions()}
-    atomic.write_text(out_dir / "config.json", json.dumps(doc, indent=2, default=str))
+    try:
+        atomic.write_text(out_dir / "config.json", json.dumps(doc, indent=2, default=str))
+    except OSError as err:
+        raise UserError(f"cannot write {out_dir / 'config.json'}: {err.strerror}",
+                        hint="free space under --out_dir (or move it), then start again") from None
 
 
 def client_state(run: RunConfig, state: TrainState, sampler) -> dict:

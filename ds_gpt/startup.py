@@ -22,6 +22,7 @@ from ds_gpt.interop import StartWeights
 from ds_gpt.launch_env import LaunchEnv
 from ds_gpt.model import GPTConfig
 from ds_gpt.run_config import RunConfig, adopt_model_args, resolve
+from ds_gpt.run_lock import RunLock, this_launch
 
 
 @dataclass
@@ -36,6 +37,11 @@ class Startup:
     init: StartWeights | None  # other weights to start from (--init_from weights:/nanogpt:/gpt2/HF)
     data: dict[str, TokenFile]  # "train", "val"
     overrides: list[str]  # what the CLI changed in the DeepSpeed JSON, for the log and config.json
+    lock: RunLock | None  # rank 0's hold on out_dir, released when the run ends
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def shape(self) -> GPTConfig:
@@ -63,4 +69,5 @@ def build_run(argv: list[str] | None = None) -> Startup:
     shape = GPTConfig(**run.model)
     data = check_data_dir(cfg.data_dir, shape.block_size, shape.vocab_size)
     run_dir.prepare(out_dir)
-    return Startup(cfg, env, run, out_dir, resume_from, init, data, overrides)
+    lock = RunLock(out_dir, this_launch(env)).acquire(warn) if env.rank == 0 else None
+    return Startup(cfg, env, run, out_dir, resume_from, init, data, overrides, lock)

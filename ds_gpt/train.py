@@ -38,7 +38,7 @@ from ds_gpt.model import GPT
 from ds_gpt.nonfinite import NonFiniteGuard
 from ds_gpt.optimizer_state import apply_nanogpt_optimizer_state
 from ds_gpt.signals import GracefulStop
-from ds_gpt.startup import build_run
+from ds_gpt.startup import Startup, build_run
 
 
 @torch.no_grad()
@@ -101,6 +101,13 @@ def train_step(eng, sampler: RandomWindowSampler, step: int, guard: NonFiniteGua
 def main(argv: list[str] | None = None) -> int:
     # --- the run: options, launcher, DeepSpeed JSON, resume point, data; checked before any rendezvous
     start = build_run(argv)
+    try:
+        return train(start)
+    finally:
+        start.release()
+
+
+def train(start: Startup) -> int:
     cfg, run, out_dir, shape = start.cfg, start.run, start.out_dir, start.shape
 
     # --- process group, then data: nanoGPT's random windows, keyed by (seed, step) so every world size sees the same batch

@@ -157,25 +157,44 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_line_exit_2_and_nothing_lost(case, good_run, data_dir, tmp_path):
-    """Each bad input: exit 2, one `ds_gpt.train: error:` line naming it, no traceback, no file changed."""
+def break_inputs(case: str, good_run: Path, data_dir: Path, tmp_path: Path) -> list[str]:
+    """Copies of the data and of a good run with one thing broken; the trainer's arguments for them."""
     data, out = tmp_path / "data", tmp_path / "out"
     shutil.copytree(data_dir, data)
     shutil.copytree(good_run, out)
     (tmp_path / "a_file").write_text("a regular file where a directory is expected\n")
-    break_it, message = BAD_INPUTS[case]
+    break_it, _ = BAD_INPUTS[case]
     extra = break_it(tmp_path, data, out)
-    before = snapshot(tmp_path)
     # --init_from auto, as a requeued job would run: it finds the good checkpoint, then the bad input.
-    proc = single("--data_dir", str(data), "--out_dir", str(out), *MODEL, "--micro_batch_size", "2",
-                  "--gradient_accumulation_steps", "1", "--init_from", "auto", *extra, expect=None, timeout=120)
+    return ["--data_dir", str(data), "--out_dir", str(out), *MODEL, "--micro_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--init_from", "auto", *extra]
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_refused_while_building_the_run_and_nothing_is_lost(case, good_run, data_dir, tmp_path,
+                                                                         monkeypatch):
+    """Each bad input: a UserError naming it from the building part (before any process group), no file changed."""
+    from ds_gpt.errors import UserError
+    from ds_gpt.startup import build_run
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    argv = break_inputs(case, good_run, data_dir, tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError) as raised:
+        build_run(argv)
+    assert BAD_INPUTS[case][1] in str(raised.value)
+    assert snapshot(tmp_path) == before  # no file written, changed or removed
+    assert not (tmp_path / "empty_out").exists()
+
+
+def test_bad_input_through_the_command_is_one_line_and_exit_2(good_run, data_dir, tmp_path):
+    """The command's contract for all the cases above: exit 2, one `error:` line, no traceback."""
+    proc = single(*break_inputs("token_id_over_vocab", good_run, data_dir, tmp_path), expect=None, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = error_lines(proc.stderr)
-    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1 and BAD_INPUTS["token_id_over_vocab"][1] in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert snapshot(tmp_path) == before  # no file written, changed or removed
-    assert not (tmp_path / "empty_out").exists() or not any((tmp_path / "empty_out").iterdir())
 
 
 # --- 2. a crash in the middle of a save ----------------------------------------------------
@@ -208,7 +227,7 @@ def test_crash_between_shard_writes_resumes_from_the_previous_checkpoint(data_di
     (out / "latest").write_text("global_step10")
 
     proc = train(2, *args, "--init_from", "resume", "--max_iters", "12")
-    assert "global_step10" in proc.stderr and "not a complete checkpoint" in proc.stderr
+    assert "skipping incomplete checkpoint(s) global_step10" in proc.stderr
     start = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "start"][-1]
     assert (start["resumed_from"], start["iter"]) == ("global_step5", 5)
     resumed = losses(out)

@@ -1,0 +1,78 @@
+"""The training step reads the device once: every way a tensor's value can reach the host is counted."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import pytest
+import torch
+
+from conftest import free_port, write_token_bins
+
+# Each of these waits for the device to finish before it returns a host value.
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def counting_host_reads(counts: dict[str, list[str]]):
+    """Count host reads made by ds_gpt's own code (DeepSpeed's internals are its own business)."""
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("ds_gpt"):
+                counts.setdefault(name, []).append(caller)
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory):
+    """A real one-rank engine (ZeRO-1, 4 micro-batches per step) and its sampler, in this process."""
+    from ds_gpt import engine as ds_engine
+    from ds_gpt.data import RandomWindowSampler
+    from ds_gpt.model import GPT
+    from ds_gpt.startup import build_run
+
+    tmp = tmp_path_factory.mktemp("syncs")
+    mp = pytest.MonkeyPatch()
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        mp.setenv(k, v)
+    start = build_run(["--data_dir", str(write_token_bins(tmp / "data")), "--out_dir", str(tmp / "out"),
+                       "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "512",
+                       "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2",
+                       "--gradient_accumulation_steps", "4", "--zero_stage", "1"])
+    ds_engine.init_distributed(60, start.env)
+    eng = ds_engine.build_engine(GPT(start.shape), start.run)
+    sampler = RandomWindowSampler(start.data["train"], "train", 32, 512, 1337, 2, 4, 1, 0)
+    yield eng, sampler
+    mp.undo()
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_one_step_reads_the_device_once(one_rank_run, policy):
+    from ds_gpt.flops_profile import FlopsProfileCapture
+    from ds_gpt.nonfinite import NonFiniteGuard
+    from ds_gpt.signals import GracefulStop
+    from ds_gpt.train import train_step
+
+    eng, sampler = one_rank_run
+    guard = NonFiniteGuard(policy, micro_batches_per_step=4, model=eng.module)
+    profile = FlopsProfileCapture(eng, profile_step=None, output_file="unused", n_params=1, n_layer=2, n_embd=32,
+                                  peak_flops=1.0)
+    counts: dict[str, list[str]] = {}
+    with counting_host_reads(counts):
+        result = train_step(eng, sampler, 0, guard, GracefulStop(), profile)
+    assert result.action == "ok" and result.loss == result.loss
+    assert sum(len(callers) for callers in counts.values()) == 1, counts
+    assert counts == {"tolist": ["ds_gpt.engine"]}  # the step's one all-reduce, read back once
