@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -188,14 +189,34 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def validate(cfg: TrainConfig) -> None:
     """Collect every problem with the options and report them together, once."""
     problems = []
+    # nan and inf parse as floats (from the CLI and from TOML) but poison whatever they touch.
+    floats = [f.name for f in dataclasses.fields(TrainConfig) if _base_type(_field_types()[f.name]) is float]
+    nonfinite = {name for name in floats if getattr(cfg, name) is not None and not math.isfinite(getattr(cfg, name))}
+    problems += [f"{name} must be a finite number (got {getattr(cfg, name)})" for name in floats if name in nonfinite]
+
+    def known(name: str) -> bool:  # set, and finite: range checks make sense
+        return getattr(cfg, name) is not None and name not in nonfinite
+
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "max_iters", "eval_iters",
                  "log_interval", "eval_interval", "checkpoint_interval", "pg_timeout"):
         if getattr(cfg, name) <= 0:
             problems.append(f"{name} must be positive (got {getattr(cfg, name)})")
-    if cfg.n_embd % cfg.n_head:
+    if cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
-    if not 0.0 <= cfg.dropout < 1.0:
+    if known("dropout") and not 0.0 <= cfg.dropout < 1.0:
         problems.append(f"dropout must be in [0, 1) (got {cfg.dropout})")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        if known(name) and getattr(cfg, name) < 0:
+            problems.append(f"{name} must be >= 0 (got {getattr(cfg, name)})")
+    # The cosine decays from learning_rate down to min_lr. Unchecked: learning_rate None (the
+    # JSON's value, read later), and 0, which keeps the weights as loaded through the warmup.
+    if cfg.decay_lr and known("learning_rate") and known("min_lr") and 0 < cfg.learning_rate < cfg.min_lr:
+        problems.append(f"min_lr ({cfg.min_lr}) must not exceed learning_rate ({cfg.learning_rate}): "
+                        "lower --min_lr with it (nanoGPT uses learning_rate / 10)")
+    if known("peak_tflops") and cfg.peak_tflops <= 0:
+        problems.append(f"peak_tflops must be positive (got {cfg.peak_tflops})")
+    if not 0 <= cfg.seed < 2**32:  # numpy's and DeepSpeed's seeds are 32-bit unsigned
+        problems.append(f"seed must be in [0, 2**32) (got {cfg.seed})")
     if cfg.zero_stage is not None and cfg.zero_stage not in ZERO_STAGES:
         problems.append(f"zero_stage must be one of 0, 1, 2, 3 (got {cfg.zero_stage})")
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
@@ -206,6 +227,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"need 0 <= warmup_iters ({cfg.warmup_iters}) <= lr_decay_iters ({cfg.lr_decay_iters})")
     if cfg.keep_last < 1:
         problems.append(f"keep_last must be at least 1 (got {cfg.keep_last})")
+    if cfg.milestone_every < 0:
+        problems.append(f"milestone_every must be >= 0, 0 for none (got {cfg.milestone_every})")
     try:
         cfg.milestone_set()
     except ValueError:

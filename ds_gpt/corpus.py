@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_gpt.errors import UserError
+from ds_gpt.errors import UserError, not_utf8, os_error
 from ds_gpt.paths import cache_dir
 
 OPENWEBTEXT = "Skylion007/openwebtext"  # what nanoGPT's load_dataset("openwebtext") resolves to
@@ -80,7 +80,7 @@ def resolve_source(dataset: str | None, inputs: list[str] | None, text_field: st
     for pattern in inputs or []:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matches:
-            raise UserError(f"no file matches --input {pattern}")
+            raise UserError(f"no file matches --input {pattern}", hint="check the path; quote a glob ('DIR/*.txt')")
         for m in matches:
             if not os.path.isfile(m):
                 raise UserError(f"--input {m} is not a file", hint="pass files or a glob such as DIR/*.txt")
@@ -132,13 +132,8 @@ def _check_utf8(column, source: Source) -> None:
         column.validate(full=True)
     except pa.ArrowInvalid as err:
         if source.builder == "json" and (bad := _first_non_utf8(source.files)):
-            raise _not_utf8(*bad) from None
+            raise not_utf8(*bad) from None
         raise UserError(f"the corpus holds text that is not UTF-8 ({err})") from None
-
-
-def _not_utf8(path: str, offset: int) -> UserError:
-    return UserError(f"{path} is not UTF-8 (invalid byte at offset {offset})",
-                     hint=f"convert it, e.g. iconv -f latin1 -t utf-8 {path}")
 
 
 def _explain(source: Source, err: Exception) -> UserError:
@@ -149,7 +144,9 @@ def _explain(source: Source, err: Exception) -> UserError:
         e = e.__cause__ or e.__context__
     text_files = source.files if source.builder in ("text", "json") else ()
     if any(isinstance(e, UnicodeDecodeError) for e in chain) and (bad := _first_non_utf8(text_files)):
-        return _not_utf8(*bad)
+        return not_utf8(*bad)
+    if (os_err := next((e for e in chain if isinstance(e, OSError) and e.filename), None)) is not None:
+        return os_error(os_err)  # the cache dir (--cache_dir, HF_DATASETS_CACHE) or an input: read-only, full ...
     cause = chain[-1]
     if not source.files:
         return UserError(f"could not load {source.builder} from the Hugging Face Hub: "

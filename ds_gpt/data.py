@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ds_gpt import atomic, fileset
 from ds_gpt.errors import UserError
 
 TOKEN_DTYPE = np.uint16
@@ -35,6 +36,8 @@ def check_token_file(path: Path, block_size: int, vocab_size: int, full_scan_lim
     """Fail early, with the command that fixes it, on a file the loader would choke on later."""
     if not path.exists():
         raise UserError(f"{path} not found", hint=PREPARE_HINT)
+    if not path.is_file():
+        raise UserError(f"{path} is not a file", hint=PREPARE_HINT)
     size = path.stat().st_size
     if size == 0:
         raise UserError(f"{path} is empty", hint=PREPARE_HINT)
@@ -59,30 +62,47 @@ def check_token_file(path: Path, block_size: int, vocab_size: int, full_scan_lim
 
 
 def check_data_dir(data_dir: str | Path, block_size: int, vocab_size: int) -> dict[str, TokenFile]:
-    """train.bin and val.bin, checked against each other, meta.json (if any) and the model."""
+    """train.bin and val.bin, checked against each other, meta.json (if any) and the model.
+
+    A publish that prepare committed but could not finish (killed between its renames) is
+    finished first, so the set read is whole. With a meta.json (ours), each file's size must be
+    the one it records: sizes only, as a checksum of 17 GB on every start would take minutes.
+    nanoGPT's bins come without a meta.json and are read all the same.
+    """
     root = Path(data_dir)
     if not root.is_dir():
-        raise UserError(f"data directory {root} not found", hint=PREPARE_HINT)
+        raise UserError(f"data directory {root} {'is not a directory' if root.exists() else 'not found'}",
+                        hint=PREPARE_HINT)
+    fileset.recover(root, hint=PREPARE_HINT)
     meta_path = root / "meta.json"
     meta = None
-    if meta_path.exists():  # ours; nanoGPT's bins come without one and are read all the same
+    if meta_path.exists():
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(atomic.read_text(meta_path))
         except json.JSONDecodeError as err:
             raise UserError(f"{meta_path} is not valid JSON ({err.msg})", hint=PREPARE_HINT) from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("splits", {}), dict):
+            raise UserError(f"{meta_path} is not a ds_gpt meta.json", hint=PREPARE_HINT)
         if meta.get("dtype", "uint16") != "uint16":
             raise UserError(f"{meta_path} says dtype {meta.get('dtype')}; the loader reads uint16")
         if int(meta.get("vocab_size", 0)) > vocab_size:
             raise UserError(f"{meta_path} has vocab_size {meta['vocab_size']} > the model's {vocab_size}",
                             hint="raise --vocab_size")
+    itemsize = np.dtype(TOKEN_DTYPE).itemsize
+    dataset = (meta or {}).get("dataset")
+    redo = "rewrite the set: python -m ds_gpt.prepare " + (
+        f"--dataset {dataset}" if dataset in ("shakespeare", "openwebtext") else "--input <the sources in meta.json>"
+    ) + f" --out_dir {root}"
     files = {}
     for split in ("train", "val"):
-        f = check_token_file(root / f"{split}.bin", block_size, vocab_size)
-        expected = (meta or {}).get("splits", {}).get(split, {}).get("tokens")
-        if expected is not None and int(expected) != f.n_tokens:
-            raise UserError(f"{f.path} holds {f.n_tokens} tokens but meta.json says {expected}: "
-                            "the file is truncated or from another run", hint=PREPARE_HINT)
-        files[split] = f
+        path = root / f"{split}.bin"
+        recorded = (meta or {}).get("splits", {}).get(split) or {}
+        expected = recorded.get("bytes", itemsize * recorded["tokens"] if "tokens" in recorded else None)
+        if expected is not None and path.is_file() and path.stat().st_size != int(expected):
+            raise UserError(f"{path} holds {path.stat().st_size // itemsize} tokens but meta.json says "
+                            f"{int(expected) // itemsize}: the file is truncated or from another run",
+                            hint=redo)
+        files[split] = check_token_file(path, block_size, vocab_size)
     return files
 
 

@@ -5,6 +5,8 @@ and reported once, at the edge, by `run_cli`: one line on stderr, no traceback.
 """
 from __future__ import annotations
 
+import argparse
+import errno
 import os
 import sys
 from typing import Callable, NoReturn
@@ -32,8 +34,52 @@ class UserError(Exception):
         return f"{text} (HINT: {self.hint})" if self.hint else text
 
 
+# What to do about an OSError on a path the user gave; the path and the OS's words come with it.
+OS_ERROR_HINTS = {
+    errno.EACCES: "check its permissions, or pick another path",
+    errno.EPERM: "check its permissions, or pick another path",
+    errno.EROFS: "that filesystem is mounted read-only: pick a path on a writable one",
+    errno.ENOSPC: "free some space there (`df -h` shows how much is left), or pick another filesystem",
+    errno.EDQUOT: "your disk quota is used up there: free some space, or pick another filesystem",
+    errno.EISDIR: "that is a directory: give the path of a file",
+    errno.ENOTDIR: "a part of that path is a file, not a directory: fix the path",
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "a file is in the way where a directory is needed: fix the path",
+    errno.ENAMETOOLONG: "shorten the path",
+    errno.ELOOP: "a symbolic link on that path loops: fix the link",
+}
+# Errors of the filesystem or the user's rights, never of our code, even where no path is attached
+# (a write() that hits a full disk names no file).
+ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+
+def os_error(err: OSError, doing: str | None = None) -> UserError:
+    """One line for an OSError: what failed (`doing`, else the path), the OS's reason, and the fix."""
+    where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+    subject = doing or (str(where) if where is not None else "a file operation")
+    return UserError(f"{subject}: {err.strerror or err}", hint=OS_ERROR_HINTS.get(err.errno))
+
+
+def not_utf8(path: str | os.PathLike, offset: int, what: str = "") -> UserError:
+    """The error for a text file that is not UTF-8: its name and the first bad byte's offset."""
+    name = f"{what} {path}" if what else str(path)
+    return UserError(f"{name} is not UTF-8 text (invalid byte at offset {offset})",
+                     hint=f"convert it, e.g. iconv -f latin1 -t utf-8 {path}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are reported like every other bad input: one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog if self.prog.startswith("python") else f"python -m {self.prog.split()[0]}"
+        raise UserError(message, hint=f"{command} --help lists the options")
+
+
 def run_cli(main: Callable[[], int | None], prog: str = "ds_gpt", skip_teardown: bool = False) -> NoReturn:
     """Run a command's `main`, turning a UserError into one line on stderr and its exit code.
+
+    An OSError on a path (read-only, full, missing, a file where a directory belongs ...) and a
+    file that is not UTF-8 are bad input too: one line naming the path, the reason and the fix.
 
     `skip_teardown` ends the process with os._exit once `main` has returned or reported its
     error, for commands that close what they write themselves (the trainer). Interpreter
@@ -42,7 +88,15 @@ def run_cli(main: Callable[[], int | None], prog: str = "ds_gpt", skip_teardown:
     a finished run's 0 or a checkpointed stop's 75 into a signal death.
     """
     try:
-        code = main()
+        try:
+            code = main()
+        except OSError as err:  # a path the user gave: unreadable, read-only, full, of the wrong kind
+            if err.filename is None and err.errno not in ENVIRONMENT_ERRNOS:
+                raise  # not about the user's files: a bug, with its traceback
+            raise os_error(err) from None
+        except UnicodeDecodeError as err:  # a text file that is not UTF-8, read where no path was known
+            raise UserError(f"an input file is not UTF-8 text (invalid byte at offset {err.start})",
+                            hint="convert it, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8") from None
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         code = err.exit_code

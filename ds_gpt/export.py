@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from ds_gpt.errors import UserError, run_cli
-from ds_gpt.interop import (GPT2_VOCAB_SIZE, check_state_dict, hf_config, nanogpt_checkpoint,
-                            nanogpt_optimizer_state_from, to_hf_state_dict)
+from ds_gpt.checkpoint import load_fp32_state_dict, write_failed  # the one place that consolidates ZeRO shards
+from ds_gpt.errors import ArgumentParser, UserError, run_cli
+from ds_gpt.interop import GPT2_VOCAB_SIZE, check_state_dict, hf_config, nanogpt_checkpoint, to_hf_state_dict
 from ds_gpt.model import GPT, GPTConfig
+from ds_gpt.optimizer_state import nanogpt_optimizer_state_from
 
 FORMATS = ("nanogpt", "hf", "fp32")
 PADDED_GPT2_VOCAB = 50304
@@ -82,9 +83,15 @@ def write_fp32(dest: Path, state_dict: dict[str, torch.Tensor], client_state: di
 
 def _check_dest(dest: Path, force: bool) -> None:
     if dest.exists() and not dest.is_dir():
-        raise UserError(f"--dest {dest} exists and is not a directory")
+        raise UserError(f"--dest {dest} exists and is not a directory", hint="pick a directory path for --dest")
     if dest.is_dir() and any(dest.iterdir()) and not force:
         raise UserError(f"--dest {dest} is not empty", hint="pick a new --dest, or add --force to replace it")
+    parent = dest.parent  # where the export is staged, then renamed into place
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):  # read-only mounts included
+        raise UserError(f"cannot write --dest {dest}: {parent} is not a writable directory",
+                        hint="pick a --dest on a writable filesystem")
 
 
 def export(state_dict: dict[str, torch.Tensor], client_state: dict, fmt: str, dest: str | os.PathLike, *,
@@ -100,12 +107,19 @@ def export(state_dict: dict[str, torch.Tensor], client_state: dict, fmt: str, de
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        if fmt == "nanogpt":
-            write_nanogpt(tmp, state_dict, client_state)
-        elif fmt == "hf":
-            write_hf(tmp, state_dict, client_state, hf_vocab_size)
-        else:
-            write_fp32(tmp, state_dict, client_state)
+        try:
+            if fmt == "nanogpt":
+                write_nanogpt(tmp, state_dict, client_state)
+            elif fmt == "hf":
+                write_hf(tmp, state_dict, client_state, hf_vocab_size)
+            else:
+                write_fp32(tmp, state_dict, client_state)
+        except Exception as err:
+            if not write_failed(err):  # torch.save reports a full disk as a RuntimeError
+                raise
+            reason = err.strerror if isinstance(err, OSError) else "the write failed (a full disk or quota?)"
+            raise UserError(f"writing --dest {dest} failed: {reason}; nothing was replaced",
+                            hint="free some space there (`df -h` shows how much is left), or pick another --dest") from None
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from the rest of a shared group
         old = None
         if dest.exists():  # replace: move the old aside first, so a crash leaves one of the two
@@ -121,8 +135,8 @@ def export(state_dict: dict[str, torch.Tensor], client_state: dict, fmt: str, de
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ds_gpt.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="ds_gpt.export", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", required=True, help="the run directory holding the DeepSpeed checkpoints")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step5000 (default: the newest)")
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write (see above)")
@@ -131,11 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="hf: rows of the embedding to keep (default 50257 for vocab 50304, else all)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --dest")
     args = p.parse_args(argv)
-
-    from ds_gpt.checkpoint import load_fp32_state_dict  # the one place that consolidates ZeRO shards
-
     if not Path(args.out_dir).is_dir():
-        raise UserError(f"--out_dir {args.out_dir} does not exist")
+        raise UserError(f"--out_dir {args.out_dir} {'is not a directory' if Path(args.out_dir).exists() else 'does not exist'}",
+                        hint="pass the run directory, the one holding global_step* checkpoints")
     _check_dest(Path(args.dest), args.force)  # fail before the (slow) consolidation
     state_dict, client_state = load_fp32_state_dict(args.out_dir, tag=args.tag)
     dest = export(state_dict, client_state, args.format, args.dest,

@@ -7,14 +7,18 @@
 
 Nodes come from SLURM_JOB_NODELIST (or --nodelist), expanded by `scontrol show hostnames`
 where scontrol exists and by `expand_nodelist` (the same bracket syntax, pure Python) where
-it does not. Slots per node come from --slots, else SLURM_GPUS_ON_NODE, else
-SLURM_GPUS_PER_NODE (`4`, `a100:4`, `gpu:a100:4`), else SLURM_NTASKS_PER_NODE.
+it does not. Slots per node come from the first of:
+  --slots N                 the same on every node
+  SLURM_GPUS_ON_NODE        GPUs on every node (0, a CPU job, falls through)
+  SLURM_GPUS_PER_NODE       `4`, `a100:4`, `gpu:a100:4` (0, from --gpus-per-node=0, falls through)
+  SLURM_TASKS_PER_NODE      tasks per node in SLURM's compressed form, `4(x2),2`: node by node,
+                            so an uneven allocation gets the right slots on each node
+  SLURM_NTASKS_PER_NODE     the same on every node
 
 No torch or deepspeed here: this runs on a login node and in the batch script.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -25,7 +29,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ds_gpt import atomic
-from ds_gpt.errors import UserError, run_cli
+from ds_gpt.errors import ArgumentParser, UserError, os_error, run_cli
 
 # -----------------------------------------------------------------------------
 # SLURM node lists: "ng[10101-10102,10205],cdr7" -> ng10101 ng10102 ng10205 cdr7
@@ -115,32 +119,52 @@ def scontrol_hostnames(nodelist: str) -> list[str] | None:
 # slots per node
 
 
-def _positive_int(value: str, name: str) -> int:
-    if not value.strip().isdigit() or int(value) < 1:
-        raise UserError(f"{name}={value!r}: expected a positive integer")
+def _count(value: str, name: str, minimum: int = 1) -> int:
+    if not value.strip().isdigit() or int(value) < minimum:
+        raise UserError(f"{name}={value!r}: expected an integer >= {minimum}")
     return int(value)
 
 
 def gpus_from_gres(value: str) -> int:
-    """SLURM_GPUS_PER_NODE forms: "4", "a100:4", "gpu:a100:4", "a100:2,v100:2" (summed)."""
-    total = 0
+    """SLURM_GPUS_PER_NODE forms: "4", "a100:4", "gpu:a100:4", "a100:2,v100:2" (summed); "0" for none."""
+    return sum(_count(item.strip().rsplit(":", 1)[-1], "SLURM_GPUS_PER_NODE", minimum=0) for item in value.split(","))
+
+
+_TASKS = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
+
+
+def tasks_per_node(value: str) -> list[int]:
+    """SLURM_TASKS_PER_NODE, node by node: "4(x2),2" -> [4, 4, 2]."""
+    counts: list[int] = []
     for item in value.split(","):
-        count = item.strip().rsplit(":", 1)[-1]
-        total += _positive_int(count, "SLURM_GPUS_PER_NODE")
-    return total
+        m = _TASKS.match(item.strip())
+        if m is None or int(m.group(1)) < 1 or (m.group(2) is not None and int(m.group(2)) < 1):
+            raise UserError(f"SLURM_TASKS_PER_NODE={value!r}: {item!r} is not N or N(xM)")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
 
 
-def slots_per_node(slots: int | None, environ: Mapping[str, str]) -> int:
+def slots_per_node(slots: int | None, environ: Mapping[str, str], n_hosts: int) -> list[int]:
+    """Slots of each of the `n_hosts` nodes, from --slots or the allocation (see the module doc)."""
     if slots is not None:
         if slots < 1:
             raise UserError(f"--slots {slots}: expected a positive integer")
-        return slots
+        return [slots] * n_hosts
+    gpus = 0
     if environ.get("SLURM_GPUS_ON_NODE"):
-        return _positive_int(environ["SLURM_GPUS_ON_NODE"], "SLURM_GPUS_ON_NODE")
-    if environ.get("SLURM_GPUS_PER_NODE"):
-        return gpus_from_gres(environ["SLURM_GPUS_PER_NODE"])
+        gpus = _count(environ["SLURM_GPUS_ON_NODE"], "SLURM_GPUS_ON_NODE", minimum=0)
+    if not gpus and environ.get("SLURM_GPUS_PER_NODE"):
+        gpus = gpus_from_gres(environ["SLURM_GPUS_PER_NODE"])
+    if gpus:
+        return [gpus] * n_hosts
+    if environ.get("SLURM_TASKS_PER_NODE"):
+        counts = tasks_per_node(environ["SLURM_TASKS_PER_NODE"])
+        if len(counts) != n_hosts:
+            raise UserError(f"SLURM_TASKS_PER_NODE={environ['SLURM_TASKS_PER_NODE']!r} describes {len(counts)} "
+                            f"node(s) but the node list has {n_hosts}", hint="pass --slots N")
+        return counts
     if environ.get("SLURM_NTASKS_PER_NODE"):
-        return _positive_int(environ["SLURM_NTASKS_PER_NODE"], "SLURM_NTASKS_PER_NODE")
+        return [_count(environ["SLURM_NTASKS_PER_NODE"], "SLURM_NTASKS_PER_NODE")] * n_hosts
     raise UserError("cannot tell how many slots each node has",
                     hint="pass --slots N, or request --gpus-per-node / --ntasks-per-node")
 
@@ -149,8 +173,8 @@ def slots_per_node(slots: int | None, environ: Mapping[str, str]) -> int:
 # hostfile text
 
 
-def format_hostfile(hosts: list[str], slots: int) -> str:
-    return "".join(f"{host} slots={slots}\n" for host in hosts)
+def format_hostfile(hosts: list[str], slots: list[int]) -> str:
+    return "".join(f"{host} slots={n}\n" for host, n in zip(hosts, slots, strict=True))
 
 
 _LINE = re.compile(r"^(?P<host>[A-Za-z0-9._-]+)\s+slots=(?P<slots>\d+)$")
@@ -164,9 +188,9 @@ def read_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = atomic.read_text(path, "hostfile")
     except OSError as err:
-        raise UserError(f"cannot read hostfile {path}: {err.strerror}") from None
+        raise os_error(err, doing=f"cannot read hostfile {path}") from None
     entries: list[tuple[str, int]] = []
     seen: set[str] = set()
     for lineno, raw in enumerate(text.splitlines(), start=1):
@@ -195,7 +219,7 @@ def read_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(prog="python -m ds_gpt.hostfile", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m ds_gpt.hostfile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the hostfile here (default: print it)")
     parser.add_argument("--slots", type=int, help="slots (GPUs / ranks) per node")
     parser.add_argument("--nodelist", help="SLURM node list (default: $SLURM_JOB_NODELIST)")
@@ -213,7 +237,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                         hint=f"pass --nodelist, or write `{socket.gethostname()} slots=N` by hand")
     expand_nodelist(nodelist)  # our own checks first, so a malformed list gets the same message everywhere
     hosts = scontrol_hostnames(nodelist) or expand_nodelist(nodelist)
-    text = format_hostfile(hosts, slots_per_node(args.slots, environ))
+    text = format_hostfile(hosts, slots_per_node(args.slots, environ, len(hosts)))
     if args.out:
         atomic.write_text(args.out, text)  # a running launcher never reads half a file
         print(f"wrote {args.out}: {len(hosts)} host(s)", file=sys.stderr)

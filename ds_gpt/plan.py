@@ -173,7 +173,11 @@ def render(p: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_gpt.plan", description=__doc__.split("\n\n")[0])
+    import math
+
+    from ds_gpt.errors import ArgumentParser
+
+    ap = ArgumentParser(prog="python -m ds_gpt.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="124M", choices=list(MODELS), help="GPT-2 size")
     ap.add_argument("--n_layer", type=int, help="override the preset's layers")
     ap.add_argument("--n_head", type=int, help="override the preset's heads")
@@ -191,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max_iters", type=int, default=600_000)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    # Counts below 1 and non-finite numbers would end in a ZeroDivisionError or a nan plan.
+    bad = [f"--{k} must be >= 1 (got {v})" for k, v in vars(args).items()
+           if k not in ("zero_stage", "json") and isinstance(v, int) and not isinstance(v, bool) and v < 1]
+    bad += [f"--{k} must be a finite number > 0 (got {v})" for k, v in vars(args).items()
+            if isinstance(v, float) and not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise UserError("; ".join(bad))
     preset = MODELS[args.model]
     n_layer, n_head, n_embd = (v if v is not None else d for v, d in zip((args.n_layer, args.n_head, args.n_embd), preset))
     p = plan(n_layer, n_head, n_embd, gpus=args.gpus, gpu=args.gpu.lower(), zero_stage=args.zero_stage, mfu=args.mfu,

@@ -12,19 +12,22 @@ Output, in nanoGPT's format so either project reads the other's bins:
 Documents are split as nanoGPT splits them (ceil(n * val_fraction) val documents, seed 2357),
 then encoded in batches by --num_proc worker processes. Each batch comes back as one flat
 uint16 array (nanoGPT's datasets.map stores a token list per document, which costs more than
-the BPE itself) and is streamed in order into a memmap preallocated to an upper bound, one
-shard at a time, so memory stays bounded; the file is trimmed at the end. Everything is
-written under temporary names, fsynced and renamed last: a failed or interrupted run leaves
-the previous output as it was. A re-run whose inputs and options match meta.json does nothing.
+the BPE itself) and is appended in order with ordinary file writes, so memory stays bounded and
+a full disk is an ENOSPC error (one line, exit 2), not the SIGBUS that writing through a memmap
+of a sparse file gets. The three files are written under hidden names, fsynced, read back
+against their sha256, and published as one unit (ds_gpt/fileset.py): a run that fails or is
+killed at any instant leaves the previous set or the new one, never a mix. A re-run whose
+inputs and options match meta.json does nothing.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
+import shutil
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,21 +36,20 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from ds_gpt import atomic
-from ds_gpt import corpus
-from ds_gpt.errors import UserError, run_cli
+from ds_gpt import corpus, fileset
+from ds_gpt.errors import ArgumentParser, UserError, os_error, run_cli
 from ds_gpt.paths import REPO_ROOT
 from ds_gpt.tokenizer import EOT_TOKEN, RANKS_SHA256, VOCAB_SIZE, encode_documents, get_encoding
 
 FORMAT = 1  # bump when the bytes written for the same inputs change
 SPLITS = ("train", "val")
-SHARD_TOKENS = 1 << 24  # tokens per memmap window: at most 32 MB of dirty pages in flight
+FILES = ("train.bin", "val.bin", "meta.json")  # published together, meta.json last
 BATCH_BYTES = 4 << 20  # text per worker task: amortises the IPC, still balances the cores
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ds_gpt.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="ds_gpt.prepare", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     # source: exactly one
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", choices=["openwebtext", "shakespeare"],
@@ -79,45 +81,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # writing one split
 
 class TokenWriter:
-    """Streams uint16 ids into a file preallocated to `capacity` tokens, through one memmap
-    window (shard) at a time, then trims it. Unmapping each flushed window keeps the process's
-    resident memory at one shard whatever the corpus size."""
+    """Appends uint16 ids to a new file with ordinary buffered writes, hashing them on the way.
 
-    def __init__(self, path: Path, capacity: int, shard_tokens: int = SHARD_TOKENS):
-        self.path, self.capacity, self.shard_tokens = path, capacity, shard_tokens
-        with open(path, "wb") as f:
-            f.truncate(2 * capacity)  # sparse on common filesystems: no disk used until written
+    A full disk raises ENOSPC from write() or close(), which the command reports; a memmap of a
+    preallocated sparse file would take SIGBUS instead, which no Python code can catch."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")
         self.pos = 0  # tokens written
-        self.window, self.window_start = None, 0
         self.sha256 = hashlib.sha256()
 
     def write(self, ids: np.ndarray) -> None:
-        if self.pos + len(ids) > self.capacity:
-            raise RuntimeError("more tokens than UTF-8 bytes + documents: the size bound is wrong")
+        ids = np.ascontiguousarray(ids, dtype=np.uint16)
         self.sha256.update(ids)
-        while len(ids):
-            if self.window is None or self.pos == self.window_start + len(self.window):
-                self._close_window()
-                self.window_start = self.pos
-                size = min(self.shard_tokens, self.capacity - self.pos)
-                self.window = np.memmap(self.path, np.uint16, "r+", offset=2 * self.pos, shape=(size,))
-            at = self.pos - self.window_start
-            n = min(len(ids), len(self.window) - at)
-            self.window[at:at + n] = ids[:n]
-            self.pos, ids = self.pos + n, ids[n:]
-
-    def _close_window(self) -> None:
-        if self.window is not None:
-            self.window.flush()
-            self.window = None  # unmaps it
+        self.file.write(ids.data)
+        self.pos += len(ids)
 
     def close(self) -> tuple[int, str]:
-        """Trim to the tokens written, fsync; returns (tokens, sha256 of the bytes)."""
-        self._close_window()
-        with open(self.path, "r+b") as f:
-            f.truncate(2 * self.pos)
-            os.fsync(f.fileno())
+        """Flush and fsync; returns (tokens, sha256 of the bytes)."""
+        with self.file:
+            self.file.flush()
+            os.fsync(self.file.fileno())
         return self.pos, self.sha256.hexdigest()
+
+    def abort(self) -> None:
+        """Close after a failure: the buffered rest may not fit either, and the file is discarded."""
+        with contextlib.suppress(OSError):
+            self.file.close()
 
 
 # Worker state: set once per process by _init_worker, so a task carries only its indices.
@@ -148,20 +139,23 @@ def make_batches(idx: np.ndarray, nbytes: np.ndarray, batch_bytes: int, min_batc
 def write_split(imap: Callable, idx: np.ndarray, nbytes: np.ndarray, path: Path,
                 num_proc: int, desc: str) -> dict:
     text_bytes = int(nbytes[idx].sum())
-    # a GPT-2 token spans >= 1 UTF-8 byte, plus one EOT per document: never more tokens than this
-    writer = TokenWriter(path, text_bytes + len(idx))
+    writer = TokenWriter(path)
     batches = make_batches(idx, nbytes, BATCH_BYTES, min_batches=8 * num_proc)
-    with tqdm(total=text_bytes, unit="B", unit_scale=True, desc=desc) as bar:
-        for batch, ids in zip(batches, imap(_encode_batch, batches)):
-            writer.write(ids)
-            bar.update(int(nbytes[batch].sum()))
-            bar.set_postfix(tokens=writer.pos, refresh=False)
-    tokens, sha256 = writer.close()
-    return {"tokens": tokens, "documents": len(idx), "sha256": sha256}
+    try:
+        with tqdm(total=text_bytes, unit="B", unit_scale=True, desc=desc) as bar:
+            for batch, ids in zip(batches, imap(_encode_batch, batches)):
+                writer.write(ids)
+                bar.update(int(nbytes[batch].sum()))
+                bar.set_postfix(tokens=writer.pos, refresh=False)
+        tokens, sha256 = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"tokens": tokens, "documents": len(idx), "bytes": 2 * tokens, "sha256": sha256}
 
 
 # -----------------------------------------------------------------------------
-# the output directory: no-op check, lock, atomic publish
+# the output directory: no-op check, lock, publish as a unit
 
 def wanted_meta(source: corpus.Source, seed: int, val_fraction: float) -> dict:
     """The meta.json fields that decide whether a re-run has anything to do."""
@@ -173,7 +167,7 @@ def wanted_meta(source: corpus.Source, seed: int, val_fraction: float) -> dict:
 def up_to_date(out_dir: Path, wanted: dict) -> bool:
     try:
         meta = json.loads((out_dir / "meta.json").read_text())
-        return all(meta.get(k) == v for k, v in wanted.items()) and all(
+        return not fileset.pending(out_dir) and all(meta.get(k) == v for k, v in wanted.items()) and all(
             (out_dir / f"{s}.bin").stat().st_size == 2 * meta["splits"][s]["tokens"] for s in SPLITS)
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -184,41 +178,40 @@ def check_writable(out_dir: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write --out_dir {out_dir}: {existing} is not a writable directory")
+        raise UserError(f"cannot write --out_dir {out_dir}: {existing} is not a writable directory",
+                        hint="pick an --out_dir on a writable filesystem")
 
 
 @contextlib.contextmanager
 def locked_out_dir(out_dir: Path) -> Iterator[None]:
-    """One prepare at a time per out_dir (parallel test sessions share a fixture dir); an out_dir
-    this run created is removed again if the run fails before writing anything."""
+    """One prepare at a time per out_dir (parallel test sessions share a fixture dir). Finishes a
+    publish a killed run committed, removes what killed runs staged; an out_dir this run created
+    is removed again if the run fails before publishing anything."""
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        for stale in out_dir.glob(".*.partial-*"):  # left by a killed run: nobody else holds the lock
-            stale.unlink()
-        yield
+        with fileset.locked(out_dir) as held:
+            if not held:
+                print(f"{out_dir}: the filesystem offers no file locks: do not run two prepares into it at once",
+                      file=sys.stderr)
+            fileset.roll_forward(out_dir, discard_broken=True)
+            if held:
+                fileset.remove_stale(out_dir)
+            yield
     except BaseException:
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        if created and {p.name for p in out_dir.iterdir()} <= {fileset.LOCK_NAME}:
+            shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    finally:
-        os.close(fd)
 
 
-def publish(out_dir: Path, staged: dict[str, Path], meta: dict) -> None:
-    with open(staged["meta.json"], "w") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
+def write_meta(path: Path, meta: dict) -> dict:
+    """meta.json, fsynced; returns its {"bytes", "sha256"} for the publish journal."""
+    data = (json.dumps(meta, indent=2) + "\n").encode()
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    # The old meta.json goes first: if we die between renames, no meta.json vouches for
-    # a mix of old and new bins, and the next run starts over.
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    for name in ("train.bin", "val.bin", "meta.json"):
-        os.replace(staged[name], out_dir / name)
-    atomic.fsync_dir(out_dir)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 # -----------------------------------------------------------------------------
@@ -233,7 +226,7 @@ def prepare(docs, out_dir: Path, wanted: dict, num_proc: int, tokenizer_cache: s
     if not nbytes.any():
         raise UserError(f"the corpus is empty: {len(docs)} document(s), none with any text")
     train_idx, val_idx = corpus.split_indices(len(docs), wanted["val_fraction"], wanted["seed"])
-    staged = {n: out_dir / f".{n}.partial-{os.getpid()}" for n in ("train.bin", "val.bin", "meta.json")}
+    staged = {name: fileset.staged_path(out_dir, name) for name in FILES}
     pool = None
     try:
         if num_proc > 1:
@@ -249,18 +242,24 @@ def prepare(docs, out_dir: Path, wanted: dict, num_proc: int, tokenizer_cache: s
         meta = {**wanted, "vocab_size": VOCAB_SIZE, "dtype": "uint16", "eot_token": EOT_TOKEN,
                 "splits": splits, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "versions": {"tiktoken": tiktoken.__version__, "datasets": datasets.__version__}}
-        publish(out_dir, staged, meta)
+        expected = {f"{split}.bin": {k: s[k] for k in ("bytes", "sha256")} for split, s in splits.items()}
+        expected["meta.json"] = write_meta(staged["meta.json"], meta)
+        fileset.publish(out_dir, staged, expected)
         return meta
     finally:
         if pool is not None:
             pool.terminate()
-        for path in staged.values():
-            path.unlink(missing_ok=True)
+        if not fileset.pending(out_dir):  # once committed, the staged files are the set: keep them
+            for path in staged.values():
+                path.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_writable(args.out_dir)
+    if fileset.pending(args.out_dir):
+        with locked_out_dir(args.out_dir):  # finishes the set a killed run committed, so it can be up to date
+            pass
     source = corpus.resolve_source(args.dataset, args.input, args.text_field)
     get_encoding(args.tokenizer_cache)  # no ranks: fail now, not after loading the corpus
     wanted = wanted_meta(source, args.seed, args.val_fraction)
@@ -275,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             if up_to_date(args.out_dir, wanted):  # another process just wrote it
                 return 0
             meta = prepare(docs, args.out_dir, wanted, args.num_proc, args.tokenizer_cache)
-    except OSError as err:
-        raise UserError(f"writing {args.out_dir} failed: {err.strerror or err}") from None
+    except OSError as err:  # the previous set is intact, and nothing this run staged is left
+        raise os_error(err, doing=f"writing --out_dir {args.out_dir} failed") from None
     dt = time.time() - t1
     tokens = sum(s["tokens"] for s in meta["splits"].values())
     for split, s in meta["splits"].items():

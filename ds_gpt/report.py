@@ -11,13 +11,13 @@ odd eval or checkpoint iteration do not move them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
 from pathlib import Path
 
-from ds_gpt.errors import UserError, run_cli
+from ds_gpt import atomic
+from ds_gpt.errors import ArgumentParser, UserError, run_cli
 
 # The seed's nanoGPT runs (estimate_mfu against 312 TFLOPS, 124M, 491,520 tokens/iter).
 BASELINES = [(0.34, "nanoGPT 8xA100 (34%)"), (0.39, "nanoGPT 2xA100 (39%)")]
@@ -32,11 +32,11 @@ def load_metrics(out_dir: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"no metrics file at {path}", hint="pass the --out_dir of a run that has logged")
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
             records.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a killed run; the others still count
+        except ValueError:  # UnicodeDecodeError included
+            continue  # a line cut short by a killed run (or garbled by a crash); the others still count
     if not records:
         raise UserError(f"{path} has no events yet", hint="wait for the first log_interval, then re-run")
     return records
@@ -201,7 +201,7 @@ def plot(path: Path, train: list[dict], evals: list[dict], profiles: list[dict])
     ax_mfu.set(title="MFU", xlabel="iter", ylabel="% of peak")
     ax_mfu.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -210,13 +210,14 @@ def write_report(out_dir: Path) -> tuple[Path, Path]:
     train, evals, profiles = split_events(load_metrics(out_dir))
     summary = summarize(load_config(out_dir), train, evals, profiles)
     md, png = out_dir / "report.md", out_dir / "report.png"
-    md.write_text(render_markdown(out_dir, summary))
-    plot(png, train, evals, profiles)
+    # Whole files or the old ones: a full disk or a read-only run directory leaves no half report.
+    atomic.write_with(png, lambda tmp: plot(tmp, train, evals, profiles))
+    atomic.write_text(md, render_markdown(out_dir, summary))
     return md, png
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_gpt.report", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m ds_gpt.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir", type=Path, help="the run directory (holds metrics.jsonl and config.json)")
     args = ap.parse_args(argv)
     md, png = write_report(args.out_dir)

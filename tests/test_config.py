@@ -119,6 +119,41 @@ def test_bad_options_are_user_errors(argv, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("argv, messages", [
+    (["--seed", "-1"], ["seed must be in [0, 2**32) (got -1)"]),
+    (["--seed", str(2**32)], ["seed must be in [0, 2**32)"]),
+    (["--learning_rate", "nan", "--min_lr", "inf"],
+     ["learning_rate must be a finite number (got nan)", "min_lr must be a finite number (got inf)"]),
+    (["--learning_rate=-1e-3", "--min_lr", "-1"], ["learning_rate must be >= 0", "min_lr must be >= 0"]),
+    (["--learning_rate", "1e-5"], ["min_lr (6e-05) must not exceed learning_rate (1e-05)"]),
+    (["--grad_clip", "-1", "--weight_decay", "-0.1"], ["grad_clip must be >= 0", "weight_decay must be >= 0"]),
+    (["--peak_tflops", "0"], ["peak_tflops must be positive (got 0.0)"]),
+    (["--peak_tflops=-inf", "--dropout", "nan"],
+     ["dropout must be a finite number (got nan)", "peak_tflops must be a finite number (got -inf)"]),
+    (["--milestone_every", "-5"], ["milestone_every must be >= 0"]),
+])
+def test_numeric_options_are_checked_all_at_once(argv, messages):
+    with pytest.raises(UserError) as err:
+        parse_args(argv)
+    assert all(m in str(err.value) for m in messages), str(err.value)
+    assert str(err.value).count(";") == len(messages) - 1  # each problem once, in one error
+
+
+@pytest.mark.parametrize("argv", [
+    ["--seed", "0"], ["--seed", str(2**32 - 1)], ["--learning_rate", "0"],  # lr 0: weights stay as loaded
+    ["--learning_rate", "1e-5", "--decay_lr", "False"], ["--learning_rate", "1e-4", "--min_lr", "1e-4"],
+    ["--grad_clip", "0", "--weight_decay", "0"],
+])
+def test_numeric_options_at_their_limits_are_accepted(argv):
+    parse_args(argv)
+
+
+def test_nan_from_a_config_file_is_refused(tmp_path):
+    (tmp_path / "c.toml").write_text("learning_rate = nan\nweight_decay = inf\n")
+    with pytest.raises(UserError, match="learning_rate must be a finite number .*weight_decay must be a finite"):
+        parse_args(["--config", str(tmp_path / "c.toml")])
+
+
 def test_bad_config_file(tmp_path):
     (tmp_path / "bad.toml").write_text("n_layr = 4\n")
     with pytest.raises(UserError, match="unknown option 'n_layr'"):

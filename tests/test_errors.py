@@ -1,4 +1,5 @@
-"""run_cli: the exit code a command's outcome maps to, with and without interpreter teardown."""
+"""run_cli: the exit code a command's outcome maps to (a user's bad path or text included: one line,
+exit 2; a bug: its traceback, exit 1), with and without interpreter teardown."""
 from __future__ import annotations
 
 import subprocess
@@ -13,6 +14,18 @@ OUTCOMES = {
     "SystemExit(3)": ("lambda: (_ for _ in ()).throw(SystemExit(3))", 3, ""),
     "UserError": ("lambda: (_ for _ in ()).throw(UserError('no data', hint='run prepare'))", 2,
                   "t: error: no data (HINT: run prepare)"),
+    # OSErrors on the user's paths, and text that is not UTF-8, are bad input too
+    "OSError on a path": ("lambda: open('/proc/no-such-dir/x', 'w')", 2,
+                          "t: error: /proc/no-such-dir/x: No such file or directory (HINT: check the path)\n"),
+    "full disk, no path": ("lambda: (_ for _ in ()).throw(OSError(28, 'No space left on device'))", 2,
+                           "t: error: a file operation: No space left on device (HINT: free some space there"),
+    "not UTF-8": ("lambda: bytes([0x61, 0xff]).decode()", 2,
+                  "t: error: an input file is not UTF-8 text (invalid byte at offset 1)"),
+    "usage error": ("lambda: ArgumentParser(prog='t').parse_args(['--nope'])", 2,
+                    "t: error: unrecognized arguments: --nope (HINT: python -m t --help lists the options)\n"),
+    # an OSError that is about no file of the user's is a bug: its traceback, exit 1
+    "OSError of ours": ("lambda: (_ for _ in ()).throw(ConnectionRefusedError(111, 'Connection refused'))", 1,
+                        "Traceback"),
 }
 
 
@@ -21,10 +34,13 @@ OUTCOMES = {
 def test_exit_codes_and_teardown(outcome, skip_teardown):
     main, code, message = OUTCOMES[outcome]
     script = ("import atexit\n"
-              "from ds_gpt.errors import UserError, run_cli\n"
+              "from ds_gpt.errors import ArgumentParser, UserError, run_cli\n"
               "atexit.register(lambda: print('teardown ran', flush=True))\n"
               f"run_cli({main}, prog='t', skip_teardown={skip_teardown})\n")
     proc = subprocess.run([PYTHON, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == code and message in proc.stderr
+    assert proc.returncode == code and message in proc.stderr, proc.stderr
+    if code == 2:  # one line, no traceback
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("t: error: "), proc.stderr
     # The trainer's exit skips teardown, where other libraries' leftover threads can abort the process.
-    assert ("teardown ran" in proc.stdout) == (not skip_teardown)
+    # (A bug's exception leaves run_cli, and Python exits the usual way.)
+    assert ("teardown ran" in proc.stdout) == (not skip_teardown or code == 1)

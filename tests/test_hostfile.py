@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ds_gpt.errors import EXIT_USER_ERROR, UserError
-from ds_gpt.hostfile import expand_nodelist, main, read_hostfile, slots_per_node
+from ds_gpt.hostfile import expand_nodelist, main, read_hostfile, slots_per_node, tasks_per_node
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,22 +35,71 @@ def test_expand_nodelist_rejects_malformed(bad: str) -> None:
 
 
 def test_slots_precedence() -> None:
-    env = {"SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_NODE": "a100:2", "SLURM_NTASKS_PER_NODE": "8"}
-    assert slots_per_node(3, env) == 3
-    assert slots_per_node(None, env) == 4
-    assert slots_per_node(None, {"SLURM_GPUS_PER_NODE": "a100:4"}) == 4
-    assert slots_per_node(None, {"SLURM_GPUS_PER_NODE": "gpu:a100:2,v100:2"}) == 4
-    assert slots_per_node(None, {"SLURM_GPUS_PER_NODE": "2"}) == 2
-    assert slots_per_node(None, {"SLURM_NTASKS_PER_NODE": "4"}) == 4
+    env = {"SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_NODE": "a100:2", "SLURM_TASKS_PER_NODE": "8(x2)",
+           "SLURM_NTASKS_PER_NODE": "8"}
+    assert slots_per_node(3, env, 2) == [3, 3]
+    assert slots_per_node(None, env, 2) == [4, 4]
+    assert slots_per_node(None, {"SLURM_GPUS_PER_NODE": "a100:4"}, 1) == [4]
+    assert slots_per_node(None, {"SLURM_GPUS_PER_NODE": "gpu:a100:2,v100:2"}, 1) == [4]
+    assert slots_per_node(None, {"SLURM_GPUS_PER_NODE": "2"}, 1) == [2]
+    assert slots_per_node(None, {"SLURM_NTASKS_PER_NODE": "4"}, 3) == [4, 4, 4]
+
+
+# What sbatch sets in the job's environment for each allocation (SLURM 22.05 on the local cluster
+# and the sbatch man page's OUTPUT ENVIRONMENT VARIABLES).
+ALLOCATIONS = {
+    "uneven tasks: --ntasks=10 over 3 nodes": (
+        {"SLURM_JOB_NODELIST": "cn[1-3]", "SLURM_TASKS_PER_NODE": "4(x2),2", "SLURM_NTASKS": "10"},
+        "cn1 slots=4\ncn2 slots=4\ncn3 slots=2\n"),
+    "a CPU job: --gpus-per-node=0 --ntasks-per-node=2": (
+        {"SLURM_JOB_NODELIST": "cn[1-2]", "SLURM_GPUS_PER_NODE": "0", "SLURM_NTASKS_PER_NODE": "2",
+         "SLURM_TASKS_PER_NODE": "2(x2)"},
+        "cn1 slots=2\ncn2 slots=2\n"),
+    "a CPU job with no per-node request: --gpus-per-node=0 --ntasks=3": (
+        {"SLURM_JOB_NODELIST": "cn[1-2]", "SLURM_GPUS_PER_NODE": "0", "SLURM_GPUS_ON_NODE": "0",
+         "SLURM_TASKS_PER_NODE": "2,1"},
+        "cn1 slots=2\ncn2 slots=1\n"),
+    "GPUs win over tasks: --gpus-per-node=a100:4 --ntasks-per-node=1": (
+        {"SLURM_JOB_NODELIST": "g[01-02]", "SLURM_GPUS_PER_NODE": "a100:4", "SLURM_TASKS_PER_NODE": "1(x2)",
+         "SLURM_NTASKS_PER_NODE": "1"},
+        "g01 slots=4\ng02 slots=4\n"),
+}
+
+
+@pytest.mark.parametrize("name", list(ALLOCATIONS))
+def test_hostfile_of_an_allocation(name: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol: the built-in node-list expander
+    env, text = ALLOCATIONS[name]
+    out = tmp_path / "hosts"
+    assert main(["--out", str(out)], environ=env) == 0
+    assert out.read_text() == text
+    assert read_hostfile(out) == [(line.split()[0], int(line.split("=")[1])) for line in text.splitlines()]
+
+
+@pytest.mark.parametrize("value, counts", [("4", [4]), ("4(x2),2", [4, 4, 2]), ("1,2(x3)", [1, 2, 2, 2]),
+                                           (" 3(x1) ", [3])])
+def test_tasks_per_node(value: str, counts: list[int]) -> None:
+    assert tasks_per_node(value) == counts
+
+
+@pytest.mark.parametrize("value", ["", "0", "4(x0)", "4(2)", "x", "4(x2", "4,,2"])
+def test_tasks_per_node_rejects_malformed(value: str) -> None:
+    with pytest.raises(UserError, match="SLURM_TASKS_PER_NODE"):
+        tasks_per_node(value)
+
+
+def test_tasks_per_node_must_cover_the_node_list() -> None:
+    with pytest.raises(UserError, match=r"describes 3 node\(s\) but the node list has 2 .*--slots"):
+        slots_per_node(None, {"SLURM_TASKS_PER_NODE": "4(x2),2"}, 2)
 
 
 @pytest.mark.parametrize("env", [{}, {"SLURM_GPUS_PER_NODE": "a100:x"}, {"SLURM_GPUS_ON_NODE": "0"},
-                                 {"SLURM_NTASKS_PER_NODE": "four"}])
+                                 {"SLURM_GPUS_PER_NODE": "0"}, {"SLURM_NTASKS_PER_NODE": "four"}])
 def test_slots_errors(env: dict) -> None:
     with pytest.raises(UserError):
-        slots_per_node(None, env)
+        slots_per_node(None, env, 1)
     with pytest.raises(UserError):
-        slots_per_node(0, {})
+        slots_per_node(0, {}, 1)
 
 
 def test_cli_writes_the_seed_hostfile(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -100,12 +149,15 @@ def test_read_hostfile_bad_line_names_its_number(tmp_path: Path, text: str, line
         read_hostfile(path)
 
 
-def test_read_hostfile_empty_or_missing(tmp_path: Path) -> None:
+def test_read_hostfile_empty_missing_or_not_utf8(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("# nothing\n")
     with pytest.raises(UserError, match="lists no hosts"):
         read_hostfile(tmp_path / "empty")
     with pytest.raises(UserError, match="cannot read"):
         read_hostfile(tmp_path / "missing")
+    (tmp_path / "latin1").write_bytes(b"node1 slots=2\n\xe9t\xe9 slots=1\n")  # "été" in latin-1
+    with pytest.raises(UserError, match=r"hostfile .*latin1 is not UTF-8 text \(invalid byte at offset 14\)"):
+        read_hostfile(tmp_path / "latin1")
 
 
 def test_check_cli_reports_a_bad_line_before_the_launcher_does(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ import pytest
 import tiktoken
 from datasets import Dataset
 
-from conftest import PYTHON, REPO_ROOT
-from ds_gpt import corpus, prepare, tokenizer
+from conftest import PYTHON, REPO_ROOT, write_token_bins
+from fs_faults import mounts  # noqa: F401  (a fixture)
+from ds_gpt import corpus, fileset, prepare, tokenizer
 from ds_gpt.errors import UserError
 
 DOCS = [
@@ -30,7 +31,7 @@ DOCS = [
     "short",
     "The last one, with a trailing newline.\n",
 ]
-OUTPUT = {"train.bin", "val.bin", "meta.json"}
+OUTPUT = {"train.bin", "val.bin", "meta.json", fileset.LOCK_NAME}
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,8 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
     proc = subprocess.run([PYTHON, "-m", "ds_gpt.prepare", "--input", str(tmp_path / "nope.txt"),
                            "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"ds_gpt.prepare: error: no file matches --input {tmp_path / 'nope.txt'}"]
+    assert proc.stderr.strip().splitlines() == [f"ds_gpt.prepare: error: no file matches --input {tmp_path / 'nope.txt'} "
+                                                 "(HINT: check the path; quote a glob ('DIR/*.txt'))"]
 
 
 @pytest.mark.parametrize("n,fraction,seed", [(2, 0.0005, 2357), (42, 0.0005, 2357), (1000, 0.1, 1), (7, 0.5, 3)])
@@ -182,11 +184,11 @@ def test_split_is_datasets_train_test_split(n, fraction, seed):
     assert train.tolist() == list(ref["train"]["i"]) and val.tolist() == list(ref["test"]["i"])
 
 
-def test_token_writer_streams_across_shards_and_trims(tmp_path):
+def test_token_writer_appends_and_hashes(tmp_path):
     rng = np.random.default_rng(0)
     chunks = [rng.integers(0, 50257, size=k, dtype=np.uint16) for k in (0, 5, 1, 23, 7, 7, 40)]
     path = tmp_path / "x.bin"
-    writer = prepare.TokenWriter(path, capacity=200, shard_tokens=7)
+    writer = prepare.TokenWriter(path)
     for c in chunks:
         writer.write(c)
     tokens, sha = writer.close()
@@ -235,3 +237,96 @@ def test_interrupted_run_leaves_the_previous_output(tmp_path, gpt2_ranks):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# --- a full disk, and publishing the three files as one unit -------------------------------
+
+def test_full_filesystem_is_one_error_and_keeps_the_previous_set(tmp_path, mounts, gpt2_ranks):
+    """ENOSPC, not SIGBUS: writing through a memmap of a sparse file on a full disk kills the process."""
+    disk = mounts.tmpfs(tmp_path / "disk", "256k")
+    out = disk / "out"
+    run(tmp_path, "--input", write_txt(tmp_path / "small", DOCS), "--out_dir", str(out), "--num_proc", "1")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta", "epsilon"], size=250_000)
+    big = write_txt(tmp_path / "big", [" ".join(words[i::2]) for i in range(2)])  # ~1.5 MB of text
+    proc = subprocess.run([PYTHON, "-m", "ds_gpt.prepare", "--input", big, "--out_dir", str(out), "--num_proc", "1",
+                           "--cache_dir", str(tmp_path / "hf")], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == [proc.stderr.strip().splitlines()[-1]] and "No space left on device" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial file, the old set whole
+    assert shutil.disk_usage(disk).used < 64 * 1024  # the space is given back
+
+
+def staged_new_set(tmp_path: Path, out: Path, argv: list[str]) -> dict[str, bytes]:
+    """Another corpus's set, prepared elsewhere with `argv` and staged in `out` as prepare stages it.
+    Returns the bytes of each file; the staged paths are fileset.staged_path(out, name)."""
+    run(tmp_path, *argv, "--out_dir", str(tmp_path / "elsewhere"))
+    for name in prepare.FILES:
+        shutil.copy(tmp_path / "elsewhere" / name, fileset.staged_path(out, name))
+    return {name: (tmp_path / "elsewhere" / name).read_bytes() for name in prepare.FILES}
+
+
+PUBLISH_STEPS = 1 + len(prepare.FILES) + 1  # the commit, one rename per file, the journal's removal
+
+
+@pytest.mark.parametrize("reader", ["trainer", "prepare"])
+@pytest.mark.parametrize("done", range(PUBLISH_STEPS))
+def test_a_publish_killed_after_any_step_leaves_the_old_or_the_new_set(tmp_path, reader, done, capsys):
+    """Stop the publish after `done` steps, as a kill would; whoever reads next sees one whole set."""
+    from ds_gpt.data import check_data_dir
+
+    out = tmp_path / "out"
+    run(tmp_path, "--input", write_txt(tmp_path / "old", DOCS), "--out_dir", str(out),
+        "--val_fraction", "0.25", "--num_proc", "1")
+    old = {name: (out / name).read_bytes() for name in prepare.FILES}
+    new_argv = ["--input", write_txt(tmp_path / "new", DOCS[::-1] + ["one more"]), "--val_fraction", "0.4",
+                "--num_proc", "1"]
+    new = staged_new_set(tmp_path, out, new_argv)
+    assert all(len(new[n]) != len(old[n]) for n in prepare.FILES)  # a mix would show in the sizes
+    staged = {name: fileset.staged_path(out, name) for name in prepare.FILES}
+    expected = {name: fileset.file_digest(path) for name, path in staged.items()}
+    for step in fileset.publish_steps(out, staged, expected)[:done]:
+        step()
+    capsys.readouterr()
+    if reader == "trainer":
+        check_data_dir(out, block_size=2, vocab_size=50304)
+    else:
+        run(tmp_path, *new_argv, "--out_dir", str(out))
+    seen = {name: (out / name).read_bytes() for name in prepare.FILES}
+    assert seen == (new if done or reader == "prepare" else old)
+    assert not fileset.pending(out)
+    if reader == "prepare":  # a committed set is finished, not encoded again
+        assert ("up to date" in capsys.readouterr().out) == (done > 0)
+        assert not list(out.glob(".*.partial-*"))
+
+
+def test_files_that_disagree_with_meta_json_are_refused_with_the_command(tmp_path):
+    """A set whose sizes are not meta.json's (a copy cut short, a .bin from another run)."""
+    from ds_gpt.data import check_data_dir
+
+    out = tmp_path / "out"
+    run(tmp_path, "--input", write_txt(tmp_path / "old", DOCS), "--out_dir", str(out), "--val_fraction", "0.25",
+        "--num_proc", "1")
+    with open(out / "train.bin", "ab") as f:
+        f.write(np.array([1, 2], dtype=np.uint16).tobytes())
+    with pytest.raises(UserError, match=rf"train\.bin holds .* but meta\.json says .*HINT: .*ds_gpt\.prepare .* --out_dir {out}"):
+        check_data_dir(out, block_size=2, vocab_size=50304)
+
+
+def test_an_unfinished_publish_on_a_read_only_mount_names_the_fix(tmp_path, mounts):
+    from ds_gpt.data import check_data_dir
+
+    def killed_after_commit(disk: Path) -> None:
+        out = disk / "out"
+        write_token_bins(out, n_train=100, n_val=50)
+        staged = {name: fileset.staged_path(out, name) for name in ("train.bin", "val.bin")}
+        for name, path in staged.items():
+            path.write_bytes((out / name).read_bytes()[:40])
+        fileset.publish_steps(out, staged, {n: fileset.file_digest(p) for n, p in staged.items()})[0]()
+
+    out = mounts.read_only(tmp_path / "disk", killed_after_commit) / "out"
+    assert fileset.pending(out)
+    with pytest.raises(UserError, match="unfinished publish .* cannot be finished here: Read-only file system"):
+        check_data_dir(out, block_size=2, vocab_size=512)
