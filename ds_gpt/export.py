@@ -119,7 +119,8 @@ def export(state_dict: dict[str, torch.Tensor], client_state: dict, fmt: str, de
                 raise
             reason = err.strerror if isinstance(err, OSError) else "the write failed (a full disk or quota?)"
             raise UserError(f"writing --dest {dest} failed: {reason}; nothing was replaced",
-                            hint="free some space there (`df -h` shows how much is left), or pick another --dest") from None
+                            hint="free some space there (`df -h` shows how much is left), "
+                                 "or pick another --dest") from None
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from the rest of a shared group
         old = None
         if dest.exists():  # replace: move the old aside first, so a crash leaves one of the two
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace a non-empty --dest")
     args = p.parse_args(argv)
     if not Path(args.out_dir).is_dir():
-        raise UserError(f"--out_dir {args.out_dir} {'is not a directory' if Path(args.out_dir).exists() else 'does not exist'}",
+        what = "is not a directory" if Path(args.out_dir).exists() else "does not exist"
+        raise UserError(f"--out_dir {args.out_dir} {what}",
                         hint="pass the run directory, the one holding global_step* checkpoints")
     _check_dest(Path(args.dest), args.force)  # fail before the (slow) consolidation
     state_dict, client_state = load_fp32_state_dict(args.out_dir, tag=args.tag)

@@ -179,4 +179,4 @@ def recover(root: Path, hint: str) -> None:
             roll_forward(root)
     except OSError as err:
         raise UserError(f"{root} holds an unfinished publish ({JOURNAL}) that cannot be finished here: "
-                        f"{err.strerror}", hint=f"run the prepare command where the directory is writable: {hint}") from None
+                        f"{err.strerror}", hint=f"run prepare where the directory is writable: {hint}") from None

@@ -13,7 +13,6 @@ Pure arithmetic on text and numbers: imports neither torch nor deepspeed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 
@@ -203,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise UserError("; ".join(bad))
     preset = MODELS[args.model]
-    n_layer, n_head, n_embd = (v if v is not None else d for v, d in zip((args.n_layer, args.n_head, args.n_embd), preset))
+    n_layer, n_head, n_embd = (v if v is not None else d
+                               for v, d in zip((args.n_layer, args.n_head, args.n_embd), preset, strict=True))
     p = plan(n_layer, n_head, n_embd, gpus=args.gpus, gpu=args.gpu.lower(), zero_stage=args.zero_stage, mfu=args.mfu,
              dtype=args.dtype, vocab_size=args.vocab_size, block_size=args.block_size, micro_batch=args.micro_batch,
              tokens_per_iter=args.tokens_per_iter, max_iters=args.max_iters, gpu_mem_gb=args.gpu_mem_gb)

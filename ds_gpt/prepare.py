@@ -143,7 +143,7 @@ def write_split(imap: Callable, idx: np.ndarray, nbytes: np.ndarray, path: Path,
     batches = make_batches(idx, nbytes, BATCH_BYTES, min_batches=8 * num_proc)
     try:
         with tqdm(total=text_bytes, unit="B", unit_scale=True, desc=desc) as bar:
-            for batch, ids in zip(batches, imap(_encode_batch, batches)):
+            for batch, ids in zip(batches, imap(_encode_batch, batches), strict=True):
                 writer.write(ids)
                 bar.update(int(nbytes[batch].sum()))
                 bar.set_postfix(tokens=writer.pos, refresh=False)
@@ -220,6 +220,7 @@ def prepare(docs, out_dir: Path, wanted: dict, num_proc: int, tokenizer_cache: s
     """Split, encode and publish `docs` (a one-column datasets.Dataset) into out_dir; the split
     follows wanted["seed"] and wanted["val_fraction"]. Returns the meta.json written."""
     import multiprocessing
+
     import pyarrow.compute as pc
 
     nbytes = pc.binary_length(docs.data.column(0)).to_numpy()  # from the offsets: no text read

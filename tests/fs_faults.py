@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -71,8 +71,8 @@ class Mounts:
             subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
-@pytest.fixture
-def mounts():
+def mounted() -> Iterator[Mounts]:
+    """The body of a test module's `mounts` fixture: `yield from fs_faults.mounted()`."""
     m = Mounts()
     yield m
     m.unmount_all()

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import errno
 
+import fs_faults
 import pytest
 
-from fs_faults import mounts  # noqa: F401  (a fixture)
 from ds_gpt import atomic
 from ds_gpt.errors import UserError
+
+
+@pytest.fixture
+def mounts():
+    yield from fs_faults.mounted()
 
 
 def test_write_text_onto_a_directory_names_it_and_leaves_nothing(tmp_path):

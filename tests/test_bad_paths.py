@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import fs_faults
 import pytest
-
 from conftest import PYTHON, REPO_ROOT, two_step_single_process_run, write_token_bins
-from fs_faults import mounts, snapshot  # noqa: F401  (mounts is a fixture)
+
 from ds_gpt import export, fileset, hostfile, plan, prepare, report, sample, tokenizer
 from ds_gpt.bench.__main__ import main as bench_main
 from ds_gpt.errors import run_cli
@@ -39,6 +39,11 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "bench": ("ds_gpt.bench", bench_main),
 }
 IGNORED = frozenset({fileset.LOCK_NAME})  # prepare's lock file: empty, created on first use
+
+
+@pytest.fixture
+def mounts():
+    yield from fs_faults.mounted()
 
 
 @dataclass
@@ -161,7 +166,8 @@ CASES: dict[str, Case] = {
     # prepare --input: read
     "prepare --input read-only": Case("prepare", lambda p: prepare_args(
         p, **{"--input": str(p.read_only("ro", lambda d: write_docs(d)) / "*.txt")}), 0),
-    "prepare --input file-for-dir": Case("prepare", lambda p: prepare_args(p, **{"--input": str(p.a_file / "a.txt")}), 2),
+    "prepare --input file-for-dir": Case("prepare", lambda p: prepare_args(
+        p, **{"--input": str(p.a_file / "a.txt")}), 2),
     "prepare --input dir-for-file": Case("prepare", lambda p: prepare_args(p, **{"--input": str(p.work / "in")}), 2),
     # prepare --cache_dir: written by datasets (its layout inside is datasets' own)
     "prepare --cache_dir read-only": Case("prepare", lambda p: prepare_args(
@@ -207,7 +213,8 @@ CASES: dict[str, Case] = {
     "hostfile --out dir-for-file": Case("hostfile", lambda p: ["--nodelist", "n1", "--slots", "2", "--out",
                                                                str(p.work / "in")], 2, subprocess=True),
     # hostfile --check: read
-    "hostfile --check read-only": Case("hostfile", lambda p: ["--check", str(p.read_only("ro", hosts_file) / "hosts")], 0),
+    "hostfile --check read-only": Case("hostfile", lambda p: [
+        "--check", str(p.read_only("ro", hosts_file) / "hosts")], 0),
     "hostfile --check file-for-dir": Case("hostfile", lambda p: ["--check", str(p.a_file / "hosts")], 2),
     "hostfile --check dir-for-file": Case("hostfile", lambda p: ["--check", str(p.work / "in")], 2),
     # report OUT_DIR: read (metrics.jsonl) and written (report.md, report.png)
@@ -264,7 +271,7 @@ def test_bad_place(name, tmp_path, mounts, capsys, gpt2_ranks, request):
     (work / "a_file").write_text("a regular file where a directory belongs\n")
     place = Place(work, mounts, request.getfixturevalue("trained_run") if case.needs_run else None)
     argv = case.argv(place)
-    before = snapshot(work, IGNORED)
+    before = fs_faults.snapshot(work, IGNORED)
 
     if case.subprocess:
         code, stderr = run_as_process(case.command, argv)
@@ -278,7 +285,7 @@ def test_bad_place(name, tmp_path, mounts, capsys, gpt2_ranks, request):
         assert len(errors) == 1 and "(HINT: " in errors[0], stderr[-3000:]
     else:
         assert not errors, stderr[-3000:]
-    after = snapshot(work, IGNORED)
+    after = fs_faults.snapshot(work, IGNORED)
     changed = {Path(p) for p in before if after.get(p) != before[p]}
     assert changed <= case.changes(place), f"lost or changed: {sorted(map(str, changed))}"
     if code == 2:

@@ -5,11 +5,11 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import PYTHON, REPO_ROOT
+
 from ds_gpt.config import TrainConfig, parse_args
-from ds_gpt.run_config import BatchSizes, adopt_model_args, resolve, resolve_batch
 from ds_gpt.errors import UserError
+from ds_gpt.run_config import BatchSizes, adopt_model_args, resolve, resolve_batch
 
 
 def test_defaults_are_the_seed_124m_recipe():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from conftest import PYTHON, REPO_ROOT
 
 OUTCOMES = {

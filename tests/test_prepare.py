@@ -9,15 +9,15 @@ import signal
 import subprocess
 from pathlib import Path
 
+import fs_faults
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
+from conftest import PYTHON, REPO_ROOT, write_token_bins
 from datasets import Dataset
 
-from conftest import PYTHON, REPO_ROOT, write_token_bins
-from fs_faults import mounts  # noqa: F401  (a fixture)
 from ds_gpt import corpus, fileset, prepare, tokenizer
 from ds_gpt.errors import UserError
 
@@ -32,6 +32,11 @@ DOCS = [
     "The last one, with a trailing newline.\n",
 ]
 OUTPUT = {"train.bin", "val.bin", "meta.json", fileset.LOCK_NAME}
+
+
+@pytest.fixture
+def mounts():
+    yield from fs_faults.mounted()
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +178,9 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
     proc = subprocess.run([PYTHON, "-m", "ds_gpt.prepare", "--input", str(tmp_path / "nope.txt"),
                            "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"ds_gpt.prepare: error: no file matches --input {tmp_path / 'nope.txt'} "
-                                                 "(HINT: check the path; quote a glob ('DIR/*.txt'))"]
+    assert proc.stderr.strip().splitlines() == [
+        f"ds_gpt.prepare: error: no file matches --input {tmp_path / 'nope.txt'} "
+        "(HINT: check the path; quote a glob ('DIR/*.txt'))"]
 
 
 @pytest.mark.parametrize("n,fraction,seed", [(2, 0.0005, 2357), (42, 0.0005, 2357), (1000, 0.1, 1), (7, 0.5, 3)])
@@ -311,7 +317,8 @@ def test_files_that_disagree_with_meta_json_are_refused_with_the_command(tmp_pat
         "--num_proc", "1")
     with open(out / "train.bin", "ab") as f:
         f.write(np.array([1, 2], dtype=np.uint16).tobytes())
-    with pytest.raises(UserError, match=rf"train\.bin holds .* but meta\.json says .*HINT: .*ds_gpt\.prepare .* --out_dir {out}"):
+    refusal = rf"train\.bin holds .* but meta\.json says .*HINT: .*ds_gpt\.prepare .* --out_dir {out}"
+    with pytest.raises(UserError, match=refusal):
         check_data_dir(out, block_size=2, vocab_size=50304)
 
 
