@@ -11,7 +11,7 @@ export TIKTOKEN_CACHE_DIR ?= $(DS_GPT_CACHE)/tiktoken
 EXTRAS ?=
 DEMO_OUT ?= out/demo
 
-.PHONY: setup demo test test-fast clean-cluster
+.PHONY: setup demo test test-fast lint clean-cluster
 
 # `make setup EXTRAS=hf` also installs requirements-hf.txt (transformers, for Hugging Face interop).
 setup: $(VENV)/.installed $(foreach e,$(EXTRAS),$(VENV)/.installed-$(e))
@@ -38,8 +38,12 @@ demo: setup
 	@echo "metrics: $(DEMO_OUT)/metrics.jsonl  report: $(DEMO_OUT)/report.md  tensorboard: tensorboard --logdir $(DEMO_OUT)/tb"
 
 # The suite checks Hugging Face interop against transformers itself, so tests need the hf extra.
-test: setup $(VENV)/.installed-hf
+test: setup $(VENV)/.installed-hf $(VENV)/.installed-wandb
 	$(PY) -m pytest -q --durations=20
 
-test-fast: setup $(VENV)/.installed-hf
+# pyflakes, pycodestyle, import order and bugbear (pyproject.toml); CI runs it before the tests.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+test-fast: setup $(VENV)/.installed-hf $(VENV)/.installed-wandb
 	$(PY) -m pytest -q -m 'not slow'

@@ -60,6 +60,9 @@ class TrainConfig:
     eval_only: bool = opt(False, "evaluate once and exit")
     log_interval: int = opt(1, "log to console, metrics.jsonl and tensorboard every N iterations")
     seed: int = opt(1337, "seed of the data sampler and of model initialisation")
+    wandb_log: bool = opt(False, "also log to Weights & Biases (offline unless WANDB_MODE=online; make setup EXTRAS=wandb)")
+    wandb_project: str = opt("ds_gpt", "W&B project")
+    wandb_run_name: str | None = opt(None, "W&B run name (default: the out_dir's name)")
     # checkpoints
     checkpoint_interval: int = opt(2000, "save a checkpoint every N iterations (and at the end)")
     keep_last: int = opt(2, "rolling checkpoints kept besides milestones")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ds_gpt.errors import UserError
+from ds_gpt.tracking import WandbRun
 
 # metrics.jsonl keys -> TensorBoard tags
 TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu",
@@ -37,9 +38,10 @@ class MetricsLogger:
     """
 
     def __init__(self, out_dir: Path, enabled: bool, monitor=None, *, tokens_per_iter: int = 0,
-                 mfu_of: Callable[[float], float] | None = None):
+                 mfu_of: Callable[[float], float] | None = None, wandb: WandbRun | None = None):
         self.enabled = enabled
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
+        self.wandb = wandb
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tokens_per_iter = tokens_per_iter
         self.mfu_of = mfu_of or (lambda tokens_per_s: float("nan"))
@@ -101,11 +103,14 @@ class MetricsLogger:
         self._append((json.dumps(record) + "\n").encode())
         if console:
             print(console, flush=True)
-        if self.monitor is not None and "event" not in record:
-            events = [(tag, record[key], record["iter"]) for key, tag in TB_TAGS.items()
-                      if isinstance(record.get(key), (int, float))]
-            if events:
-                self._guarded(lambda: self.monitor.write_events(events), what=f"{self.path.parent / 'tb'}")
+        if "event" in record:
+            return
+        scalars = {tag: record[key] for key, tag in TB_TAGS.items() if isinstance(record.get(key), (int, float))}
+        if scalars and self.monitor is not None:
+            events = [(tag, value, record["iter"]) for tag, value in scalars.items()]
+            self._guarded(lambda: self.monitor.write_events(events), what=f"{self.path.parent / 'tb'}")
+        if scalars and self.wandb is not None:
+            self.wandb.log(scalars, record["iter"])
 
     def _append(self, line: bytes) -> None:
         size = os.fstat(self._fd).st_size
@@ -134,3 +139,6 @@ class MetricsLogger:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None

@@ -39,6 +39,7 @@ from ds_gpt.nonfinite import NonFiniteGuard
 from ds_gpt.optimizer_state import apply_nanogpt_optimizer_state
 from ds_gpt.signals import GracefulStop
 from ds_gpt.startup import Startup, build_run
+from ds_gpt.tracking import WandbRun
 
 
 @torch.no_grad()
@@ -146,8 +147,10 @@ def train(start: Startup) -> int:
         print(run_dir.summary(run, env, hosts, device_name, n_params), flush=True)
         for line in start.overrides:
             print(f"override {line}", flush=True)
+    tracker = WandbRun(out_dir, cfg.wandb_project, cfg.wandb_run_name, run.to_dict()) if master and cfg.wandb_log else None
     metrics = MetricsLogger(out_dir, master, eng.monitor, tokens_per_iter=run.tokens_per_iter,
-                            mfu_of=lambda tokens_per_s: mfu.mfu(tokens_per_s, flops_per_token, world_size, peak))
+                            mfu_of=lambda tokens_per_s: mfu.mfu(tokens_per_s, flops_per_token, world_size, peak),
+                            wandb=tracker)
     profile = FlopsProfileCapture(eng, profile_step=run.profile_step, output_file=out_dir / PROFILE_FILE,
                                   n_params=n_params, n_layer=shape.n_layer, n_embd=shape.n_embd, peak_flops=peak)
     checkpointer = Checkpointer(
