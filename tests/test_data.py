@@ -59,12 +59,27 @@ def test_eval_batches_repeat_and_differ_per_rank(token_bins):
     (lambda d: np.arange(10, dtype=np.uint16).tofile(d / "val.bin"), "too few for block_size 16"),
     (lambda d: (d / "meta.json").write_text(json.dumps({"splits": {"train": {"tokens": 5}}})), "meta.json says 5"),
     (lambda d: (d / "meta.json").write_text("{"), "meta.json is not valid JSON"),
+    (lambda d: (d / "meta.json").write_bytes(b'{"dataset": "caf\xe9"}'),
+     "meta.json is not UTF-8 text (invalid byte at offset 16)"),
+    (lambda d: (d / "meta.json").write_text("[1, 2]"), "meta.json is not a ds_gpt meta.json"),
+    # sizes, as prepare records them: a file from another run (or cut short) is refused, naming the fix
+    (lambda d: (d / "meta.json").write_text(json.dumps({"dataset": "shakespeare", "splits": {"val": {"bytes": 6000}}})),
+     "val.bin holds 4000 tokens but meta.json says 3000"),
+    (lambda d: (d / "meta.json").write_text(json.dumps({"dataset": "shakespeare", "splits": {"val": {"bytes": 6000}}})),
+     "HINT: rewrite the set: python -m ds_gpt.prepare --dataset shakespeare --out_dir "),
+    (lambda d: (d / "train.bin").unlink() or (d / "train.bin").mkdir(), "train.bin is not a file"),
 ])
 def test_bad_data_is_a_user_error(token_bins, damage, message):
     damage(token_bins)
     with pytest.raises(UserError) as err:
         check_data_dir(token_bins, 16, 512)
     assert message in str(err.value)
+
+
+def test_nanogpt_bins_without_meta_json_are_accepted(token_bins):
+    assert not (token_bins / "meta.json").exists()
+    files = check_data_dir(token_bins, 16, 512)
+    assert (files["train"].n_tokens, files["val"].n_tokens) == (20_000, 4_000)
 
 
 def test_ids_beyond_vocab_in_a_big_file_are_caught_when_read(token_bins):
