@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ds_gpt import atomic
 from ds_gpt.errors import ArgumentParser, UserError, run_cli
+from ds_gpt.preflight_checks import human
 
 BINS = ("train.bin", "val.bin")
 META = "meta.json"
@@ -158,7 +159,7 @@ def stage(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
     except OSError as err:
         raise UserError(f"cannot create {dst}: {err.strerror or err}", hint="set STAGE_DIR to node-local storage") from None
     if free < total:
-        raise UserError(f"{dst} has {free / 1e9:.2f} GB free, the data needs {total / 1e9:.2f} GB",
+        raise UserError(f"{dst} has {human(free)} free, the data needs {human(total)}",
                         hint="set STAGE_DIR to a larger node-local disk, or train without STAGE_DATA=1")
     for name, want in wanted.items():
         _copy_hashed(src / name, dst / name, want)
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("give --src and --dst, or --verify DIR")
     report = stage(args.src, args.dst)
     what = "copied and verified" if report["copied"] else "already staged and verified"
-    print(f"ds_gpt.stage: {report['node']}: {args.src} -> {args.dst}: {report['bytes'] / 1e6:.1f} MB {what}",
+    print(f"ds_gpt.stage: {report['node']}: {args.src} -> {args.dst}: {human(report['bytes'])} {what}",
           flush=True)
     return 0
 

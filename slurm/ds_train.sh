@@ -18,6 +18,15 @@
 #   MASTER_PORT    rendezvous port                              (default: derived from the job id)
 #   MAX_REQUEUES   stop requeueing after this many restarts     (default: 20)
 #   DS_GPT_CACHE   JIT-built ops, tokenizer files               (default: ./.cache)
+#   DS_GPT_PREFLIGHT  0 skips the checks before the launch     (default: 1; see docs/slurm.md)
+#   STAGE_DATA     1: copy the data to node-local storage on every node and train from there
+#   STAGE_DIR      node-local directory for STAGE_DATA=1        (default: $SLURM_TMPDIR)
+#
+# Before the launch, `python -m ds_gpt.preflight` checks the hostfile against the allocation,
+# ssh, the environment the ranks get, the master port, the data and out_dir from every node and
+# one all-reduce; it writes OUT_DIR/preflight.json, and on any failure the job exits 2 without
+# training. This job's hostfile and env file live in a private directory (mode 700) that goes
+# when the job ends.
 #
 # Preemption and time limits: SLURM sends USR1 to this script 120 s before the limit (a
 # pre-empted job's limit moves to now + GraceTime, so this warning comes then too). The script
@@ -72,28 +81,73 @@ export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 EXIT_REQUEUE=$(python -c 'from ds_gpt.errors import EXIT_REQUEUE; print(EXIT_REQUEUE)')
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$(python -c 'import os; from ds_gpt.launch_env import slurm_port; print(slurm_port(os.environ))')}
-TRAIN_ARGS=(--deepspeed_config "$DS_CONFIG" --data_dir "$DATA_DIR" --out_dir "$OUT_DIR" --init_from auto "$@")
+export MASTER_PORT  # mode B's ranks take it as they find it, so the preflight checks the port they use
 echo "ds_train.sh: job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} mode ${DS_GPT_LAUNCH}" \
      "nodes ${SLURM_JOB_NODELIST} master ${MASTER_ADDR}:${MASTER_PORT} out ${OUT_DIR} at $(date -Is)"
+
+# -----------------------------------------------------------------------------
+# this job's files: hostfile and env file, readable by the owner only, gone when the job ends
+JOB_DIR=$(umask 077 && mktemp -d "${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/ds_gpt-job$SLURM_JOB_ID.XXXXXX")
+trap 'rm -rf "$JOB_DIR"' EXIT
+if [[ $DS_GPT_LAUNCH == deepspeed ]]; then
+    HOSTFILE=$JOB_DIR/hostfile
+    python -m ds_gpt.hostfile --out "$HOSTFILE"
+    HOSTS=$(awk '{print $1}' "$HOSTFILE" | paste -sd, -)
+    echo "ds_train.sh: hostfile: $(paste -sd, "$HOSTFILE")"
+    # Ranks started over ssh do not inherit this environment: deepspeed exports what the
+    # file named by DS_ENV_FILE lists (a per-job file, so no one's ~/.deepspeed_env is touched).
+    export DS_ENV_FILE=$JOB_DIR/deepspeed_env
+    (
+        umask 077  # it may carry tokens: created owner-only, not chmod-ed after the fact
+        {
+            for var in PATH LD_LIBRARY_PATH DS_GPT_CACHE TORCH_EXTENSIONS_DIR TIKTOKEN_CACHE_DIR \
+                       HF_HOME HF_DATASETS_CACHE OMP_NUM_THREADS SLURM_JOB_NODELIST; do
+                if [[ -n ${!var:-} ]]; then echo "$var=${!var}"; fi
+            done
+            env | grep -E '^(NCCL|GLOO|TORCH_NCCL)_' || true
+        } >"$DS_ENV_FILE"
+    )
+elif [[ $DS_GPT_LAUNCH != srun ]]; then
+    echo "ds_train.sh: DS_GPT_LAUNCH=$DS_GPT_LAUNCH; expected deepspeed or srun" >&2
+    exit 2
+fi
+TRAIN_ARGS=(--deepspeed_config "$DS_CONFIG" --data_dir "$DATA_DIR" --out_dir "$OUT_DIR" --init_from auto "$@")
+
+# -----------------------------------------------------------------------------
+# preflight: every node, the data, out_dir and one all-reduce, before any GPU-hour is spent
+if [[ ${DS_GPT_PREFLIGHT:-1} != 0 ]]; then
+    PREFLIGHT=(python -m ds_gpt.preflight --launcher "$DS_GPT_LAUNCH" --master_port "$MASTER_PORT"
+               --json "$OUT_DIR/preflight.json")
+    if [[ $DS_GPT_LAUNCH == deepspeed ]]; then PREFLIGHT+=(--hostfile "$HOSTFILE"); fi
+    if ! "${PREFLIGHT[@]}" -- "${TRAIN_ARGS[@]}"; then
+        echo "ds_train.sh: preflight failed (the lines above say why); not starting training" \
+             "(DS_GPT_PREFLIGHT=0 skips the checks)"
+        exit 2
+    fi
+fi
+
+# -----------------------------------------------------------------------------
+# node-local data: every node copies and verifies the data, and the ranks read their copy
+if [[ ${STAGE_DATA:-0} == 1 ]]; then
+    STAGE_BASE=${STAGE_DIR:-${SLURM_TMPDIR:-}}
+    if [[ -z $STAGE_BASE ]]; then
+        echo "ds_train.sh: STAGE_DATA=1 needs node-local storage: set STAGE_DIR (SLURM_TMPDIR is unset here)" >&2
+        exit 2
+    fi
+    STAGED=$STAGE_BASE/ds_gpt-$(basename "$DATA_DIR")
+    if ! srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
+            python -m ds_gpt.stage --src "$(realpath "$DATA_DIR")" --dst "$STAGED"; then
+        echo "ds_train.sh: staging the data to $STAGED failed; not starting training"
+        exit 2
+    fi
+    TRAIN_ARGS+=(--data_dir "$STAGED")  # the last --data_dir wins
+fi
 
 # -----------------------------------------------------------------------------
 # launch, in the background so that this shell can catch SLURM's warning signal
 case "$DS_GPT_LAUNCH" in
 deepspeed)
     # Mode A: one deepspeed launcher here; it starts `slots` ranks per node through pdsh/ssh.
-    HOSTFILE=hostfiles/$SLURM_JOB_ID
-    python -m ds_gpt.hostfile --out "$HOSTFILE"
-    HOSTS=$(awk '{print $1}' "$HOSTFILE" | paste -sd, -)
-    # Ranks started over ssh do not inherit this environment: deepspeed exports what the
-    # file named by DS_ENV_FILE lists (a per-job file, so no one's ~/.deepspeed_env is touched).
-    export DS_ENV_FILE=$ROOT/$HOSTFILE.env
-    {
-        for var in PATH LD_LIBRARY_PATH DS_GPT_CACHE TORCH_EXTENSIONS_DIR TIKTOKEN_CACHE_DIR \
-                   HF_HOME HF_DATASETS_CACHE OMP_NUM_THREADS SLURM_JOB_NODELIST; do
-            if [[ -n ${!var:-} ]]; then echo "$var=${!var}"; fi
-        done
-        env | grep -E '^(NCCL|GLOO|TORCH_NCCL)_' || true
-    } >"$DS_ENV_FILE"
     # SIGTERM to the whole job (scancel) reaches this launcher and its pdsh/ssh too, and the
     # launcher's own handler would kill the ranks before they checkpoint.
     # The shield blocks SIGTERM for the launcher and its transport; forward_signal below asks the
@@ -104,10 +158,6 @@ deepspeed)
 srun)
     # Mode B: SLURM starts one task per GPU; ds_gpt.launch_env maps SLURM_* to torch's variables.
     srun python -u ds_gpt/train.py "${TRAIN_ARGS[@]}" &
-    ;;
-*)
-    echo "ds_train.sh: DS_GPT_LAUNCH=$DS_GPT_LAUNCH; expected deepspeed or srun" >&2
-    exit 2
     ;;
 esac
 LAUNCH_PID=$!

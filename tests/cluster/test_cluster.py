@@ -64,6 +64,7 @@ def job_env(**extra: str) -> dict[str, str]:
            and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}"
     env["VENV"] = str(VENV_BIN.parent)
+    env["DS_GPT_PREFLIGHT"] = "0"  # these jobs test the launch; test_preflight.py and test_staging.py run it
     env.update(extra)
     return env
 
@@ -168,8 +169,9 @@ def test_sbatch_mode_a_deepspeed_launcher(cluster, data_dir: Path, tmp_path: Pat
     info = wait_job(job, log)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
     assert_two_node_run(out, "deepspeed", max_iters=6)
-    assert (REPO_ROOT / "hostfiles" / str(job)).read_text() == "node1 slots=1\nnode2 slots=1\n"
+    assert not list((REPO_ROOT / "hostfiles").glob(f"{job}*")), "the job's hostfile and env file go with the job"
     text = log.read_text()
+    assert "ds_train.sh: hostfile: node1 slots=1,node2 slots=1" in text
     assert "node1:" in text and "node2:" in text  # pdsh prefixes each node's output with its name
 
 
