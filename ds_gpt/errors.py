@@ -55,8 +55,12 @@ ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EN
 
 def os_error(err: OSError, doing: str | None = None) -> UserError:
     """One line for an OSError: what failed (`doing`, else the path), the OS's reason, and the fix."""
-    where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
-    subject = doing or (str(where) if where is not None else "a file operation")
+    where = None if err.filename is None else str(err.filename if err.filename2 is None
+                                                  else f"{err.filename} -> {err.filename2}")
+    if doing is None:
+        subject = where or "a file operation"
+    else:  # and the path, if the OS named one that `doing` does not already say
+        subject = doing if where is None or where in doing else f"{doing}: {where}"
     return UserError(f"{subject}: {err.strerror or err}", hint=OS_ERROR_HINTS.get(err.errno))
 
 
