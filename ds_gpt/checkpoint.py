@@ -16,7 +16,6 @@ between the marker and the pointer leaves a newer complete tag that the pointer 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -32,6 +31,7 @@ import torch
 
 from ds_gpt import atomic
 from ds_gpt.errors import UserError
+from ds_gpt.fileset import file_digest
 
 POINTER = "latest"
 MARKER = "ds_gpt_complete.json"
@@ -90,11 +90,6 @@ def read_marker(out_dir: Path, tag: str) -> dict | None:
     if not isinstance(marker, dict) or any(k not in marker for k in ("iter_num", "model_args")):
         return None
     return marker
-
-
-def file_digest(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
 
 
 def tag_files(tag_dir: Path) -> list[str]:
