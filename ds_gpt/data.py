@@ -2,12 +2,18 @@
 
 A global batch's window offsets are drawn from (seed, stream, step) alone and each rank takes
 its slice, so the same seed and global batch give the same samples for every world size and
-ZeRO stage, and resuming needs no loader state beyond the step number.
+ZeRO stage, and resuming needs no loader state beyond the step number. BatchPrefetcher reads
+the next micro-batches on a background thread while the current ones train.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import mmap
+import os
+import queue
+import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +117,8 @@ class RandomWindowSampler:
 
     Global batch at `step`: `global_batch` offsets drawn from (seed, stream, split, step).
     Rank r owns the contiguous slice [r * per_rank, (r + 1) * per_rank) and takes it in
-    `grad_accum` micro-batches of `micro` windows.
+    `grad_accum` micro-batches of `micro` windows. Safe to call from two threads at once
+    (a BatchPrefetcher's reader and an evaluation on the training thread).
     """
 
     def __init__(self, token_file: TokenFile, split: str, block_size: int, vocab_size: int, seed: int,
@@ -119,32 +126,53 @@ class RandomWindowSampler:
         self.file, self.split = token_file, split
         self.block_size, self.vocab_size, self.seed = block_size, vocab_size, seed
         self.micro, self.grad_accum, self.world_size, self.rank = micro, grad_accum, world_size, rank
-        self._window = np.arange(block_size + 1, dtype=np.int64)
-        self._map: mmap.mmap | None = None  # opened on first use, per process
-        self._tokens: np.ndarray | None = None
+        self._fd = os.open(token_file.path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
+        # Every micro-batch of a step draws the same global offsets: keep the last ones. One tuple,
+        # replaced whole, so a reader on another thread never sees a key with another step's offsets.
+        self._last_offsets: tuple[tuple[int, int, int, int], np.ndarray] | None = None
+        self._per_thread = threading.local()  # each reading thread's window buffer
 
     def _offsets(self, stream: int, step: int, count: int) -> np.ndarray:
+        key = (self.seed, stream, step, count)
+        last = self._last_offsets
+        if last is not None and last[0] == key:
+            return last[1]
         rng = np.random.default_rng([self.seed, stream, SPLIT_IDS[self.split], step])
-        return rng.integers(0, self.file.n_tokens - self.block_size, size=count, dtype=np.int64)
+        offsets = rng.integers(0, self.file.n_tokens - self.block_size, size=count, dtype=np.int64)
+        self._last_offsets = (key, offsets)
+        return offsets
+
+    def _read_windows(self, offsets: np.ndarray) -> np.ndarray:
+        """[len(offsets), block_size + 1] uint16 tokens: one os.preadv per window into this thread's
+        buffer, valid until the thread's next read.
+
+        Not a mmap: a page fault on a mapping of a file not yet in the page cache (every job's start,
+        every requeue) makes the kernel read around the page, ~5 ms per window on a 17 GB train.bin,
+        and every mapped page counts in the process RSS until dropped. preadv copies the window's
+        bytes and nothing else (docs/benchmarks.md has the measurements). One buffer per thread: a
+        prefetcher's reader and an evaluation on the training thread may read at the same time.
+        """
+        mine = self._per_thread
+        if getattr(mine, "windows", None) is None or len(mine.windows) != len(offsets):
+            mine.windows = np.empty((len(offsets), self.block_size + 1), dtype=TOKEN_DTYPE)
+            mine.rows = [[memoryview(row).cast("B")] for row in mine.windows]  # preadv's list of one buffer each
+        windows, width = mine.windows, mine.windows.strides[0]
+        for row, offset in zip(mine.rows, offsets.tolist(), strict=True):
+            got = os.preadv(self._fd, row, offset * windows.itemsize)
+            if got != width:
+                raise UserError(f"{self.file.path} ended at token {offset + got // windows.itemsize}, short of the "
+                                f"{self.file.n_tokens} it held when the run started: was it replaced or truncated?",
+                                hint=PREPARE_HINT)
+        return windows
 
     def _read(self, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._map is None:
-            with open(self.file.path, "rb") as fh:
-                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            self._tokens = np.frombuffer(self._map, dtype=TOKEN_DTYPE)
-        windows = self._tokens[offsets[:, None] + self._window].astype(np.int64)  # [B, T+1], one gather
-        self._drop_pages()
-        if windows.max() >= self.vocab_size:
-            raise UserError(f"{self.file.path} holds token id {int(windows.max())} >= vocab_size {self.vocab_size}")
+        windows = self._read_windows(offsets)  # [B, T+1]
+        top = int(windows.max())  # every batch: a big file is only scanned at its ends up front
+        if top >= self.vocab_size:
+            raise UserError(f"{self.file.path} holds token id {top} >= vocab_size {self.vocab_size}")
         batch = torch.from_numpy(windows)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-
-    def _drop_pages(self) -> None:
-        # A long-lived map keeps every page it ever touched in the process RSS (a 17 GB file ends up
-        # resident, and SLURM's cgroup may charge it to the job: the seed's OOM kill). nanoGPT
-        # reopens the memmap per batch; dropping the mapped pages after each gather keeps RSS as
-        # flat for about half the cost per batch. The data stays in the page cache.
-        self._map.madvise(mmap.MADV_DONTNEED)
+        return batch[:, :-1].to(torch.int64), batch[:, 1:].to(torch.int64)  # contiguous copies, [B, T] each
 
     def micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of shape [micro, block_size] for this rank's `micro_step` of global `step`."""
@@ -163,3 +191,122 @@ class RandomWindowSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = int(state["seed"])
+
+
+class BatchPrefetcher:
+    """The training micro-batches of a sampler, read ahead on a background thread, on `device`.
+
+        prefetcher = BatchPrefetcher(sampler, device)
+        for step in range(start, max_iters):
+            for x, y in prefetcher.batches(step):  # micro-batches 0 .. grad_accum-1 of `step`
+                ...
+        prefetcher.close()
+
+    Contract:
+    - `batches(step)` yields exactly `sampler.micro_batch(step, m)` for m = 0 .. grad_accum-1, in
+      order, moved to `device`. On CUDA they come from pinned host memory through non_blocking
+      copies on the current stream, so kernels queued after them see the data; elsewhere they
+      are the sampler's tensors, moved with a plain `.to(device)`.
+    - One thread reads ahead in the loop's order, (step, 0), (step, 1), ..., (step + 1, 0), ...,
+      holding at most `depth` micro-batches. A request for anything but the next micro-batch in
+      that order (the first call, a resume, a step asked again after being abandoned midway)
+      drops what was read ahead and restarts the reader there: any order gives the right
+      batches, the loop's order gives them without waiting.
+    - An exception raised while reading (UserError for a bad token id, OSError) is raised by
+      `batches` where that micro-batch would have come, with its traceback; the reader stops
+      there, and the next request starts a new one.
+    - `close()` stops the reader, waits for it and drops what it read; it is idempotent, also
+      runs when the prefetcher is garbage-collected or the interpreter exits, and the object
+      is a context manager. The thread is a daemon and never holds the prefetcher itself.
+    - One consumer: `batches` is not itself thread-safe. The sampler stays usable meanwhile
+      (evaluation may call `sampler.eval_batch` on the training thread).
+    """
+
+    def __init__(self, sampler: RandomWindowSampler, device: torch.device | str, depth: int = 4):
+        if depth < 1:
+            raise ValueError(f"depth {depth} < 1")
+        self.sampler, self.device, self.depth = sampler, torch.device(device), depth
+        # Pinned buffers belong to the GPU's context: the reader thread must use this rank's GPU,
+        # not the GPU 0 a new thread starts on.
+        self._cuda_index = None
+        if self.device.type == "cuda":
+            self._cuda_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self._reader: _Reader | None = None
+        self._next: tuple[int, int] | None = None  # (step, micro) at the head of the reader's queue
+        self._closed = False
+
+    def batches(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) of each micro-batch of optimizer step `step`, in order, on the device."""
+        for micro in range(self.sampler.grad_accum):
+            item = self._take((step, micro))
+            if isinstance(item, BaseException):
+                self._stop_reader()  # it ended with this error
+                raise item
+            x, y = item
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _take(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | BaseException:
+        if self._closed:
+            raise RuntimeError("BatchPrefetcher.batches() after close()")
+        if self._reader is None or self._next != key:
+            self._stop_reader()
+            self._reader = _Reader(self.sampler, key, self.depth, self._cuda_index)
+        step, micro = key
+        self._next = (step, micro + 1) if micro + 1 < self.sampler.grad_accum else (step + 1, 0)
+        return self._reader.queue.get()
+
+    def _stop_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
+
+    def close(self) -> None:
+        """Stop the reader thread and drop what it read ahead. Safe to call more than once."""
+        self._stop_reader()
+        self._closed = True
+
+    def __enter__(self) -> BatchPrefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Reader:
+    """One daemon thread putting micro-batches, from `start` on in the loop's order, into a bounded queue."""
+
+    def __init__(self, sampler: RandomWindowSampler, start: tuple[int, int], depth: int, cuda_index: int | None):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=_read_ahead, name="ds_gpt-batch-prefetch", daemon=True,
+                                        args=(sampler, start, self.queue, self._stopping, cuda_index))
+        self._thread.start()
+        # Without close(): stopped when its prefetcher drops it, or at interpreter exit.
+        self.stop = weakref.finalize(self, _stop_thread, self._thread, self.queue, self._stopping)
+
+
+def _stop_thread(thread: threading.Thread, out: queue.Queue, stopping: threading.Event) -> None:
+    stopping.set()
+    # Emptying the queue frees a put() blocked on it; the thread then sees `stopping` before its
+    # next read, so it puts at most one more item, which fits, and returns.
+    with contextlib.suppress(queue.Empty):
+        while True:
+            out.get_nowait()
+    if thread is not threading.current_thread():  # a garbage collection may run on the reader itself
+        thread.join()
+
+
+def _read_ahead(sampler: RandomWindowSampler, start: tuple[int, int], out: queue.Queue,
+                stopping: threading.Event, cuda_index: int | None) -> None:
+    step, micro = start
+    try:
+        if cuda_index is not None:
+            torch.cuda.set_device(cuda_index)
+        while not stopping.is_set():
+            x, y = sampler.micro_batch(step, micro)
+            if cuda_index is not None:
+                x, y = x.pin_memory(), y.pin_memory()
+            out.put((x, y))
+            step, micro = (step, micro + 1) if micro + 1 < sampler.grad_accum else (step + 1, 0)
+    except BaseException as err:  # handed to the consumer, raised where this micro-batch was due
+        out.put(err)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
+import json
+import mmap
 import os
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
 
+from ds_gpt import atomic
 from ds_gpt.data import TOKEN_DTYPE, RandomWindowSampler, TokenFile
 
 
@@ -20,12 +25,31 @@ def machine() -> str:
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    return f"{model}, {len(os.sched_getaffinity(0))} usable cores, {platform.python_implementation()} {platform.python_version()}"
+    cores = len(os.sched_getaffinity(0))
+    return f"{model}, {cores} usable cores, {platform.python_implementation()} {platform.python_version()}"
 
 
 def load() -> str:
     """The 1/5/15-minute load averages: figures from a shared machine mean little without them."""
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as one JSON object")
+
+
+def write_json(path: Path | None, benchmark: str, figures: dict) -> None:
+    """The figures as one JSON object, with what every benchmark records beside them: which one,
+    when, on what machine, under what load, with which versions. Nothing when `path` is None."""
+    if path is None:
+        return
+    versions = {"python": platform.python_version()}
+    for package in ("numpy", "torch", "deepspeed"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    record = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+              "load_average": list(os.getloadavg()), "versions": versions, **figures}
+    atomic.write_text(path, json.dumps(record, indent=1) + "\n")
 
 
 def write_synthetic_bin(path: Path, n_tokens: int, vocab_size: int, seed: int = 0) -> TokenFile:
@@ -49,12 +73,79 @@ def nanogpt_get_batch(path: Path, block_size: int, batch_size: int) -> tuple[tor
     return x, y
 
 
-class LongLivedMemmapSampler(RandomWindowSampler):
-    """Our sampler without the page drop: one map kept for the whole run, as nanoGPT read its
-    data before its per-batch fix. Every page a window touches stays mapped, so RSS climbs."""
+class MappedSampler(RandomWindowSampler):
+    """The sampler reading its windows through one mmap of the file: one fancy-indexed gather per
+    batch, then madvise(MADV_DONTNEED) so the touched pages leave the process RSS (they stay in
+    the page cache). This was RandomWindowSampler's way before os.preadv; kept to compare."""
 
-    def _drop_pages(self) -> None:
-        pass
+    advice: int | None = None  # madvise()d once on the whole map
+    drop_pages = True
+
+    def _read_windows(self, offsets: np.ndarray) -> np.ndarray:
+        if not hasattr(self, "_map"):
+            with open(self.file.path, "rb") as fh:
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            if self.advice is not None:
+                self._map.madvise(self.advice)
+            self._tokens = np.frombuffer(self._map, dtype=TOKEN_DTYPE)
+        windows = self._tokens[offsets[:, None] + np.arange(self.block_size + 1)]  # [B, T+1], one gather
+        if self.drop_pages:
+            self._map.madvise(mmap.MADV_DONTNEED)
+        return windows
+
+
+class RandomAdviceMappedSampler(MappedSampler):
+    """MappedSampler with MADV_RANDOM: a fault on a cold page reads that page, not the pages around it."""
+
+    advice = mmap.MADV_RANDOM
+
+
+class LongLivedMemmapSampler(MappedSampler):
+    """One map kept for the whole run and never dropped, as nanoGPT read its data before its
+    per-batch fix: every page a window touches stays mapped, so RSS climbs."""
+
+    drop_pages = False
+
+
+class FreshBufferSampler(RandomWindowSampler):
+    """Our os.preadv reads into a new buffer per batch instead of one kept per thread: what the
+    kept buffer saves."""
+
+    def _read_windows(self, offsets: np.ndarray) -> np.ndarray:
+        windows = np.empty((len(offsets), self.block_size + 1), dtype=TOKEN_DTYPE)
+        rows = memoryview(windows).cast("B")
+        width = windows.strides[0]
+        for i, offset in enumerate(offsets.tolist()):
+            os.preadv(self._fd, [rows[i * width:(i + 1) * width]], offset * windows.itemsize)
+        return windows
+
+
+class PreadSampler(RandomWindowSampler):
+    """os.pread per window, each a new bytes object, then one np.stack: what reading straight into
+    the batch's buffer with os.preadv saves."""
+
+    def _read_windows(self, offsets: np.ndarray) -> np.ndarray:
+        size = (self.block_size + 1) * np.dtype(TOKEN_DTYPE).itemsize
+        return np.stack([np.frombuffer(os.pread(self._fd, size, offset * np.dtype(TOKEN_DTYPE).itemsize),
+                                       dtype=TOKEN_DTYPE) for offset in offsets.tolist()])
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Evict a file's clean pages from the page cache (no root needed): its next reads are cold,
+    as at the start of a job. Pages some process still maps stay."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_into_page_cache(path: Path, chunk: int = 1 << 24) -> None:
+    """Read a file once, sequentially, so that its pages are in the page cache: warm reads."""
+    buf = bytearray(chunk)
+    with open(path, "rb", buffering=0) as fh:
+        while fh.readinto(buf):
+            pass
 
 
 def rss_mb(pid: int | None = None) -> float:
