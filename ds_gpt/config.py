@@ -1,8 +1,10 @@
 """Every training option, parsed once: defaults < --config FILE (TOML) < command line.
 
-The defaults are the seed's GPT-2 124M recipe (nanoGPT's train.py). Engine settings (ZeRO
-stage, precision, batch sizes, AdamW, clipping) live in the DeepSpeed JSON, which is the single
-source of truth for them; ds_gpt/run_config.py applies the few CLI overrides to it.
+The defaults are the seed's GPT-2 124M recipe (nanoGPT's train.py); `--model` picks one of
+GPT-2's other sizes (ds_gpt.presets), and --n_layer/--n_head/--n_embd still override it.
+Engine settings (ZeRO stage, precision, batch sizes, AdamW, clipping) live in the DeepSpeed
+JSON, which is the single source of truth for them; ds_gpt/run_config.py applies the few CLI
+overrides to it.
 """
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ds_gpt import presets, recompute
 from ds_gpt.errors import UserError
 from ds_gpt.paths import repo_path
 
+GPT2 = presets.MODELS["124M"]  # the seed's model, the default shape
 
-def opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -31,13 +36,17 @@ class TrainConfig:
     init_from: str = opt("scratch", "scratch | resume | auto (resume if OUT has a checkpoint) | weights:OUT[/TAG] | nanogpt:PATH/ckpt.pt | gpt2[-medium|-large|-xl] | HF dir")
     resume_optimizer: bool = opt(False, "with --init_from nanogpt:...: also load its optimizer state and iteration count")
     # model (nanoGPT's train.py values; bias=False as there)
-    n_layer: int = opt(12, "transformer blocks")
-    n_head: int = opt(12, "attention heads")
-    n_embd: int = opt(768, "embedding width")
+    model: str | None = opt(None, f"GPT-2 size: {' | '.join(presets.MODELS)} (or {', '.join(presets.ALIASES)}); "
+                                  "sets n_layer, n_head, n_embd unless those are given")
+    n_layer: int = opt(GPT2.n_layer, "transformer blocks")
+    n_head: int = opt(GPT2.n_head, "attention heads")
+    n_embd: int = opt(GPT2.n_embd, "embedding width")
     block_size: int = opt(1024, "context length in tokens")
     vocab_size: int = opt(50304, "vocabulary size: GPT-2's 50257 padded to a multiple of 64")
     dropout: float = opt(0.0, "dropout probability; 0 for pretraining")
     bias: bool = opt(False, "biases in Linear and LayerNorm layers")
+    activation_checkpointing: str = opt("none", "none | full: recompute each block in backward, ~1/3 more compute "
+                                                "for far less activation memory", choices=recompute.MODES)
     # AdamW and clipping: None keeps the DeepSpeed JSON's value
     learning_rate: float | None = opt(None, "peak learning rate (JSON optimizer.params.lr, 6e-4 in the shipped configs)")
     weight_decay: float | None = opt(None, "AdamW weight decay on 2-D tensors (JSON optimizer.params.weight_decay)")
@@ -113,7 +122,19 @@ def parse_bool(text: str) -> bool:
 
 
 def _coerce(name: str, value: Any, tp: Any, origin: str) -> Any:
-    """Check/convert one value from a config file or the CLI to the field's type."""
+    """Check/convert one value from a config file or the CLI to the field's type (and its choices)."""
+    value = _coerce_type(name, value, tp, origin)
+    choices = _fields()[name].metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{origin} must be one of {', '.join(choices)} (got {value!r})")
+    return value
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce_type(name: str, value: Any, tp: Any, origin: str) -> Any:
     base = _base_type(tp)
     if value is None and type(None) in typing.get_args(tp):
         return None
@@ -184,9 +205,20 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ns.pop("local_rank", None)
     for key, value in ns.items():
         values[key] = _coerce(key, value, types[key], f"--{key}")
+    _apply_model_preset(values)
     cfg = TrainConfig(**values, explicit=frozenset(values))
     validate(cfg)
     return cfg
+
+
+def _apply_model_preset(values: dict[str, Any]) -> None:
+    """--model NAME fills in the shape flags the user left out. They count as set by the user,
+    so a checkpoint of another shape is refused on resume, not silently adopted."""
+    if values.get("model") is None:
+        return
+    values["model"] = presets.canonical(values["model"])
+    for key, value in presets.MODELS[values["model"]]._asdict().items():
+        values.setdefault(key, value)
 
 
 def validate(cfg: TrainConfig) -> None:
