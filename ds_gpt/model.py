@@ -1,7 +1,9 @@
 """GPT-2 as nanoGPT has it: one file, no distributed code, readable top to bottom.
 
 DeepSpeed wraps this module from the outside (ds_gpt/engine.py); nothing here knows about
-ranks, ZeRO or precision.
+ranks, ZeRO or precision. The one training choice it takes is activation checkpointing
+(ds_gpt.recompute), because only the model knows where its blocks are; it is an argument of GPT,
+not a GPTConfig field, so GPTConfig stays nanoGPT's model_args (the shape checkpoints carry).
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ds_gpt import recompute
 
 
 @dataclass
@@ -88,9 +93,14 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, activation_checkpointing: str = "none"):
+        """`activation_checkpointing`: "none", or "full" to recompute each block in backward."""
         super().__init__()
+        if activation_checkpointing not in recompute.MODES:
+            raise ValueError(f"activation_checkpointing must be one of {', '.join(recompute.MODES)}, "
+                             f"got {activation_checkpointing!r}")
         self.config = config
+        self.activation_checkpointing = activation_checkpointing
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -134,7 +144,7 @@ class GPT(nn.Module):
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x)
+            x = self._run_block(block, x)
         x = self.transformer.ln_f(x)
         if targets is None:
             # Inference: only the last position's logits are needed.
@@ -142,6 +152,14 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # [B, T, vocab]
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _run_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing == "full" and torch.is_grad_enabled():
+            # Keep only the block's input; its backward runs the block again to rebuild the rest.
+            # The non-reentrant form runs ZeRO-3's parameter hooks again on the recompute, is
+            # traced by torch.compile, and replays the RNG, so dropout masks match the forward's.
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def optimizer_param_groups(self, weight_decay: float) -> list[dict]:
         """nanoGPT's split: matrices and embeddings (2+ dims) decay; biases and norms do not."""
