@@ -120,7 +120,7 @@ def allocation_results(entries: list[tuple[str, int]], alloc: Allocation | None,
     name = "allocation" if launcher == "srun" else "hostfile"
     if alloc is None:
         return [Result(name, True, "no allocation to compare with (not inside salloc/sbatch)")]
-    regen = "regenerate it inside the job: python -m ds_gpt.hostfile --out FILE (slurm/ds_train.sh does)"
+    regen = "regenerate it inside the job with python -m ds_gpt.hostfile --out FILE, as slurm/ds_train.sh does"
     out = []
     for host, slots in entries:
         if host not in alloc.nodes:

@@ -9,7 +9,6 @@ with its variables, as it does inside a job. Assertions read the --json report.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -22,6 +21,7 @@ import pytest
 
 from conftest import PYTHON, REPO_ROOT, free_port, write_token_bins
 from test_cluster import CLUSTER_SH, cluster, job_env  # noqa: F401  (cluster: the session fixture)
+from test_stage import write_meta
 
 TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--vocab_size", "512",
               "--dtype", "float32"]
@@ -33,17 +33,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 # -----------------------------------------------------------------------------
-# helpers, shared with test_staging.py
-
-
-def write_meta(data_dir: Path) -> Path:
-    """meta.json as ds_gpt.prepare writes it (tokens and sha256 per split) for write_token_bins' files."""
-    splits = {}
-    for split in ("train", "val"):
-        raw = (data_dir / f"{split}.bin").read_bytes()
-        splits[split] = {"tokens": len(raw) // 2, "sha256": hashlib.sha256(raw).hexdigest()}
-    (data_dir / "meta.json").write_text(json.dumps({"vocab_size": 512, "dtype": "uint16", "splits": splits}))
-    return data_dir
+# helpers (on_node is shared with test_staging.py)
 
 
 def on_node(node: str, *cmd: str) -> subprocess.CompletedProcess:

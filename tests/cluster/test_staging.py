@@ -13,7 +13,8 @@ import pytest
 
 from conftest import REPO_ROOT, write_token_bins
 from test_cluster import SBATCH_TINY, TINY, cluster, job_env, sbatch, tail, train_iters, wait_job  # noqa: F401
-from test_preflight import NODE_LOCAL, on_node, write_meta
+from test_preflight import NODE_LOCAL, on_node
+from test_stage import write_meta
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 NODES = ("node1", "node2")
