@@ -18,6 +18,7 @@ from ds_gpt.tracking import WandbRun
 
 # metrics.jsonl keys -> TensorBoard tags
 TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu",
+           "hfu": "train/hfu",
            "val_loss": "val/loss", "train_loss": "eval/train_loss"}
 DISK_FULL_HINT = "free space under --out_dir (or move it), then resume with --init_from resume"
 
@@ -34,17 +35,20 @@ class MetricsLogger:
     is cut back to the last whole line), console lines and TensorBoard scalars.
 
     `mfu_of(tokens_per_s)` turns a throughput into model FLOPs utilisation (ds_gpt.mfu.mfu with
-    the run's FLOPs per token, world size and peak bound in); `tokens_per_iter` is the global batch.
+    the run's FLOPs per token, world size and peak bound in); `tokens_per_iter` is the global batch;
+    `hfu_per_mfu` is hardware over model FLOPs (above 1 when activations are recomputed).
     """
 
     def __init__(self, out_dir: Path, enabled: bool, monitor=None, *, tokens_per_iter: int = 0,
-                 mfu_of: Callable[[float], float] | None = None, wandb: WandbRun | None = None):
+                 mfu_of: Callable[[float], float] | None = None, hfu_per_mfu: float = 1.0,
+                 wandb: WandbRun | None = None):
         self.enabled = enabled
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
         self.wandb = wandb
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tokens_per_iter = tokens_per_iter
         self.mfu_of = mfu_of or (lambda tokens_per_s: float("nan"))
+        self.hfu_per_mfu = hfu_per_mfu
         self._fd: int | None = None
         if enabled:
             self._fd = self._guarded(lambda: os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
@@ -70,7 +74,8 @@ class MetricsLogger:
         tokens_per_s = self.tokens_per_iter / dt_s
         utilisation = self.mfu_of(tokens_per_s)
         self.log({"iter": iter_num, "loss": loss, "lr": lr, "tokens": tokens, "dt_ms": dt_s * 1000,
-                  "tokens_per_s": tokens_per_s, "mfu": utilisation, "peak_mem_mb": peak_mem_mb},
+                  "tokens_per_s": tokens_per_s, "mfu": utilisation, "hfu": utilisation * self.hfu_per_mfu,
+                  "peak_mem_mb": peak_mem_mb},
                  f"iter {iter_num}: loss {loss:.4f}, time {dt_s * 1000:.2f}ms, mfu {utilisation * 100:.2f}%")
 
     def eval(self, iter_num: int, losses: dict[str, float], tokens: int) -> None:

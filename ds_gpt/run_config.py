@@ -129,6 +129,13 @@ def ds_zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def ds_offloads_optimizer(ds: dict) -> bool:
+    """Does the config keep the optimizer state on the host (ZeRO-Offload, to CPU or NVMe)?"""
+    offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    device = offload.get("device", "none")
+    return str(device).lower() in ("cpu", "nvme")
+
+
 def ds_dtype(ds: dict) -> str:
     """The training precision a resolved DeepSpeed config asks for."""
     if ds.get("bf16", {}).get("enabled"):
@@ -239,7 +246,11 @@ def resolve(cfg: TrainConfig, world_size: int, *, cuda: bool, overrides_log: lis
     if "lr" not in ds["optimizer"]["params"]:
         raise UserError(f"DeepSpeed config {cfg.deepspeed_config}: optimizer.params.lr is missing",
                         hint="set it in the JSON or pass --learning_rate")
-    if not cuda:
+    if ds_offloads_optimizer(ds):
+        # ZeRO-Offload steps on the host with DeepSpeed's CPU Adam (a JIT-built AVX op, GPU or not);
+        # torch's AdamW there would be DeepSpeed's slow fallback.
+        override(("optimizer", "params", "torch_adam"), False, "offload_optimizer")
+    elif not cuda:
         # DeepSpeed's fused Adam is a CUDA kernel; on CPU it would JIT-build a slow stand-in.
         override(("optimizer", "params", "torch_adam"), True, "cpu")
     if ds.get("tensorboard", {}).get("enabled"):

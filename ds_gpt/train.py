@@ -37,6 +37,7 @@ from ds_gpt.metrics import MetricsLogger
 from ds_gpt.model import GPT
 from ds_gpt.nonfinite import NonFiniteGuard
 from ds_gpt.optimizer_state import apply_nanogpt_optimizer_state
+from ds_gpt.recompute import hardware_flops_per_token
 from ds_gpt.signals import GracefulStop
 from ds_gpt.startup import Startup, build_run
 from ds_gpt.tracking import WandbRun
@@ -121,7 +122,7 @@ def train(start: Startup) -> int:
 
     # --- model and engine: the same init on every rank, then DeepSpeed wraps it
     torch.manual_seed(cfg.seed)
-    model = GPT(shape)
+    model = GPT(shape, activation_checkpointing=cfg.activation_checkpointing)
     if start.init is not None:
         model.load_state_dict(start.init.state_dict)
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters and numel() reads 0
@@ -142,6 +143,8 @@ def train(start: Startup) -> int:
     device_name, hosts = ds_engine.device_name(), ds_engine.hostnames(env)
     peak, peak_source = mfu.peak_flops_per_device(device_name, run.dtype, cfg.peak_tflops)
     flops_per_token = mfu.flops_per_token(n_params, shape.n_layer, shape.n_embd, shape.block_size)
+    hardware_flops = hardware_flops_per_token(n_params, shape.n_layer, shape.n_embd, shape.block_size,
+                                              cfg.activation_checkpointing, vocab_size=shape.vocab_size)
     if master:
         run_dir.write_config(out_dir, run, env, hosts, device_name, n_params, peak, peak_source, start.overrides)
         print(run_dir.summary(run, env, hosts, device_name, n_params), flush=True)
@@ -150,7 +153,7 @@ def train(start: Startup) -> int:
     tracker = WandbRun(out_dir, cfg.wandb_project, cfg.wandb_run_name, run.to_dict()) if master and cfg.wandb_log else None
     metrics = MetricsLogger(out_dir, master, eng.monitor, tokens_per_iter=run.tokens_per_iter,
                             mfu_of=lambda tokens_per_s: mfu.mfu(tokens_per_s, flops_per_token, world_size, peak),
-                            wandb=tracker)
+                            hfu_per_mfu=hardware_flops / flops_per_token, wandb=tracker)
     profile = FlopsProfileCapture(eng, profile_step=run.profile_step, output_file=out_dir / PROFILE_FILE,
                                   n_params=n_params, n_layer=shape.n_layer, n_embd=shape.n_embd, peak_flops=peak)
     checkpointer = Checkpointer(

@@ -22,7 +22,7 @@ def write_run(out: Path, *, agree: bool = True, config: bool = True) -> Path:
         (out / "config.json").write_text(json.dumps({
             "world_size": 8, "launcher": "srun", "hosts": ["gpu-1", "gpu-2"], "device": "NVIDIA A100-SXM4-40GB",
             "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50304},
-            "train": {"dtype": "bfloat16", "max_iters": 20}, "dtype": "bfloat16", "zero_stage": 1,
+            "train": {"dtype": "bfloat16", "max_iters": 20, "activation_checkpointing": "full"}, "dtype": "bfloat16", "zero_stage": 1,
             "peak_source": "table:A100",
             "ds_config": {"zero_optimization": {"stage": 1}, "train_batch_size": 480,
                           "train_micro_batch_size_per_gpu": 12, "gradient_accumulation_steps": 5},
@@ -34,7 +34,8 @@ def write_run(out: Path, *, agree: bool = True, config: bool = True) -> Path:
         tps = TOKENS_PER_ITER / (dt_ms / 1000)
         lines.append({"iter": it, "loss": 11.0 - 0.3 * it, "lr": 6e-4 * min(1, (it + 1) / 10),
                       "tokens": TOKENS_PER_ITER * (it + 1), "dt_ms": dt_ms, "tokens_per_s": tps,
-                      "mfu": mfu(tps, FPT_124M, 8, 312e12), "peak_mem_mb": 10240.0 + it})
+                      "mfu": mfu(tps, FPT_124M, 8, 312e12), "hfu": 1.25 * mfu(tps, FPT_124M, 8, 312e12),
+                      "peak_mem_mb": 10240.0 + it})
         if it in (0, 10):
             lines.append({"iter": it, "train_loss": 11.0 - 0.3 * it, "val_loss": 11.1 - 0.3 * it})
         if it == 5:
@@ -112,3 +113,10 @@ def test_tensorboard_serves_the_scalars(tmp_path):
     for tag, f in tags.items():
         assert [s for s, _ in got[tag]] == [0, 1, 2, 3]
         assert [v for _, v in got[tag]] == pytest.approx([f(s) for s in range(4)], rel=1e-6)  # float32
+
+
+def test_summary_reports_hfu_beside_mfu(tmp_path):
+    out = write_run(tmp_path / "run")
+    s = R.summarize(R.load_config(out), *R.split_events(R.load_metrics(out)))
+    assert s["mfu_analytic"] == pytest.approx(0.350926, rel=1e-5)  # 1,024,000 x 855,383,040 / (8 x 312e12)
+    assert s["hfu"] == pytest.approx(1.25 * s["mfu_analytic"]) and s["activation_checkpointing"] == "full"
