@@ -4,7 +4,8 @@
     python -m ds_gpt.preflight --data_dir D --out_dir O              # inside an allocation: its hostfile
     python -m ds_gpt.preflight --launcher srun --data_dir D --out_dir O -- --n_layer 24 --keep_last 3
 
-Arguments after `--` are the trainer's (ds_gpt/train.py): they give the model shape, precision,
+Arguments after `--` are the trainer's (ds_gpt/train.py): they give the model (--model or the
+shape flags), precision,
 ZeRO stage and keep_last that size a checkpoint (and --data_dir/--out_dir when not given here).
 slurm/ds_train.sh runs this before every launch. The checks, in order:
 
@@ -43,7 +44,8 @@ from ds_gpt.errors import EXIT_USER_ERROR, ArgumentParser, UserError, run_cli
 from ds_gpt.hostfile import read_hostfile
 from ds_gpt.launch_env import DEFAULT_MPI_PORT, slurm_port
 from ds_gpt.paths import REPO_ROOT
-from ds_gpt.plan import MODELS, gpt_num_params
+from ds_gpt.plan import gpt_num_params
+from ds_gpt.plan_comm import LINKS
 from ds_gpt.preflight_checks import (NO_PYTHON, NO_REPO, Result, allocation_results, env_file_results, human,
                                      judge_allreduce, judge_probes, read_allocation, wanted_env)
 from ds_gpt.preflight_node import CHECKSUM_AUTO_LIMIT, parse_reports, versions
@@ -69,7 +71,7 @@ def hostfile_entries(path: str | None, environ: Mapping[str, str]) -> list[tuple
         proc = subprocess.run([sys.executable, "-m", "ds_gpt.hostfile", "--out", str(out)], cwd=REPO_ROOT,
                               env=dict(environ), capture_output=True, text=True)
         if proc.returncode:
-            raise UserError(f"python -m ds_gpt.hostfile failed: {proc.stderr.strip().splitlines()[-1:]}")
+            raise UserError(f"python -m ds_gpt.hostfile failed: {' '.join(proc.stderr.split()[-30:])}")
         return read_hostfile(out)
 
 
@@ -88,9 +90,9 @@ def checkpoint_bytes(n_params: int, dtype: str, zero_stage: int) -> int:
     return n_params * (module + master + 8)
 
 
-def model_checkpoint(cfg: config.TrainConfig, model: str | None) -> dict:
+def model_checkpoint(cfg: config.TrainConfig) -> dict:
     """The model's parameter count, precision, ZeRO stage and the bytes one checkpoint takes."""
-    n_layer, n_head, n_embd = MODELS[model] if model else (cfg.n_layer, cfg.n_head, cfg.n_embd)
+    n_layer, n_head, n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd  # --model fills them in
     ds = load_ds_config(cfg.deepspeed_config)
     dtype = cfg.dtype or ds_dtype(ds)
     stage = cfg.zero_stage if cfg.zero_stage is not None else ds_zero_stage(ds)
@@ -200,8 +202,8 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> tuple[argp
     ap.add_argument("--master_port", type=int, help="rendezvous port (default: $MASTER_PORT, else the one the "
                     "launcher derives from the job id, else 29500)")
     ap.add_argument("--keep_last", type=int, help="rolling checkpoints the run keeps (default: the trainer's)")
-    ap.add_argument("--model", choices=list(MODELS), help="GPT-2 size whose checkpoints to make room for "
-                    "(default: the trainer's shape)")
+    ap.add_argument("--gpu", choices=list(LINKS), help="whose links the planner assumes, for the all-reduce's "
+                    "comparison (default: the allocation's GPU type, else a100)")
     ap.add_argument("--checksum", choices=("auto", "always", "never"), default="auto",
                     help=f"sha256 of the data against meta.json: auto hashes up to {CHECKSUM_AUTO_LIMIT >> 30} GiB")
     ap.add_argument("--allreduce_mb", type=float, default=64.0, help="all-reduce message size in MiB")
@@ -248,7 +250,7 @@ def preflight(args: argparse.Namespace, cfg: config.TrainConfig, environ: Mappin
     results += allocation_results(entries, alloc, args.launcher)
     # A host outside the allocation is wrong already; probing it would only add noise.
     targets = [h for h in hosts if alloc is None or h in alloc.nodes]
-    model = model_checkpoint(cfg, args.model)
+    model = model_checkpoint(cfg)
     master = args.master_addr or hosts[0]
     # The deepspeed launcher checks ssh to the first host even when the hostfile names one host.
     transport = "srun" if args.launcher == "srun" else "ssh"
@@ -282,7 +284,8 @@ def preflight(args: argparse.Namespace, cfg: config.TrainConfig, environ: Mappin
             reports, tail = run_allreduce(str(hostfile), hosts, master, args.master_port, args, list(env_wanted),
                                           environ)
         world = sum(n for _, n in entries)
-        checked, allreduce = judge_allreduce(reports, tail, world, hosts, env_wanted)
+        gpu = args.gpu or (alloc.gpu_type if alloc and alloc.gpu_type in LINKS else "a100")
+        checked, allreduce = judge_allreduce(reports, tail, world, hosts, env_wanted, gpu, LINKS[gpu])
         results += checked
     return {"ok": all(r.ok for r in results), "checks": [r.to_dict() for r in results], "hosts": dict(entries),
             "launcher": args.launcher, "transport": transport, "master": f"{master}:{args.master_port}",

@@ -17,15 +17,13 @@ from typing import Mapping
 from ds_gpt.errors import UserError
 from ds_gpt.hostfile import expand_nodelist, gpus_from_gres, scontrol_hostnames, tasks_per_node
 from ds_gpt.paths import REPO_ROOT
+from ds_gpt.plan_comm import Links
 
 NO_REPO, NO_PYTHON = 97, 98  # the probe's shell exits with these when `cd` / the interpreter fail
 SSH_FAILED = 255
 # What the ranks started over ssh must see as the launching shell does (when it sets them).
 CACHE_VARS = ("DS_GPT_CACHE", "TORCH_EXTENSIONS_DIR", "TIKTOKEN_CACHE_DIR")
 COMM_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_")
-# The planner's link bandwidths, GB/s per direction: NVLink 3 between the A100s of a node, and
-# InfiniBand HDR (200 Gb/s) between nodes. ds_gpt.plan has no bandwidth table yet.
-ASSUMED_LINK_GBPS = {"intra-node": (300.0, "NVLink, A100"), "inter-node": (25.0, "InfiniBand HDR")}
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -80,13 +78,23 @@ class Allocation:
     nodes: list[str]
     tasks: dict[str, int]  # SLURM tasks per node
     gpus: dict[str, int]  # GPUs SLURM gave each node (0 for a CPU job)
+    gpu_type: str | None = None  # "a100" from gpu:a100:4, when the job names one
+
+
+GPU_GRES = r"gpu(?::[^:(,]+)?:(\d+)"  # gpu:4 or gpu:a100:4, as scontrol shows a node's GRES
+
+
+def gpu_type(text: str) -> str | None:
+    """"a100" from `gpu:a100:4(IDX:0-3)` (scontrol) or `a100:4` (SLURM_GPUS_PER_NODE); None if untyped."""
+    m = re.search(r"(?:^|gpu:|,)([A-Za-z][\w.-]*):\d+", text)
+    return m.group(1).lower() if m and m.group(1) != "gpu" else None
 
 
 def gpus_from_job(text: str) -> dict[str, int]:
     """Per-node GPU counts from `scontrol show job -d` (`Nodes=n[1-2] CPU_IDs=.. GRES=gpu:a100:4(IDX:0-3)`)."""
     gpus: dict[str, int] = {}
     for nodes, gres in re.findall(r"^\s*Nodes=(\S+) .*?GRES=(\S*)", text, flags=re.M):
-        count = sum(int(n) for n in re.findall(r"gpu(?::[^:(,]+)?:(\d+)", gres))
+        count = sum(int(n) for n in re.findall(GPU_GRES, gres))
         for node in expand_nodelist(nodes):
             gpus[node] = gpus.get(node, 0) + count
     return gpus
@@ -106,13 +114,16 @@ def read_allocation(environ: Mapping[str, str]) -> Allocation | None:
         tasks = [int(environ.get("SLURM_NTASKS_PER_NODE") or 1)] * len(nodes)
     job = environ.get("SLURM_JOB_ID")
     gpus: dict[str, int] = {}
+    shown = ""
     if job and shutil.which("scontrol"):
         proc = subprocess.run(["scontrol", "show", "job", "-d", job], capture_output=True, text=True)
-        gpus = gpus_from_job(proc.stdout) if proc.returncode == 0 else {}
+        shown = proc.stdout if proc.returncode == 0 else ""
+        gpus = gpus_from_job(shown)
     if not gpus:  # no scontrol: every node alike, as the job asked
         uniform = int(environ.get("SLURM_GPUS_ON_NODE") or 0) or gpus_from_gres(environ.get("SLURM_GPUS_PER_NODE") or "0")
         gpus = {n: uniform for n in nodes}
-    return Allocation(nodelist, nodes, dict(zip(nodes, tasks)), {n: gpus.get(n, 0) for n in nodes})
+    kind = gpu_type(" ".join(re.findall(r"GRES=(\S+)", shown))) or gpu_type(environ.get("SLURM_GPUS_PER_NODE", ""))
+    return Allocation(nodelist, nodes, dict(zip(nodes, tasks)), {n: gpus.get(n, 0) for n in nodes}, kind)
 
 
 def allocation_results(entries: list[tuple[str, int]], alloc: Allocation | None, launcher: str) -> list[Result]:
@@ -254,9 +265,9 @@ def judge_probes(probes: dict[str, dict], master: str, port: int, token: str | N
     return out
 
 
-def judge_allreduce(reports: list[dict], tail: str, world: int, hosts: list[str],
-                    wanted: dict[str, str]) -> tuple[list[Result], dict]:
-    """The ranks' environment and the all-reduce's sum and bus bandwidth."""
+def judge_allreduce(reports: list[dict], tail: str, world: int, hosts: list[str], wanted: dict[str, str],
+                    gpu: str, links: Links) -> tuple[list[Result], dict]:
+    """The ranks' environment, the all-reduce's sum, and its bus bandwidth beside the planner's link."""
     if len(reports) < world:
         return [Result("allreduce", False, f"{len(reports)} of {world} ranks reported: {tail}",
                        "the ranks must reach the master address and port; see the launcher's output")], {}
@@ -274,10 +285,12 @@ def judge_allreduce(reports: list[dict], tail: str, world: int, hosts: list[str]
     rank0 = min(reports, key=lambda r: r["rank"])
     n = rank0["world_size"]
     busbw = rank0["bytes"] / rank0["seconds"] * (2 * (n - 1) / n) / 1e9  # nccl-tests' bus bandwidth
-    link = "inter-node" if len({r["node_rank"] for r in reports}) > 1 else "intra-node"
-    assumed, what = ASSUMED_LINK_GBPS[link]
-    measured = {"world_size": n, "backend": rank0["backend"], "bytes": rank0["bytes"],
-                "seconds": rank0["seconds"], "busbw_gbps": busbw, "link": f"{link}, {what}", "assumed_gbps": assumed}
+    # The slowest link a ring crosses sets its pace: the network once the ranks span nodes.
+    inter = len({r["node_rank"] for r in reports}) > 1
+    link = f"{'inter' if inter else 'intra'}-node, {gpu}"
+    measured = {"world_size": n, "backend": rank0["backend"], "bytes": rank0["bytes"], "seconds": rank0["seconds"],
+                "busbw_gbps": busbw, "link": link, "assumed_gbps": links.inter_GBps if inter else links.intra_GBps,
+                "assumed_source": links.source}
     out = merge(out)
     if not out:
         out.append(Result("allreduce", True, f"{n} ranks, bus bandwidth {busbw:.2f} GB/s", details=measured))

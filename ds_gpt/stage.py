@@ -21,6 +21,7 @@ import socket
 from pathlib import Path
 
 from ds_gpt import atomic
+from ds_gpt.fileset import file_digest, staged_path
 from ds_gpt.errors import ArgumentParser, UserError, run_cli
 from ds_gpt.preflight_checks import human
 
@@ -56,14 +57,6 @@ def expected_files(data_dir: str | os.PathLike) -> dict[str, dict]:
     return files
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify(data_dir: str | os.PathLike, checksum: bool) -> dict:
     """Sizes (always) and sha256 (when `checksum`) of train.bin and val.bin against meta.json.
 
@@ -87,7 +80,7 @@ def verify(data_dir: str | os.PathLike, checksum: bool) -> dict:
             if size % TOKEN_BYTES:
                 raise UserError(f"{path} has an odd size ({size} bytes): not uint16 tokens", hint=PREPARE_HINT)
             if hashed:
-                if sha256_of(path) != w["sha256"]:
+                if file_digest(path)["sha256"] != w["sha256"]:
                     raise UserError(f"{path}: sha256 differs from meta.json: the file is corrupt", hint=PREPARE_HINT)
             else:
                 with open(path, "rb") as fh:  # readable, not just listed
@@ -106,7 +99,7 @@ def verify(data_dir: str | os.PathLike, checksum: bool) -> dict:
 
 def _copy_hashed(src: Path, dst: Path, want: dict) -> None:
     """Copy src to dst through a temporary name, hashing the bytes on the way; rename once they check."""
-    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    tmp = staged_path(dst.parent, dst.name)
     digest = hashlib.sha256()
     try:
         with open(src, "rb") as fin, open(tmp, "wb") as fout:

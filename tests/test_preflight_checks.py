@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ds_gpt.preflight import checkpoint_bytes
-from ds_gpt.preflight_checks import (NO_REPO, VENV_BIN, Allocation, allocation_results, env_file_results,
+from ds_gpt.plan_comm import LINKS
+from ds_gpt.preflight_checks import (NO_REPO, VENV_BIN, Allocation, allocation_results, env_file_results, gpu_type,
                                      gpus_from_job, judge_allreduce, judge_probes)
 
 TWO_NODES = Allocation("node[1-2]", ["node1", "node2"], {"node1": 4, "node2": 4}, {"node1": 4, "node2": 4})
@@ -32,6 +33,8 @@ def test_gpus_per_node_from_scontrol() -> None:
             "     Nodes=big7 CPU_IDs=0-3 Mem=0 GRES=gpu:2(IDX:0,2)\n"
             "     Nodes=cpu1 CPU_IDs=0 Mem=0 GRES=\n")
     assert gpus_from_job(text) == {"node1": 2, "node2": 2, "big7": 2, "cpu1": 0}
+    assert [gpu_type(t) for t in ("gpu:a100:2(IDX:0-1)", "H100:4", "gpu:2(IDX:0,2)", "4", "")] == \
+        ["a100", "h100", None, None, None]
 
 
 def test_hostfile_against_the_allocation() -> None:
@@ -101,10 +104,14 @@ def test_allreduce_bus_bandwidth_and_rank_env() -> None:
     env = {"PATH": VENV_BIN, "DS_GPT_CACHE": "/c"}
     ranks = [{"rank": r, "node_rank": r // 2, "world_size": 4, "hostname": "h", "node": None, "correct": True,
               "backend": "nccl", "bytes": 10**9, "seconds": 0.1, "env": env} for r in range(4)]
-    results, measured = judge_allreduce(ranks, "", 4, ["node1", "node2"], wanted)
+    results, measured = judge_allreduce(ranks, "", 4, ["node1", "node2"], wanted, "a100", LINKS["a100"])
     assert not failed(results)
     assert measured["busbw_gbps"] == pytest.approx(10 * 2 * 3 / 4)  # algbw 10 GB/s x 2(n-1)/n
     assert measured["link"].startswith("inter-node") and measured["assumed_gbps"] == 25.0
     ranks[3]["env"] = {"PATH": "/bin"}
-    assert failed(judge_allreduce(ranks, "", 4, ["node1", "node2"], wanted)[0]) == {"env": ["node2"]}
-    assert failed(judge_allreduce(ranks[:3], "", 4, ["node1", "node2"], wanted)[0]) == {"allreduce": []}
+    assert failed(judge_allreduce(ranks, "", 4, ["node1", "node2"], wanted, "a100", LINKS["a100"])[0]) == \
+        {"env": ["node2"]}
+    assert failed(judge_allreduce(ranks[:3], "", 4, ["node1", "node2"], wanted, "a100", LINKS["a100"])[0]) == \
+        {"allreduce": []}
+    one_node = [{**r, "node_rank": 0, "env": env} for r in ranks]
+    assert judge_allreduce(one_node, "", 4, ["node1"], wanted, "h100", LINKS["h100"])[1]["assumed_gbps"] == 450
