@@ -18,7 +18,8 @@
 #   MASTER_PORT    rendezvous port                              (default: derived from the job id)
 #   MAX_REQUEUES   stop requeueing after this many restarts     (default: 20)
 #   DS_GPT_CACHE   JIT-built ops, tokenizer files               (default: ./.cache)
-#   DS_GPT_PREFLIGHT  0 skips the checks before the launch     (default: 1; see docs/slurm.md)
+#   DS_GPT_PREFLIGHT  1 checks before the launch, 0 skips that, only: check and end the job
+#                  without training                             (default: 1; see docs/slurm.md)
 #   STAGE_DATA     1: copy the data to node-local storage on every node and train from there
 #   STAGE_DIR      node-local directory for STAGE_DATA=1        (default: $SLURM_TMPDIR)
 #
@@ -123,6 +124,10 @@ if [[ ${DS_GPT_PREFLIGHT:-1} != 0 ]]; then
         echo "ds_train.sh: preflight failed (the lines above say why); not starting training" \
              "(DS_GPT_PREFLIGHT=0 skips the checks)"
         exit 2
+    fi
+    if [[ ${DS_GPT_PREFLIGHT:-1} == only ]]; then
+        echo "ds_train.sh: preflight passed; DS_GPT_PREFLIGHT=only: not training"
+        exit 0
     fi
 fi
 

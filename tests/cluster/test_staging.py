@@ -89,6 +89,15 @@ def test_failed_preflight_starts_no_training(data_dir: Path, cluster, tmp_path: 
     assert "ds_gpt.preflight: data: node1,node2: data directory" in log.read_text()
 
 
+def test_preflight_only_job(data_dir: Path, cluster, tmp_path: Path) -> None:  # noqa: F811
+    """DS_GPT_PREFLIGHT=only: the checks of a first job on a new cluster, and no training."""
+    job, info, out, log = run_job(tmp_path, data_dir, DS_GPT_LAUNCH="srun", DS_GPT_PREFLIGHT="only")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
+    report = json.loads((out / "preflight.json").read_text())
+    assert report["ok"] and report["transport"] == "srun" and report["hosts"] == {"node1": 1, "node2": 1}
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_corrupt_copy_starts_no_training(data_dir: Path, node_local: Path, tmp_path: Path) -> None:
     """A copy whose bytes disagree with meta.json is an error on every node, and leaves no file behind."""
     bad = tmp_path / "bad"
