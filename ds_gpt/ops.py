@@ -13,7 +13,10 @@ On CPU, DeepSpeed's communication backend compiles its shared-memory all-reduce
 (deepspeed_shm_comm) into $TORCH_EXTENSIONS_DIR the first time a process starts it: about 40 s
 on 2 cores, during which the first training run's ranks wait on torch's build lock and
 print nothing. Compiling it here keeps that out of the first run (and out of a job's time
-limit). A CUDA build of torch (a GPU install) needs no CPU op: there this command builds nothing
+limit). DeepSpeed's CPU Adam (cpu_adam), which ZeRO-Offload configs step with, is compiled
+here too: about 3 minutes on 2 cores, which would otherwise fall silently on the first offload
+run. Its build uses -march=native: nodes of different CPU types need caches of their own
+(TORCH_EXTENSIONS_DIR). A CUDA build of torch (a GPU install) needs no CPU op: there this command builds nothing
 and DeepSpeed compiles fused Adam at the first GPU run, which has the environment that build needs.
 """
 from __future__ import annotations
@@ -43,6 +46,15 @@ def put_venv_ninja_first() -> None:
         os.environ["PATH"] = os.pathsep.join([str(scripts), *entries])
 
 
+def _build(name: str, build, root: Path):
+    try:
+        return build()
+    except (RuntimeError, OSError) as err:  # torch's "Error building extension", a missing compiler
+        last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise UserError(f"compiling DeepSpeed's {name} under {root} failed: {last}",
+                        hint="install a C++ compiler with OpenMP (g++); CPU runs need this op") from err
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ds_gpt.ops", description=__doc__.split("\n\n")[0])
     parser.parse_args(argv)
@@ -50,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from deepspeed.accelerator import get_accelerator
     from deepspeed.comm.torch import build_shm_op
+    from deepspeed.ops.op_builder import CPUAdamBuilder
 
     put_venv_ninja_first()
     accelerator = get_accelerator().device_name()
@@ -63,18 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     watcher = build_locks.watch()  # a build killed earlier must not leave this command waiting forever
     try:
-        # DeepSpeed's own entry point: the same builder, flags and cache directory as a run's.
-        op = build_shm_op()
-    except (RuntimeError, OSError) as err:  # torch's "Error building extension", a missing compiler
-        last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        raise UserError(f"compiling DeepSpeed's {OP} under {root} failed: {last}",
-                        hint="install a C++ compiler with OpenMP (g++); CPU runs need this op") from err
+        # DeepSpeed's own entry points: the same builders, flags and cache directory as a run's.
+        op = _build(OP, build_shm_op, root)
+        _build("cpu_adam", lambda: CPUAdamBuilder().load(verbose=False), root)
     finally:
         watcher.stop()
     if op is None:
         print("ds_gpt.ops: DeepSpeed has no shared-memory all-reduce for this CPU; nothing to build")
     else:
-        print(f"ds_gpt.ops: {OP} ready under {root} ({time.perf_counter() - t0:.0f} s)")
+        print(f"ds_gpt.ops: {OP} and cpu_adam ready under {root} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

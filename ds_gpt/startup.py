@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ds_gpt import launch_env, run_dir
+from ds_gpt import launch_env, run_dir, tracking
 from ds_gpt.checkpoint import CheckpointInfo, check_resumable, print_warning
 from ds_gpt.config import TrainConfig, parse_args
 from ds_gpt.data import TokenFile, check_data_dir
@@ -66,6 +66,8 @@ def build_run(argv: list[str] | None = None) -> Startup:
         init = initial_weights(cfg)
         if init is not None:
             adopt_model_args(run, init.model_args, init.source)
+    if cfg.wandb_log:
+        tracking.check_available()
     shape = GPTConfig(**run.model)
     data = check_data_dir(cfg.data_dir, shape.block_size, shape.vocab_size)
     run_dir.prepare(out_dir)

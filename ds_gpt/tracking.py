@@ -22,14 +22,20 @@ from ds_gpt.errors import UserError
 RUN_ID_FILE = "wandb_run_id"
 
 
+def check_available() -> None:
+    """Refuse --wandb_log without the extra while the run is being built, before any rendezvous."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise UserError("--wandb_log needs the wandb package", hint="make setup EXTRAS=wandb") from None
+
+
 class WandbRun:
     """One W&B run fed the same scalars as metrics.jsonl and TensorBoard."""
 
     def __init__(self, out_dir: Path, project: str, name: str | None, config: dict):
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--wandb_log needs the wandb package", hint="make setup EXTRAS=wandb") from None
+        import wandb
+
         os.environ.setdefault("WANDB_MODE", "offline")
         id_path = Path(out_dir) / RUN_ID_FILE
         run_id = id_path.read_text().strip() if id_path.exists() else uuid.uuid4().hex[:8]  # W&B's id length

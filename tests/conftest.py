@@ -46,12 +46,13 @@ def write_token_bins(data_dir: Path, n_train: int = 20_000, n_val: int = 4_000,
 
 
 def copy_of_the_op_build(extensions: Path) -> Path:
-    """A private $TORCH_EXTENSIONS_DIR with a copy of the suite's build of DeepSpeed's CPU op,
-    timestamps kept so torch finds it up to date; empty when there is none yet (the process under
-    test then builds it). Returns the op's build directory."""
-    built = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / OP
-    if built.is_dir():
-        shutil.copytree(built, extensions / OP)
+    """A private $TORCH_EXTENSIONS_DIR with a copy of the suite's builds of DeepSpeed's CPU ops (the
+    all-reduce and CPU Adam), timestamps kept so torch finds them up to date; empty where there is
+    none yet (the process under test then builds it). Returns the all-reduce op's build directory."""
+    for op in (OP, "cpu_adam"):
+        built = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / op
+        if built.is_dir():
+            shutil.copytree(built, extensions / op)
     (extensions / OP).mkdir(parents=True, exist_ok=True)
     return extensions / OP
 

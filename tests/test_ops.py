@@ -29,7 +29,7 @@ def test_loads_the_set_up_build_without_recompiling_and_past_a_stale_lock(tmp_pa
 
     proc = ops(ext)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"ds_gpt.ops: {OP} ready under {ext}" in proc.stdout
+    assert f"ds_gpt.ops: {OP} and cpu_adam ready under {ext}" in proc.stdout
     assert f"removed stale build lock {lock}" in proc.stderr and not lock.exists()
     assert library.stat().st_mtime_ns == compiled_at  # loaded, not compiled again
 
