@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ds_gpt import engine as ds_engine, mfu, run_dir
 from ds_gpt.checkpoint import Checkpointer, TrainState, load
-from ds_gpt.data import RandomWindowSampler
+from ds_gpt.data import BatchPrefetcher, RandomWindowSampler
 from ds_gpt.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_FAILED, EXIT_REQUEUE, UserError, run_cli
 from ds_gpt.flops_profile import PROFILE_FILE, FlopsProfileCapture
 from ds_gpt.metrics import MetricsLogger
@@ -67,7 +67,7 @@ class StepResult:
     stop_requested: bool  # a signal reached some rank: checkpoint and exit
 
 
-def train_step(eng, sampler: RandomWindowSampler, step: int, guard: NonFiniteGuard, stop: GracefulStop,
+def train_step(eng, batches: BatchPrefetcher, step: int, guard: NonFiniteGuard, stop: GracefulStop,
                profile: FlopsProfileCapture) -> StepResult:
     """One optimizer step over this rank's micro-batches, with one device-to-host sync.
 
@@ -78,8 +78,8 @@ def train_step(eng, sampler: RandomWindowSampler, step: int, guard: NonFiniteGua
     device = ds_engine.device()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     bad = torch.zeros((), dtype=torch.float64, device=device)
-    for micro in range(sampler.grad_accum):
-        x, y = (t.to(device, non_blocking=True) for t in sampler.micro_batch(step, micro))
+    grad_accum = batches.sampler.grad_accum
+    for micro, (x, y) in enumerate(batches.batches(step)):  # read ahead while the model computes
         with profile.count(step, x):
             loss = eng(x, y)[1]
         finite = torch.isfinite(loss)
@@ -87,11 +87,11 @@ def train_step(eng, sampler: RandomWindowSampler, step: int, guard: NonFiniteGua
         loss_sum += torch.where(finite, loss.detach(), 0.0)
         bad += (~finite).double()
         eng.backward(loss)
-        if micro < sampler.grad_accum - 1:
+        if micro < grad_accum - 1:
             eng.step()  # DeepSpeed counts micro-steps here; the optimizer steps at the boundary
     total, n_bad, n_stop = ds_engine.all_reduce_sum(
         torch.stack([loss_sum, bad, torch.tensor(float(stop.requested), dtype=torch.float64, device=device)]))
-    n_finite = sampler.grad_accum * sampler.world_size - n_bad
+    n_finite = guard.micro_batches_per_step - n_bad
     action = guard.decide(int(n_bad))
     if action == "skip":
         ds_engine.set_lr(eng, 0.0)  # AdamW with lr 0 leaves every parameter exactly as it was
@@ -168,7 +168,8 @@ def train(start: Startup) -> int:
                   resumed_from=start.resume_from.tag if start.resume_from else None)
 
     # --- the loop: eval -> lr -> step -> log -> checkpoint -> stop
-    with contextlib.closing(metrics), contextlib.closing(profile):
+    batches = BatchPrefetcher(samplers["train"], ds_engine.device())
+    with contextlib.closing(metrics), contextlib.closing(profile), batches:
         while True:
             if cfg.eval_due(state.iter_num):
                 losses = evaluate(eng, samplers, cfg.eval_iters)
@@ -182,7 +183,7 @@ def train(start: Startup) -> int:
             lr = run.lr_at(state.iter_num)
             t0 = time.perf_counter()
             ds_engine.set_lr(eng, lr)
-            result = train_step(eng, samplers["train"], state.iter_num, guard, stop, profile)
+            result = train_step(eng, batches, state.iter_num, guard, stop, profile)
             if result.action != "ok":
                 metrics.nonfinite(state.iter_num, lr=lr, micro_batches=result.nonfinite, action=result.action)
             if result.action == "stop":

@@ -71,8 +71,10 @@ def test_one_step_reads_the_device_once(one_rank_run, policy):
     profile = FlopsProfileCapture(eng, profile_step=None, output_file="unused", n_params=1, n_layer=2, n_embd=32,
                                   peak_flops=1.0)
     counts: dict[str, list[str]] = {}
-    with counting_host_reads(counts):
-        result = train_step(eng, sampler, 0, guard, GracefulStop(), profile)
+    from ds_gpt.data import BatchPrefetcher
+
+    with BatchPrefetcher(sampler, "cpu") as batches, counting_host_reads(counts):
+        result = train_step(eng, batches, 0, guard, GracefulStop(), profile)
     assert result.action == "ok" and result.loss == result.loss
     assert sum(len(callers) for callers in counts.values()) == 1, counts
     assert counts == {"tolist": ["ds_gpt.engine"]}  # the step's one all-reduce, read back once
