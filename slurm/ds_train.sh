@@ -162,9 +162,7 @@ deepspeed)
     ;;
 srun)
     # Mode B: SLURM starts one task per GPU; ds_gpt.launch_env maps SLURM_* to torch's variables.
-    # --kill-on-bad-exit: a rank that refuses its input (exit 2, before the rendezvous) takes the
-    # others down with it instead of leaving them waiting for it until the rendezvous times out.
-    srun --kill-on-bad-exit=1 python -u ds_gpt/train.py "${TRAIN_ARGS[@]}" &
+    srun python -u ds_gpt/train.py "${TRAIN_ARGS[@]}" &
     ;;
 esac
 LAUNCH_PID=$!
