@@ -138,7 +138,12 @@ class RandomWindowSampler:
         last = self._last_offsets
         if last is not None and last[0] == key:
             return last[1]
-        rng = np.random.default_rng([self.seed, stream, SPLIT_IDS[self.split], step])
+        entropy = [self.seed, stream, SPLIT_IDS[self.split], step]
+        if 0 <= min(entropy) and max(entropy) < 2**32:
+            # numpy turns a list of ints below 2**32 into exactly this array, one Python call per
+            # item: the same random stream, ~10 us sooner.
+            entropy = np.array(entropy, dtype=np.uint32)
+        rng = np.random.default_rng(entropy)
         offsets = rng.integers(0, self.file.n_tokens - self.block_size, size=count, dtype=np.int64)
         self._last_offsets = (key, offsets)
         return offsets
@@ -171,8 +176,8 @@ class RandomWindowSampler:
         top = int(windows.max())  # every batch: a big file is only scanned at its ends up front
         if top >= self.vocab_size:
             raise UserError(f"{self.file.path} holds token id {top} >= vocab_size {self.vocab_size}")
-        batch = torch.from_numpy(windows)
-        return batch[:, :-1].to(torch.int64), batch[:, 1:].to(torch.int64)  # contiguous copies, [B, T] each
+        x, y = windows[:, :-1].astype(np.int64), windows[:, 1:].astype(np.int64)  # contiguous copies, [B, T] each
+        return torch.from_numpy(x), torch.from_numpy(y)
 
     def micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of shape [micro, block_size] for this rank's `micro_step` of global `step`."""

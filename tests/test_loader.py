@@ -63,6 +63,13 @@ def test_batches_are_pinned_to_the_previous_implementation(token_file, shape):
         == digest(train)
 
 
+@pytest.mark.parametrize("seed", [0, 2**32 - 1, 2**32, 2**40 + 5])
+def test_offsets_are_numpys_default_rng_of_seed_stream_split_step(token_file, seed):
+    s = RandomWindowSampler(token_file, "val", BLOCK, VOCAB, seed, 3, 2, 1, 0)
+    want = np.random.default_rng([seed, 1, 1, 99]).integers(0, N_TOKENS - BLOCK, size=6, dtype=np.int64)
+    assert np.array_equal(s._offsets(1, 99, 6), want)
+
+
 def test_a_new_seed_from_a_checkpoint_changes_the_very_next_batch(token_file):
     s, other = make(token_file), make(token_file)
     other.load_state_dict({"seed": SEED + 1})
