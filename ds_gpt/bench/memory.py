@@ -1,4 +1,4 @@
-"""memory: host RSS of a long training run, and of the loader alone: ours, and one long-lived memmap."""
+"""memory: host RSS of a long training run, and of the loader alone: ours, and one long-lived mmap."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +11,19 @@ import time
 from pathlib import Path
 
 from ds_gpt import report
-from ds_gpt.bench.common import (LongLivedMemmapSampler, add_window_args, bench_data, load, loader_rss, machine,
-                                 positive_int, rss_mb, sampler_for)
+from ds_gpt.bench.common import (
+    LongLivedMemmapSampler,
+    add_json_arg,
+    add_window_args,
+    bench_data,
+    load,
+    loader_rss,
+    machine,
+    positive_int,
+    rss_mb,
+    sampler_for,
+    write_json,
+)
 from ds_gpt.data import check_token_file
 from ds_gpt.errors import UserError
 from ds_gpt.paths import REPO_ROOT
@@ -27,7 +38,9 @@ def add_memory(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=100, help="iterations before the RSS baseline is taken")
     add_window_args(p)
     p.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=1)
-    p.add_argument("--vocab_size", type=int, default=64, help="the tiny model's vocabulary; synthetic ids stay below it")
+    p.add_argument("--vocab_size", type=int, default=64,
+                   help="the tiny model's vocabulary; synthetic ids stay below it")
+    add_json_arg(p)
     p.set_defaults(func=bench_memory)
 
 
@@ -88,9 +101,9 @@ def bench_memory(args: argparse.Namespace) -> None:
         # The long-lived map is measured from its first batch (after ours has warmed the allocator
         # with the same shapes): with 2 MiB page-cache folios each window maps a whole folio, so it
         # maps most of a 1 GB file within a few dozen batches, before any warm-up ends.
-        alone = {"loader, pages dropped per batch (ours)": loader_rss(
+        alone = {"loader, RandomWindowSampler (ours)": loader_rss(
                      sampler_for(tf, args.batch, args.block, args.vocab_size), args.iters - args.warmup, args.warmup),
-                 "loader, one long-lived memmap": loader_rss(
+                 "loader, one long-lived mmap": loader_rss(
                      sampler_for(tf, args.batch, args.block, args.vocab_size, LongLivedMemmapSampler), args.iters, 0)}
     print(f"\nmemory benchmark: {args.iters} iterations of {args.batch} x {args.block} windows over {what}; "
           f"RSS baseline after {args.warmup} iterations")
@@ -99,5 +112,14 @@ def bench_memory(args: argparse.Namespace) -> None:
           f"RSS {trainer['base']:,.0f} -> {trainer['end_of_loop']:,.0f} MiB at the last iterations "
           f"= {trainer['end_of_loop'] - trainer['base']:+,.0f} MiB (max {trainer['max'] - trainer['base']:+,.0f}, "
           f"incl. final eval and checkpoint; target within +50)")
-    for (name, (base, end)), batches in zip(alone.items(), (args.iters - args.warmup, args.iters)):
+    loader = {}
+    for (name, (base, end)), batches in zip(alone.items(), (args.iters - args.warmup, args.iters), strict=True):
         print(f"  {name:38s} RSS {base:,.0f} -> {end:,.0f} MiB = {end - base:+,.0f} MiB over {batches} batches")
+        loader[name] = {"base_mib": base, "end_mib": end, "growth_mib": end - base, "batches": batches}
+    write_json(args.json, "memory", {
+        "setting": f"{args.iters} iterations of {args.batch} x {args.block} windows over {what}",
+        "zero_stage": args.zero_stage,
+        "iters": args.iters, "warmup": args.warmup, "file_tokens": tf.n_tokens,
+        "trainer": {"base_mib": trainer["base"], "end_of_loop_mib": trainer["end_of_loop"], "max_mib": trainer["max"],
+                    "growth_mib": trainer["end_of_loop"] - trainer["base"], "minutes": minutes},
+        "loader": loader})

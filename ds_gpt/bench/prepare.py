@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_gpt.bench.common import machine, positive_int
+from ds_gpt.bench.common import add_json_arg, machine, positive_int, write_json
 
 
 def add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="tokens/s of ds_gpt.prepare vs nanoGPT's prepare, on shakespeare")
     p.add_argument("--num_proc", type=positive_int, default=len(os.sched_getaffinity(0)), help="processes for both")
     p.add_argument("--repeat", type=positive_int, default=3, help="runs of each; the best is reported")
+    add_json_arg(p)
     p.set_defaults(func=bench_prepare)
 
 
@@ -83,5 +84,10 @@ def bench_prepare(args: argparse.Namespace) -> None:
     print(f"machine: {machine()}")
     for name, seconds in best.items():
         print(f"  {name:24s} {seconds:6.2f} s  {tokens / seconds / 1e6:6.2f} M tok/s")
-    print(f"  speed-up {best['nanoGPT (datasets.map)'] / best['ds_gpt.prepare']:.2f}x; "
-          f"identical train.bin/val.bin: {'yes' if same else 'NO'}")
+    speed_up = best["nanoGPT (datasets.map)"] / best["ds_gpt.prepare"]
+    print(f"  speed-up {speed_up:.2f}x; identical train.bin/val.bin: {'yes' if same else 'NO'}")
+    write_json(args.json, "prepare", {
+        "setting": f"shakespeare, num_proc {args.num_proc}, best of {args.repeat}", "tokens": tokens,
+        "documents": len(docs), "num_proc": args.num_proc,
+        "results": {name: {"seconds": seconds, "tokens_per_s": tokens / seconds} for name, seconds in best.items()},
+        "speed_up": speed_up, "identical_files": same})

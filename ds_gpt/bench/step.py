@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -14,7 +13,7 @@ import torch
 
 from ds_gpt import mfu
 from ds_gpt.bench.common import add_json_arg, load, machine, positive_int, write_json, write_synthetic_bin
-from ds_gpt.data import BatchPrefetcher, RandomWindowSampler
+from ds_gpt.data import RandomWindowSampler
 
 
 # A CPU-sized model by default; GPT-2's vocabulary (50304) would make its head dominate a CPU step.
@@ -37,7 +36,7 @@ def add_step(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=positive_int, default=10, help="timed iterations of each")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations of each first (compilation included)")
     p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: table, or measured on CPU)")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as one JSON object")
+    add_json_arg(p)
     p.set_defaults(func=bench_step)
 
 
@@ -47,8 +46,6 @@ def bench_step(args: argparse.Namespace) -> None:
     from ds_gpt.run_config import resolve
     from ds_gpt.model import GPT, GPTConfig
     from ds_gpt.signals import GracefulStop
-    from ds_gpt.flops_profile import FlopsProfileCapture
-    from ds_gpt.nonfinite import NonFiniteGuard
     from ds_gpt.train import train_step
 
     ds_engine.init_distributed(timeout_s=120)  # one "single" rank: RANK/WORLD_SIZE/MASTER_* exported
@@ -86,15 +83,13 @@ def bench_step(args: argparse.Namespace) -> None:
         autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                     else contextlib.nullcontext())
         stop = GracefulStop()  # not installed: Ctrl-C stops the benchmark as usual
-        guard = NonFiniteGuard("stop", run.batch.grad_accum, eng.module)  # the trainer's default
-        no_profile = FlopsProfileCapture(eng, profile_step=None, output_file=tmp, n_params=n_params,
-                                         n_layer=model_cfg.n_layer, n_embd=model_cfg.n_embd, peak_flops=1.0)
         sync = torch.cuda.synchronize if cuda else (lambda: None)  # time the GPU's work, not its queueing
-        batches = BatchPrefetcher(sampler, dev)  # the trainer's read-ahead; the plain loop reads inline
 
         def ds_iter(it: int) -> float:  # train.main's loop body, less logging and checkpoints
             ds_engine.set_lr(eng, run.lr_at(it))
-            return train_step(eng, batches, it, guard, stop, no_profile).loss
+            stats = train_step(eng, sampler, it, stop)
+            eng.step()
+            return stats["loss"]
 
         def plain_iter(it: int) -> float:
             for group in opt.param_groups:
@@ -159,10 +154,8 @@ def bench_step(args: argparse.Namespace) -> None:
     print(f"  DeepSpeed overhead {paired:+.1%} of the plain loop's time, median of per-iteration ratios "
           f"(best vs best {min(ds_t) / min(plain_t) - 1:+.1%}; target <= 5%); "
           f"largest loss difference between the two {drift:.2e}")
-    if args.json:
-        atomic.write_text(args.json, json.dumps({
-            "benchmark": "step", "setting": setting, "machine": machine(), "device": ds_engine.device_name(),
-            "date": time.strftime("%Y-%m-%d"), "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
-            "peak_flops": peak, "peak_source": source, "tokens_per_iter": run.tokens_per_iter,
-            "results": figures, "overhead_paired": paired, "max_loss_difference": drift}, indent=1) + "\n")
+    write_json(args.json, "step", {
+        "setting": setting, "device": ds_engine.device_name(), "peak_flops": peak, "peak_source": source,
+        "tokens_per_iter": run.tokens_per_iter, "results": figures, "overhead_paired": paired,
+        "max_loss_difference": drift})
     ds_engine.shutdown()  # as the trainer does: the process group goes before the interpreter
