@@ -13,7 +13,7 @@ import torch
 
 from ds_gpt import mfu
 from ds_gpt.bench.common import add_json_arg, load, machine, positive_int, write_json, write_synthetic_bin
-from ds_gpt.data import RandomWindowSampler
+from ds_gpt.data import BatchPrefetcher, RandomWindowSampler
 
 
 # A CPU-sized model by default; GPT-2's vocabulary (50304) would make its head dominate a CPU step.
@@ -46,6 +46,8 @@ def bench_step(args: argparse.Namespace) -> None:
     from ds_gpt.run_config import resolve
     from ds_gpt.model import GPT, GPTConfig
     from ds_gpt.signals import GracefulStop
+    from ds_gpt.flops_profile import FlopsProfileCapture
+    from ds_gpt.nonfinite import NonFiniteGuard
     from ds_gpt.train import train_step
 
     ds_engine.init_distributed(timeout_s=120)  # one "single" rank: RANK/WORLD_SIZE/MASTER_* exported
@@ -83,13 +85,15 @@ def bench_step(args: argparse.Namespace) -> None:
         autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                     else contextlib.nullcontext())
         stop = GracefulStop()  # not installed: Ctrl-C stops the benchmark as usual
+        guard = NonFiniteGuard("stop", run.batch.grad_accum, eng.module)  # the trainer's default
+        no_profile = FlopsProfileCapture(eng, profile_step=None, output_file=tmp, n_params=n_params,
+                                         n_layer=model_cfg.n_layer, n_embd=model_cfg.n_embd, peak_flops=1.0)
         sync = torch.cuda.synchronize if cuda else (lambda: None)  # time the GPU's work, not its queueing
+        batches = BatchPrefetcher(sampler, dev)  # the trainer's read-ahead; the plain loop reads inline
 
         def ds_iter(it: int) -> float:  # train.main's loop body, less logging and checkpoints
             ds_engine.set_lr(eng, run.lr_at(it))
-            stats = train_step(eng, sampler, it, stop)
-            eng.step()
-            return stats["loss"]
+            return train_step(eng, batches, it, guard, stop, no_profile).loss
 
         def plain_iter(it: int) -> float:
             for group in opt.param_groups:
