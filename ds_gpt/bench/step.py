@@ -15,7 +15,6 @@ from ds_gpt import mfu
 from ds_gpt.bench.common import add_json_arg, load, machine, positive_int, write_json, write_synthetic_bin
 from ds_gpt.data import BatchPrefetcher, RandomWindowSampler
 
-
 # A CPU-sized model by default; GPT-2's vocabulary (50304) would make its head dominate a CPU step.
 CPU_SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256, "vocab_size": 8192,
              "micro_batch_size": 4, "gradient_accumulation_steps": 2}
@@ -43,11 +42,11 @@ def add_step(sub: argparse._SubParsersAction) -> None:
 def bench_step(args: argparse.Namespace) -> None:
     from ds_gpt import engine as ds_engine
     from ds_gpt.config import parse_args
-    from ds_gpt.run_config import resolve
-    from ds_gpt.model import GPT, GPTConfig
-    from ds_gpt.signals import GracefulStop
     from ds_gpt.flops_profile import FlopsProfileCapture
+    from ds_gpt.model import GPT, GPTConfig
     from ds_gpt.nonfinite import NonFiniteGuard
+    from ds_gpt.run_config import resolve
+    from ds_gpt.signals import GracefulStop
     from ds_gpt.train import train_step
 
     ds_engine.init_distributed(timeout_s=120)  # one "single" rank: RANK/WORLD_SIZE/MASTER_* exported
@@ -58,8 +57,9 @@ def bench_step(args: argparse.Namespace) -> None:
         given = {k: getattr(args, k) for k in CPU_SHAPE if getattr(args, k) is not None}
         shape_flags = [f"--{k}={v}" for k, v in {**defaults, **given}.items()]
         # The trainer's own parsing and resolution: the same JSON, overrides and batch arithmetic.
-        cfg = parse_args([f"--deepspeed_config=ds_configs/zero{args.zero_stage}.json", f"--zero_stage={args.zero_stage}",
-                          f"--dtype={args.dtype}", f"--out_dir={tmp}/out", "--compile=False", *shape_flags])
+        cfg = parse_args([f"--deepspeed_config=ds_configs/zero{args.zero_stage}.json",
+                          f"--zero_stage={args.zero_stage}", f"--dtype={args.dtype}", f"--out_dir={tmp}/out",
+                          "--compile=False", *shape_flags])
         run = resolve(cfg, 1, cuda=cuda)
         model_cfg = GPTConfig(**run.model)
         tf = write_synthetic_bin(Path(tmp) / "train.bin", 1 << 22, model_cfg.vocab_size)
@@ -132,9 +132,9 @@ def bench_step(args: argparse.Namespace) -> None:
     peak, source = mfu.peak_flops_per_device(ds_engine.device_name(), run.dtype, args.peak_tflops)
     fpt = mfu.flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_embd, model_cfg.block_size)
     setting = (f"ZeRO-{run.zero_stage} {run.dtype}{', torch.compile' if args.compile else ''}, 1 rank on "
-               f"{ds_engine.device_name()}; {model_cfg.n_layer} layers, d={model_cfg.n_embd}, T={model_cfg.block_size}, "
-               f"vocab {model_cfg.vocab_size}, {n_params / 1e6:.2f}M params; batch {run.batch.micro} x "
-               f"{run.batch.grad_accum} accum = {run.tokens_per_iter:,} tokens/iter")
+               f"{ds_engine.device_name()}; {model_cfg.n_layer} layers, d={model_cfg.n_embd}, "
+               f"T={model_cfg.block_size}, vocab {model_cfg.vocab_size}, {n_params / 1e6:.2f}M params; "
+               f"batch {run.batch.micro} x {run.batch.grad_accum} accum = {run.tokens_per_iter:,} tokens/iter")
     print(f"\nstep benchmark: {setting}; {args.iters} timed iterations of each after {args.warmup} warm-up")
     print(f"machine: {machine()}; {load()}; peak {peak / 1e12:.3g} TFLOPS ({source})")
     # Medians, and overhead paired by iteration: two steps run back to back see the same load,
@@ -153,8 +153,8 @@ def bench_step(args: argparse.Namespace) -> None:
     if cuda:
         print("  (peak memory: allocated during that side's steps, with both models resident)")
     ds_t, plain_t = times.values()
-    paired = statistics.median(a / b for a, b in zip(ds_t, plain_t)) - 1
-    drift = max(abs(a - b) for a, b in zip(*losses.values()))
+    paired = statistics.median(a / b for a, b in zip(ds_t, plain_t, strict=True)) - 1
+    drift = max(abs(a - b) for a, b in zip(*losses.values(), strict=True))
     print(f"  DeepSpeed overhead {paired:+.1%} of the plain loop's time, median of per-iteration ratios "
           f"(best vs best {min(ds_t) / min(plain_t) - 1:+.1%}; target <= 5%); "
           f"largest loss difference between the two {drift:.2e}")
