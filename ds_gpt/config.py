@@ -32,9 +32,12 @@ class TrainConfig:
     # I/O
     out_dir: str = opt("out", "run directory: config.json, metrics.jsonl, tb/, checkpoints")
     data_dir: str = opt("data/openwebtext", "directory with train.bin and val.bin (python -m ds_gpt.prepare)")
-    deepspeed_config: str = opt("ds_configs/zero1.json", "DeepSpeed JSON: ZeRO stage, precision, batch, AdamW, clipping")
-    init_from: str = opt("scratch", "scratch | resume | auto (resume if OUT has a checkpoint) | weights:OUT[/TAG] | nanogpt:PATH/ckpt.pt | gpt2[-medium|-large|-xl] | HF dir")
-    resume_optimizer: bool = opt(False, "with --init_from nanogpt:...: also load its optimizer state and iteration count")
+    deepspeed_config: str = opt("ds_configs/zero1.json",
+                                "DeepSpeed JSON: ZeRO stage, precision, batch, AdamW, clipping")
+    init_from: str = opt("scratch", "scratch | resume | auto (resume if OUT has a checkpoint) | weights:OUT[/TAG] "
+                                    "| nanogpt:PATH/ckpt.pt | gpt2[-medium|-large|-xl] | HF dir")
+    resume_optimizer: bool = opt(False,
+                                 "with --init_from nanogpt:...: also load its optimizer state and iteration count")
     # model (nanoGPT's train.py values; bias=False as there)
     model: str | None = opt(None, f"GPT-2 size: {' | '.join(presets.MODELS)} (or {', '.join(presets.ALIASES)}); "
                                   "sets n_layer, n_head, n_embd unless those are given")
@@ -48,7 +51,8 @@ class TrainConfig:
     activation_checkpointing: str = opt("none", "none | full: recompute each block in backward, ~1/3 more compute "
                                                 "for far less activation memory", choices=recompute.MODES)
     # AdamW and clipping: None keeps the DeepSpeed JSON's value
-    learning_rate: float | None = opt(None, "peak learning rate (JSON optimizer.params.lr, 6e-4 in the shipped configs)")
+    learning_rate: float | None = opt(None,
+                                      "peak learning rate (JSON optimizer.params.lr, 6e-4 in the shipped configs)")
     weight_decay: float | None = opt(None, "AdamW weight decay on 2-D tensors (JSON optimizer.params.weight_decay)")
     grad_clip: float | None = opt(None, "gradient norm clip, 0 disables (JSON gradient_clipping)")
     # learning-rate schedule: nanoGPT's linear warmup then cosine decay to min_lr
@@ -69,7 +73,8 @@ class TrainConfig:
     eval_only: bool = opt(False, "evaluate once and exit")
     log_interval: int = opt(1, "log to console, metrics.jsonl and tensorboard every N iterations")
     seed: int = opt(1337, "seed of the data sampler and of model initialisation")
-    wandb_log: bool = opt(False, "also log to Weights & Biases (offline unless WANDB_MODE=online; make setup EXTRAS=wandb)")
+    wandb_log: bool = opt(False, "also log to Weights & Biases (offline unless WANDB_MODE=online; "
+                                 "make setup EXTRAS=wandb)")
     wandb_project: str = opt("ds_gpt", "W&B project")
     wandb_run_name: str | None = opt(None, "W&B run name (default: the out_dir's name)")
     # checkpoints

@@ -155,7 +155,8 @@ def is_peer_failure(err: BaseException) -> bool:
         return True
     text = str(err)
     return isinstance(err, RuntimeError) and any(s in text for s in (
-        "Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL", "ProcessGroup", "gloo"))
+        "Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL", "ProcessGroup",
+        "gloo"))
 
 
 def hostnames(env: LaunchEnv) -> list[str]:

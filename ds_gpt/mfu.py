@@ -24,7 +24,6 @@ from ds_gpt import atomic
 from ds_gpt.errors import UserError
 from ds_gpt.paths import cache_dir
 
-
 # -----------------------------------------------------------------------------
 # FLOPs per token (nanoGPT's estimate_mfu, after the PaLM paper, appendix B)
 

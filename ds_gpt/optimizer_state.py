@@ -34,7 +34,7 @@ def _nanogpt_moments(model: torch.nn.Module, state: dict) -> tuple[dict[str, dic
                         f"[{n_decay}, {len(names) - n_decay}] (decay, no_decay)")
     params = dict(model.named_parameters())
     moments, steps = {}, set()
-    for name, idx in zip(names, indices):
+    for name, idx in zip(names, indices, strict=True):
         s = state["state"].get(idx) or state["state"].get(str(idx))
         if s is None:
             continue  # never stepped: fresh moments
@@ -90,8 +90,8 @@ def apply_nanogpt_optimizer_state(optimizer, model: torch.nn.Module, nanogpt_opt
     if hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
         # DeepSpeed's unfused fp16/bf16 optimizer (ZeRO-0): one fp32 master copy per parameter.
         base = optimizer.optimizer
-        for lp_group, hp_group in zip(optimizer.fp16_groups, optimizer.fp32_groups):
-            name_of.update({id(hp): name_of[id(lp)] for lp, hp in zip(lp_group, hp_group)})
+        for lp_group, hp_group in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
+            name_of.update({id(hp): name_of[id(lp)] for lp, hp in zip(lp_group, hp_group, strict=True)})
     for group in base.param_groups:
         for p in group["params"]:
             name = name_of.get(id(p))

@@ -46,8 +46,18 @@ from ds_gpt.launch_env import DEFAULT_MPI_PORT, slurm_port
 from ds_gpt.paths import REPO_ROOT
 from ds_gpt.plan import gpt_num_params
 from ds_gpt.plan_comm import LINKS
-from ds_gpt.preflight_checks import (NO_PYTHON, NO_REPO, Result, allocation_results, env_file_results, human,
-                                     judge_allreduce, judge_probes, read_allocation, wanted_env)
+from ds_gpt.preflight_checks import (
+    NO_PYTHON,
+    NO_REPO,
+    Result,
+    allocation_results,
+    env_file_results,
+    human,
+    judge_allreduce,
+    judge_probes,
+    read_allocation,
+    wanted_env,
+)
 from ds_gpt.preflight_node import CHECKSUM_AUTO_LIMIT, parse_reports, versions
 from ds_gpt.run_config import ds_dtype, ds_zero_stage, load_ds_config
 

@@ -120,10 +120,11 @@ def read_allocation(environ: Mapping[str, str]) -> Allocation | None:
         shown = proc.stdout if proc.returncode == 0 else ""
         gpus = gpus_from_job(shown)
     if not gpus:  # no scontrol: every node alike, as the job asked
-        uniform = int(environ.get("SLURM_GPUS_ON_NODE") or 0) or gpus_from_gres(environ.get("SLURM_GPUS_PER_NODE") or "0")
+        uniform = (int(environ.get("SLURM_GPUS_ON_NODE") or 0)
+                   or gpus_from_gres(environ.get("SLURM_GPUS_PER_NODE") or "0"))
         gpus = {n: uniform for n in nodes}
     kind = gpu_type(" ".join(re.findall(r"GRES=(\S+)", shown))) or gpu_type(environ.get("SLURM_GPUS_PER_NODE", ""))
-    return Allocation(nodelist, nodes, dict(zip(nodes, tasks)), {n: gpus.get(n, 0) for n in nodes}, kind)
+    return Allocation(nodelist, nodes, dict(zip(nodes, tasks, strict=True)), {n: gpus.get(n, 0) for n in nodes}, kind)
 
 
 def allocation_results(entries: list[tuple[str, int]], alloc: Allocation | None, launcher: str) -> list[Result]:
@@ -209,7 +210,8 @@ def judge_probes(probes: dict[str, dict], master: str, port: int, token: str | N
     out: list[Result] = []
     transport_check = "srun" if transport == "srun" else "ssh"
     for host, r in probes.items():
-        bad = lambda check, message, hint=None: out.append(Result(check, False, message, hint, [host]))  # noqa: E731
+        def bad(check, message, hint=None, host=host):
+            out.append(Result(check, False, message, hint, [host]))
         if "failed" in r:
             code = r["failed"]
             if code == NO_REPO:

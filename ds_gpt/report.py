@@ -167,7 +167,8 @@ def render_markdown(out_dir: Path, s: dict) -> str:
     ]
     lines = [f"# Run report: {out_dir.name}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", "nanoGPT baseline (the reference run, `estimate_mfu` at 312 TFLOPS): ~34% MFU on 8 x A100 at ~480 ms/iter, "
+    lines += ["", "nanoGPT baseline (the reference run, `estimate_mfu` at 312 TFLOPS): ~34% MFU on 8 x A100 "
+              "at ~480 ms/iter, "
               "~39% on 2 x A100 at ~1680 ms/iter.", "", "![curves](report.png)", ""]
     return "\n".join(lines)
 

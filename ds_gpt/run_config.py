@@ -84,8 +84,10 @@ def resolve_batch(world_size: int, *, json_micro: int | None = None, json_accum:
         per_step = known["micro"] * world_size
         if known["global"] % per_step:
             raise UserError(
-                f"batch sizes disagree: {label('global')} is not divisible by {label('micro')} x world_size={world_size}",
-                hint="pick a global batch that is a multiple of micro x world size, or set --gradient_accumulation_steps")
+                f"batch sizes disagree: {label('global')} is not divisible by {label('micro')} "
+                f"x world_size={world_size}",
+                hint="pick a global batch that is a multiple of micro x world size, "
+                     "or set --gradient_accumulation_steps")
         known["accum"] = known["global"] // per_step
     batch = BatchSizes(micro=known["micro"], grad_accum=known["accum"], world_size=world_size)
     if "global" in known and known["global"] != batch.global_batch:
@@ -107,12 +109,14 @@ def load_ds_config(path: str) -> dict:
     try:
         ds = json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"DeepSpeed config {path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+        raise UserError(f"DeepSpeed config {path} is not valid JSON: {err.msg} "
+                        f"at line {err.lineno} column {err.colno}") from None
     if not isinstance(ds, dict):
         raise UserError(f"DeepSpeed config {path} must hold a JSON object")
     unknown = sorted(set(ds) - KNOWN_DS_KEYS)
     if unknown:
-        raise UserError(f"DeepSpeed config {path}: unknown key(s) {', '.join(unknown)} (DeepSpeed would ignore them silently)")
+        raise UserError(f"DeepSpeed config {path}: unknown key(s) {', '.join(unknown)} "
+                        "(DeepSpeed would ignore them silently)")
     unknown = sorted(set(ds.get("flops_profiler", {})) - KNOWN_FLOPS_PROFILER_KEYS)
     if unknown:
         raise UserError(f"DeepSpeed config {path}: unknown flops_profiler key(s) {', '.join(unknown)}")

@@ -11,9 +11,9 @@ from typing import Callable
 
 from ds_gpt import __version__, atomic, checkpoint
 from ds_gpt.checkpoint import CheckpointInfo, TrainState
-from ds_gpt.run_config import RunConfig
 from ds_gpt.errors import UserError
 from ds_gpt.launch_env import LaunchEnv
+from ds_gpt.run_config import RunConfig
 
 
 def prepare(out_dir: Path) -> None:
@@ -27,7 +27,8 @@ def prepare(out_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise UserError(f"out_dir {out_dir} is not writable ({err.strerror})", hint="pass a writable --out_dir") from None
+        raise UserError(f"out_dir {out_dir} is not writable ({err.strerror})",
+                        hint="pass a writable --out_dir") from None
 
 
 def resume_point(init_from: str, out_dir: Path, warn: Callable[[str], None]) -> CheckpointInfo | None:

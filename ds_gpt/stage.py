@@ -21,8 +21,8 @@ import socket
 from pathlib import Path
 
 from ds_gpt import atomic
-from ds_gpt.fileset import file_digest, staged_path
 from ds_gpt.errors import ArgumentParser, UserError, run_cli
+from ds_gpt.fileset import file_digest, staged_path
 from ds_gpt.preflight_checks import human
 
 BINS = ("train.bin", "val.bin")
@@ -150,7 +150,8 @@ def stage(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
         (dst / META).unlink(missing_ok=True)  # no meta.json vouches for a half-done copy
         free = shutil.disk_usage(dst).free + sum((dst / n).stat().st_size for n in BINS if (dst / n).exists())
     except OSError as err:
-        raise UserError(f"cannot create {dst}: {err.strerror or err}", hint="set STAGE_DIR to node-local storage") from None
+        raise UserError(f"cannot create {dst}: {err.strerror or err}",
+                        hint="set STAGE_DIR to node-local storage") from None
     if free < total:
         raise UserError(f"{dst} has {human(free)} free, the data needs {human(total)}",
                         hint="set STAGE_DIR to a larger node-local disk, or train without STAGE_DATA=1")

@@ -28,7 +28,8 @@ if __package__ in (None, ""):  # started as a file by a launcher: import the pac
 import torch
 import torch.distributed as dist
 
-from ds_gpt import engine as ds_engine, mfu, run_dir
+from ds_gpt import engine as ds_engine
+from ds_gpt import mfu, run_dir
 from ds_gpt.checkpoint import Checkpointer, TrainState, load
 from ds_gpt.data import BatchPrefetcher, RandomWindowSampler
 from ds_gpt.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_FAILED, EXIT_REQUEUE, UserError, run_cli
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(start: Startup) -> int:
     cfg, run, out_dir, shape = start.cfg, start.run, start.out_dir, start.shape
 
-    # --- process group, then data: nanoGPT's random windows, keyed by (seed, step) so every world size sees the same batch
+    # --- process group, then data: nanoGPT's random windows keyed by (seed, step): every world size, one batch
     env = ds_engine.init_distributed(cfg.pg_timeout, start.env)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     master = rank == 0
@@ -150,7 +151,8 @@ def train(start: Startup) -> int:
         print(run_dir.summary(run, env, hosts, device_name, n_params), flush=True)
         for line in start.overrides:
             print(f"override {line}", flush=True)
-    tracker = WandbRun(out_dir, cfg.wandb_project, cfg.wandb_run_name, run.to_dict()) if master and cfg.wandb_log else None
+    tracker = (WandbRun(out_dir, cfg.wandb_project, cfg.wandb_run_name, run.to_dict())
+               if master and cfg.wandb_log else None)
     metrics = MetricsLogger(out_dir, master, eng.monitor, tokens_per_iter=run.tokens_per_iter,
                             mfu_of=lambda tokens_per_s: mfu.mfu(tokens_per_s, flops_per_token, world_size, peak),
                             hfu_per_mfu=hardware_flops / flops_per_token, wandb=tracker)

@@ -6,8 +6,8 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import PYTHON, REPO_ROOT
+
 from ds_gpt import corpus, tokenizer
 from ds_gpt.errors import UserError
 

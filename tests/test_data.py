@@ -22,7 +22,7 @@ def test_windows_are_shifted_slices_of_the_file(token_bins):
     assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
     data = np.fromfile(token_bins / "train.bin", dtype=np.uint16).astype(np.int64)
     offsets = s._offsets(0, 3, 4)
-    for row, off in zip(range(4), offsets):
+    for row, off in zip(range(4), offsets, strict=True):
         assert torch.equal(x[row], torch.from_numpy(data[off:off + 16]))
         assert torch.equal(y[row], torch.from_numpy(data[off + 1:off + 17]))
 

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PYTHON, REPO_ROOT, write_token_bins
+
 from ds_gpt.checkpoint import find_latest
 
 
@@ -46,7 +46,8 @@ def test_a_disk_that_fills_between_checkpoints_ends_the_run_cleanly(tmp_path, sm
             "--eval_iters", "1"]
     subprocess.run([*args, "--max_iters", "3"], cwd=REPO_ROOT, capture_output=True, check=True, timeout=240)
     # Resumed with no checkpoint due for a long while: only metrics and TensorBoard write now.
-    proc = subprocess.Popen([*args, "--init_from", "resume", "--max_iters", "100000", "--checkpoint_interval", "100000"],
+    proc = subprocess.Popen([*args, "--init_from", "resume", "--max_iters", "100000",
+                             "--checkpoint_interval", "100000"],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240

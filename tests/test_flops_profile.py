@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from conftest import free_port  # noqa: E402  (tests/ is on sys.path, also when run as a script)
+
 from ds_gpt.flops_profile import PROFILE_FILE, profiler_ds_overrides  # noqa: E402
 from ds_gpt.mfu import fwd_flops_per_token  # noqa: E402
 
@@ -87,7 +88,7 @@ def run_worker(zero_stage: int, out_dir: Path, overrides: bool = True, compile: 
            + (["--compile"] if compile else []))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("EVENTS "))
+    line = next(text for text in proc.stdout.splitlines() if text.startswith("EVENTS "))
     return json.loads(line.removeprefix("EVENTS "))
 
 

@@ -7,10 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from ds_gpt.preflight import checkpoint_bytes
 from ds_gpt.plan_comm import LINKS
-from ds_gpt.preflight_checks import (NO_REPO, VENV_BIN, Allocation, allocation_results, env_file_results, gpu_type,
-                                     gpus_from_job, judge_allreduce, judge_probes)
+from ds_gpt.preflight import checkpoint_bytes
+from ds_gpt.preflight_checks import (
+    NO_REPO,
+    VENV_BIN,
+    Allocation,
+    allocation_results,
+    env_file_results,
+    gpu_type,
+    gpus_from_job,
+    judge_allreduce,
+    judge_probes,
+)
 
 TWO_NODES = Allocation("node[1-2]", ["node1", "node2"], {"node1": 4, "node2": 4}, {"node1": 4, "node2": 4})
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import PYTHON, REPO_ROOT, free_port, read_jsonl, write_token_bins
 from test_train import TINY, background_train, losses, train
 
@@ -33,7 +32,8 @@ NAN_INJECTION = str(REPO_ROOT / "tests" / "nan_injection.py")
 
 # --- helpers -------------------------------------------------------------------------------
 
-def single(*args: str, expect: int | None = 0, timeout: int = 300, nan_at: str | None = None) -> subprocess.CompletedProcess:
+def single(*args: str, expect: int | None = 0, timeout: int = 300,
+           nan_at: str | None = None) -> subprocess.CompletedProcess:
     """One process, no launcher: `python -m ds_gpt.train ...` (or the NaN-injecting wrapper)."""
     cmd = [PYTHON, NAN_INJECTION, nan_at, "--", *args] if nan_at else [PYTHON, "-m", "ds_gpt.train", *args]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
@@ -380,7 +380,7 @@ def test_resume_at_another_world_size_or_stage_is_refused_with_the_command(zero1
         single(*one_rank_args(data_dir, zero1_two_ranks), "--init_from", "resume", expect=2).stderr,
         train(2, *two_rank_args(data_dir, zero1_two_ranks, stage=3), "--init_from", "resume", expect=2).stderr,
     ]
-    for stderr, (ranks, stage) in zip(refusals, [(1, 1), (2, 3)]):
+    for stderr, (ranks, stage) in zip(refusals, [(1, 1), (2, 3)], strict=True):
         lines = error_lines(stderr)
         assert lines and "Traceback" not in stderr, stderr[-3000:]
         assert f"this run has {ranks} rank(s) at ZeRO-{stage}" in lines[0]

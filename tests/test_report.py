@@ -22,7 +22,8 @@ def write_run(out: Path, *, agree: bool = True, config: bool = True) -> Path:
         (out / "config.json").write_text(json.dumps({
             "world_size": 8, "launcher": "srun", "hosts": ["gpu-1", "gpu-2"], "device": "NVIDIA A100-SXM4-40GB",
             "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50304},
-            "train": {"dtype": "bfloat16", "max_iters": 20, "activation_checkpointing": "full"}, "dtype": "bfloat16", "zero_stage": 1,
+            "train": {"dtype": "bfloat16", "max_iters": 20, "activation_checkpointing": "full"},
+            "dtype": "bfloat16", "zero_stage": 1,
             "peak_source": "table:A100",
             "ds_config": {"zero_optimization": {"stage": 1}, "train_batch_size": 480,
                           "train_micro_batch_size_per_gpu": 12, "gradient_accumulation_steps": 5},
@@ -44,7 +45,7 @@ def write_run(out: Path, *, agree: bool = True, config: bool = True) -> Path:
                           "mfu_analytic": 0.3509, "profiler_fwd_flops": 1.0, "analytic_fwd_flops": 1.0})
     # A resume from the iter-15 checkpoint logs 16..19 again: the later lines win.
     lines += [{**line, "loss": line["loss"] - 0.01} for line in lines if line.get("iter", 0) >= 16 and "loss" in line]
-    (out / "metrics.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n{\"iter\": 20, \"lo")
+    (out / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n{\"iter\": 20, \"lo")
     return out
 
 
@@ -97,9 +98,8 @@ def test_warmup_skip():
 
 @pytest.mark.slow  # a real TensorBoard server takes a few seconds to start
 def test_tensorboard_serves_the_scalars(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-
     from tb_helpers import read_tensorboard_scalars
+    from torch.utils.tensorboard import SummaryWriter
 
     tags = {"train/loss": lambda i: 11.0 - 0.5 * i, "train/lr": lambda i: 6e-4 * (i + 1) / 4,
             "train/tokens_per_s": lambda i: 1000.0 + i, "train/mfu": lambda i: 0.3 + 0.01 * i,

@@ -8,8 +8,8 @@ import time
 from dataclasses import asdict
 
 import pytest
-
 from conftest import PYTHON, REPO_ROOT, write_token_bins
+
 from ds_gpt import run_lock
 from ds_gpt.errors import UserError
 from ds_gpt.run_lock import LOCK_FILE, Holder, RunLock
@@ -90,7 +90,8 @@ def test_a_second_trainer_exits_2_before_anything_starts(tmp_path):
         out.mkdir()
         recorded(out, Holder(os.uname().nodename, live.pid, None, "x"))
         proc = subprocess.run(
-            [PYTHON, "-m", "ds_gpt.train", "--data_dir", str(write_token_bins(tmp_path / "data")), "--out_dir", str(out),
+            [PYTHON, "-m", "ds_gpt.train", "--data_dir", str(write_token_bins(tmp_path / "data")),
+             "--out_dir", str(out),
              "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--block_size", "32", "--vocab_size", "512",
              "--dtype", "float32", "--compile", "False", "--max_iters", "2"],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

@@ -21,13 +21,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from conftest import PYTHON, free_port, write_token_bins  # noqa: E402  (tests/ is on sys.path)
+from test_train import TINY, losses, train  # noqa: E402
+
 from ds_gpt import presets  # noqa: E402
 from ds_gpt.config import model_args, parse_args  # noqa: E402
 from ds_gpt.errors import UserError  # noqa: E402
 from ds_gpt.mfu import flops_per_token  # noqa: E402
 from ds_gpt.recompute import hardware_flops_per_token  # noqa: E402
 from ds_gpt.run_config import adopt_model_args, resolve  # noqa: E402
-from test_train import TINY, losses, train  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # --model presets
@@ -115,14 +116,15 @@ def test_full_checkpointing_changes_no_number_and_keeps_less():
         results[mode] = saved_activation_bytes(model, torch.randint(0, 512, (4, 32)))
     (loss, grads, kept), (loss_ac, grads_ac, kept_ac) = results["none"], results["full"]
     assert loss == loss_ac
-    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ac))
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ac, strict=True))
     # The blocks' internals go; the block inputs, the head's logits and the loss stay.
     assert kept_ac < 0.5 * kept, (kept, kept_ac)
 
 
 def test_hardware_flops_count_one_more_forward_with_full_checkpointing():
     n, layers, d, t = 123_689_472, 12, 768, 1024
-    assert hardware_flops_per_token(n, layers, d, t, "none") == flops_per_token(n, layers, d, t) == 6 * n + 12 * layers * t * d
+    model_flops = flops_per_token(n, layers, d, t)
+    assert hardware_flops_per_token(n, layers, d, t, "none") == model_flops == 6 * n + 12 * layers * t * d
     assert hardware_flops_per_token(n, layers, d, t, "full") == 8 * n + 16 * layers * t * d
     # The output head (2·V·d per token) is not recomputed: 50304 x 768 weights out of the extra forward.
     exact = hardware_flops_per_token(n, layers, d, t, "full", vocab_size=50304)

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import write_token_bins
+
 from ds_gpt.errors import UserError
 from ds_gpt.stage import stage, verify
 

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import free_port, write_token_bins
 
 # Each of these waits for the device to finish before it returns a host value.

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PYTHON, REPO_ROOT, VENV_BIN, free_port, read_jsonl, write_token_bins
 
 pytestmark = pytest.mark.slow
@@ -171,7 +170,8 @@ def test_sample_from_a_sharded_zero3_checkpoint(runs):
     for name, tensor in z0.items():  # same training, other sharding: the same weights
         torch.testing.assert_close(z3[name], tensor, rtol=1e-4, atol=1e-5)
     proc = subprocess.run([PYTHON, "-m", "ds_gpt.sample", "--out_dir", str(runs(3, 2, 2)), "--start", "!",
-                           "--max_new_tokens", "12", "--num_samples", "2"], cwd=REPO_ROOT, capture_output=True, text=True)
+                           "--max_new_tokens", "12", "--num_samples", "2"],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("---------------") == 2 and "iteration 20" in proc.stdout
 
@@ -199,7 +199,8 @@ def test_signal_on_one_rank_checkpoints_all_and_exits_75(data_dir, tmp_path):
         while not (metrics.exists() and len(losses(tmp_path)) >= 3):
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.05)
-        rank1 = subprocess.run(["pgrep", "-f", "-s", str(proc.pid), "--", "local_rank=1"], capture_output=True, text=True)
+        rank1 = subprocess.run(["pgrep", "-f", "-s", str(proc.pid), "--", "local_rank=1"],
+                               capture_output=True, text=True)
         pids = rank1.stdout.split()
         assert len(pids) == 1, rank1
         os.kill(int(pids[0]), signal.SIGUSR1)

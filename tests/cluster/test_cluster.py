@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PYTHON, REPO_ROOT, VENV_BIN, read_jsonl, write_token_bins
 
 CLUSTER_SH = Path(__file__).resolve().parent / "local_cluster.sh"
