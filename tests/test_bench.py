@@ -93,3 +93,11 @@ def test_memory_reports_trainer_and_loader_growth(tmp_path):
     assert [r["batches"] for r in loader.values()] == [250, 300]
     for r in loader.values():
         assert r["base_mib"] > 0 and r["growth_mib"] == pytest.approx(r["end_mib"] - r["base_mib"])
+
+
+@pytest.mark.slow
+def test_checkpoint_reports_save_and_verify_times(tmp_path):
+    figures = bench(tmp_path, "checkpoint", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+                    "--block_size", "32", "--vocab_size", "256", "--dir", str(tmp_path))
+    assert figures["n_params"] == 12 * 32 * 32 + 256 * 32 + 32 * 32 + 3 * 32  # blocks, wte, wpe, 3 norms
+    assert 0 < figures["checksums_s"] < figures["save_s"] and figures["verify_s"] > 0 and figures["bytes"] > 0

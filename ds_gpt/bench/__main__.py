@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 
 from ds_gpt import bench
+from ds_gpt.bench.checkpoint import add_checkpoint
 from ds_gpt.bench.loader import add_loader
 from ds_gpt.bench.memory import add_memory
 from ds_gpt.bench.prepare import add_prepare
 from ds_gpt.bench.step import add_step
 from ds_gpt.errors import run_cli
 
-BENCHES = [add_prepare, add_loader, add_step, add_memory]
+BENCHES = [add_prepare, add_loader, add_step, add_memory, add_checkpoint]
 
 
 def main(argv: list[str] | None = None) -> int:
