@@ -1,30 +1,52 @@
-"""Plan a run before queueing it: per-GPU memory at each ZeRO stage, time per iteration, days.
+"""Plan a run before queueing it: what each GPU holds and sends, how long an iteration takes, days.
 
-    python -m ds_gpt.plan --model 124M --gpus 8 --gpu a100 --zero_stage 1
+    python -m ds_gpt.plan --model 124M --gpus 8 --nodes 2 --gpu a100 --zero_stage 1
     python -m ds_gpt.plan --model 1558M --gpus 16 --gpu h100 --zero_stage 3 --mfu 0.40 --json
+    python -m ds_gpt.plan --fit --model 774M --gpus 8 --gpu a100 --write_config ds_configs/gpt2-large.json
 
-Time comes from the analytic FLOPs (ds_gpt.mfu) at an assumed MFU: the default 0.34 is what
-the seed measured for nanoGPT on 8 x A100, which makes the seed's run the reference point
-(0.495 s/iter, 3.4 days for 600k iterations). Memory is an estimate (see `model_states`,
-`activations`): it ignores the CUDA context, allocator fragmentation and communication buffers
-(about 1-3 GB in practice), so leave that headroom.
+Memory per GPU: the model states as DeepSpeed lays them out (ds_gpt.plan_memory, checked
+against the tensors of real engines by ds_gpt.accounting), the transients around them, and an
+estimate of the activations. Communication: the bytes each collective moves per step
+(ds_gpt.plan_comm, checked against deepspeed.comm's logger). Time: the compute at an MFU
+measured on one node (--mfu; 0.39 is the reference run's nanoGPT on 2 x A100), plus the
+communication compute does not hide, over the links each collective crosses.
+docs/planning.md explains every field and assumption.
 
 Pure arithmetic on text and numbers: imports neither torch nor deepspeed.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
 
-from ds_gpt.errors import UserError, run_cli
-from ds_gpt.mfu import PEAK_TFLOPS, dtype_key, flops_per_token
+from ds_gpt import plan_fit
+from ds_gpt.errors import ArgumentParser, UserError, run_cli
+from ds_gpt.mfu import PEAK_TFLOPS, dtype_key, flops_per_token, fwd_flops_per_token
+from ds_gpt.plan_comm import (
+    LINKS,
+    Links,
+    comm_seconds,
+    gathers_per_micro_batch,
+    message_bytes,
+    offload_seconds,
+    wire_bytes,
+)
+from ds_gpt.plan_memory import (
+    DTYPE_BYTES,
+    Setup,
+    activation_bytes,
+    gpt_layout,
+    heaviest_rank,
+    state_bytes,
+    transient_bytes,
+)
+from ds_gpt.presets import MODELS, canonical
+from ds_gpt.recompute import MODES as CHECKPOINTING
+from ds_gpt.recompute import hardware_flops_per_token
 
 GB = 1e9
 
-# GPT-2 sizes (n_layer, n_head, n_embd), as nanoGPT's from_pretrained has them.
-MODELS = {"124M": (12, 12, 768), "350M": (24, 16, 1024), "774M": (36, 20, 1280), "1558M": (48, 25, 1600)}
-
-# --gpu: (PEAK_TFLOPS key, memory GB). The seed's cluster (Narval) has 40 GB A100s.
+# --gpu: (PEAK_TFLOPS key, memory GB). The reference cluster (Narval) has 40 GB A100s.
 GPUS = {
     "a100": ("A100", 40), "a100-80g": ("A100", 80), "h100": ("H100-SXM", 80), "h100-pcie": ("H100-PCIe", 80),
     "h200": ("H200", 141), "gh200": ("GH200", 96), "b200": ("B200", 180), "l40s": ("L40S", 48),
@@ -32,73 +54,37 @@ GPUS = {
     "rtx4090": ("RTX-4090", 24), "rtx3090": ("RTX-3090", 24), "v100": ("V100-SXM", 32), "t4": ("T4", 16),
     "mi300x": ("MI300X", 192),
 }
-
-
-@dataclass
-class Memory:
-    """Bytes per GPU."""
-
-    weights: float
-    grads: float
-    optimizer: float
-    activations: float
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations
-
-    def gb(self) -> dict:
-        return {**{k: round(v / GB, 3) for k, v in asdict(self).items()}, "total": round(self.total / GB, 3)}
+OFFLOAD = ("none", "optimizer", "all")  # all: optimizer and parameters (ZeRO-3)
+# Memory a plan must leave free: a fraction of the GPU (fragmentation, the activations this
+# estimate misses) and a fixed allowance for the CUDA context, NCCL's buffers and cuBLAS workspaces.
+MEM_MARGIN, CUDA_CONTEXT_GB = 0.10, 1.5
+# ZeRO-Offload's CPU AdamW, parameters per second per node: an assumption; measure yours.
+CPU_ADAM_PARAMS_PER_S = 1e9
 
 
 def gpt_num_params(n_layer: int, n_embd: int, vocab_size: int, block_size: int, bias: bool = True,
                    non_embedding: bool = True) -> int:
     """ds_gpt.model.GPT(...).num_params(non_embedding), without building the model."""
-    d, b = n_embd, int(bias)
-    layer = (2 * (d + b * d)  # ln_1, ln_2
-             + (3 * d * d + b * 3 * d) + (d * d + b * d)  # c_attn, attn c_proj
-             + (4 * d * d + b * 4 * d) + (4 * d * d + b * d))  # c_fc, mlp c_proj
-    total = vocab_size * d + block_size * d + n_layer * layer + (d + b * d)  # wte (tied), wpe, ln_f
-    return total - block_size * d if non_embedding else total
+    total = gpt_layout(n_layer, n_embd, vocab_size, block_size, bias).numel
+    return total - block_size * n_embd if non_embedding else total
 
 
-def model_states(n_params: int, zero_stage: int, dp: int, dtype: str, largest_layer: int) -> tuple[float, float, float]:
-    """(weights, grads, optimizer) bytes per GPU, as DeepSpeed holds them with AdamW.
+def shipped_zero_block(zero_stage: int) -> dict:
+    """The zero_optimization block of ds_configs/zero<stage>.json, the shipped engine settings."""
+    from ds_gpt.run_config import load_ds_config
 
-    16-bit training: 16-bit weights (2 B/param), 16-bit grads (2) and the fp32 grads the
-    optimizer reads (4), fp32 master weights + Adam m + v (12). ZeRO-1 partitions the fp32
-    state over the dp ranks, ZeRO-2 the 16-bit grads too, ZeRO-3 the 16-bit weights, which
-    are gathered a layer or two at a time (DeepSpeed's estimators allow 4 B x largest layer).
-    fp32 training: weights 4, grads 4, m + v 8, partitioned by the same rules.
-    """
-    if dtype_key(dtype) in ("bf16", "fp16"):
-        w, g16, g32, opt = 2.0, 2.0, 4.0, 12.0
-    else:
-        w, g16, g32, opt = 4.0, 4.0, 0.0, 8.0
-    weights = w * n_params / dp + 4 * largest_layer if zero_stage >= 3 else w * n_params
-    grads = g16 * n_params / (dp if zero_stage >= 2 else 1) + g32 * n_params / (dp if zero_stage >= 1 else 1)
-    optimizer = opt * n_params / (dp if zero_stage >= 1 else 1)
-    return weights, grads, optimizer
+    return dict(load_ds_config(f"ds_configs/zero{zero_stage}.json").get("zero_optimization", {}))
 
 
-def activations(n_layer: int, n_embd: int, vocab_size: int, seq_len: int, micro_batch: int, dtype: str) -> float:
-    """Bytes kept for backward by one micro-batch, without activation checkpointing.
-
-    Per layer 34·s·b·h bytes in 16-bit (Korthikanti et al. 2022, "Reducing Activation
-    Recomputation", eq. 1); the 5·a·s²·b term for attention scores is gone with fused SDPA.
-    Plus the logits: 16-bit logits, their fp32 copy for the loss, and the loss's fp32
-    log-softmax (2 + 4 + 4 B per element); in fp32, 4 + 4.
-    """
-    sixteen = dtype_key(dtype) in ("bf16", "fp16")
-    per_layer = 34 * seq_len * micro_batch * n_embd * (1 if sixteen else 2)
-    logits = micro_batch * seq_len * vocab_size * (10 if sixteen else 8)
-    return n_layer * per_layer + logits
-
-
-def plan(n_layer: int, n_head: int, n_embd: int, *, gpus: int, gpu: str, zero_stage: int, mfu: float = 0.34,
-         dtype: str = "bfloat16", vocab_size: int = 50304, block_size: int = 1024, micro_batch: int = 12,
-         tokens_per_iter: int = 491_520, max_iters: int = 600_000, gpu_mem_gb: float | None = None) -> dict:
-    """Everything the CLI prints, as one JSON-able dict."""
+def plan(n_layer: int, n_head: int, n_embd: int, *, gpus: int, gpu: str, zero_stage: int, mfu: float = 0.39,
+         nodes: int | None = None, dtype: str = "bfloat16", vocab_size: int = 50304, block_size: int = 1024,
+         bias: bool = False, micro_batch: int = 12, tokens_per_iter: int = 491_520, max_iters: int = 600_000,
+         activation_checkpointing: str = "none", offload: str = "none", zero: dict | None = None,
+         comm_dtype: str | None = None, gpu_mem_gb: float | None = None, gpus_per_node: int | None = None,
+         intra_node_GBps: float | None = None, inter_node_GBps: float | None = None,
+         mem_margin: float = MEM_MARGIN, cuda_context_gb: float = CUDA_CONTEXT_GB) -> dict:
+    """Everything the CLI prints, as one JSON-able dict. `zero`: the DeepSpeed zero_optimization
+    block (default: the shipped ds_configs/zero<stage>.json's)."""
     problems = []
     if gpus < 1:
         problems.append(f"--gpus must be >= 1, got {gpus}")
@@ -111,104 +97,208 @@ def plan(n_layer: int, n_head: int, n_embd: int, *, gpus: int, gpu: str, zero_st
         problems.append(f"--mfu must be in (0, 1], got {mfu}")
     if zero_stage not in (0, 1, 2, 3):
         problems.append(f"--zero_stage must be 0-3, got {zero_stage}")
+    if dtype not in DTYPE_BYTES or (comm_dtype or dtype) not in DTYPE_BYTES:
+        problems.append(f"--dtype/--comm_dtype must be one of {', '.join(DTYPE_BYTES)}")
+    if activation_checkpointing not in CHECKPOINTING:
+        problems.append(f"--activation_checkpointing must be one of {', '.join(CHECKPOINTING)}")
+    if offload not in OFFLOAD or (offload == "optimizer" and zero_stage < 2) or (offload == "all" and zero_stage < 3):
+        problems.append(f"--offload {offload}: optimizer offload needs ZeRO-2 or 3, parameter offload (all) ZeRO-3")
+    links = LINKS.get(gpu, LINKS["a100"])
+    per_node = gpus_per_node or links.gpus_per_node
+    nodes = nodes or math.ceil(gpus / per_node)
+    if nodes < 1 or gpus % nodes:
+        problems.append(f"--gpus {gpus} do not split evenly over --nodes {nodes}")
+        nodes = 1
     per_step = micro_batch * block_size * gpus
-    if tokens_per_iter % per_step:
+    if micro_batch < 1 or tokens_per_iter % per_step:
         problems.append(f"tokens_per_iter {tokens_per_iter} is not a multiple of micro_batch x block_size x gpus "
                         f"= {per_step}")
     if problems:
         raise UserError("; ".join(problems))
     peak_key, default_mem = GPUS[gpu]
-    key = dtype_key(dtype)
-    if key not in PEAK_TFLOPS[peak_key]:
-        raise UserError(f"{peak_key} has no {key} peak", hint="pass --dtype float16 or float32")
-    peak = PEAK_TFLOPS[peak_key][key] * 1e12
+    if dtype_key(dtype) not in PEAK_TFLOPS[peak_key]:
+        raise UserError(f"{peak_key} has no {dtype_key(dtype)} peak", hint="pass --dtype float16 or float32")
+    peak = PEAK_TFLOPS[peak_key][dtype_key(dtype)] * 1e12
+    links = Links(gpus // nodes, intra_node_GBps or links.intra_GBps, inter_node_GBps or links.inter_GBps,
+                  links.pcie_GBps, links.source if not (intra_node_GBps or inter_node_GBps) else "--*_node_GBps")
+    grad_accum = tokens_per_iter // per_step
+    layout = gpt_layout(n_layer, n_embd, vocab_size, block_size, bias)
+    setup = Setup(layout, gpus, zero_stage, dtype, offload in ("optimizer", "all"), offload == "all",
+                  shipped_zero_block(zero_stage) if zero is None else zero, comm_dtype)
 
-    n_params = gpt_num_params(n_layer, n_embd, vocab_size, block_size)  # N for FLOPs
-    n_total = gpt_num_params(n_layer, n_embd, vocab_size, block_size, non_embedding=False)  # all stored
-    largest_layer = max(vocab_size * n_embd, 4 * n_embd * n_embd)  # the tied embedding, for GPT-2
-    act = activations(n_layer, n_embd, vocab_size, block_size, micro_batch, dtype)
-    by_stage = {s: Memory(*model_states(n_total, s, gpus, dtype, largest_layer), act) for s in range(4)}
-
-    fpt = flops_per_token(n_params, n_layer, n_embd, block_size)
-    iter_time_s = tokens_per_iter * fpt / (gpus * peak * mfu)
-    total_s = iter_time_s * max_iters
+    # memory
+    rank = heaviest_rank(setup)
+    states = state_bytes(setup, rank)
+    gathered = gathers_per_micro_batch(setup, activation_checkpointing)[1] if zero_stage == 3 else 0
+    if zero_stage == 3 and gpus == 1 and not setup.offload_param:
+        gathered = 0  # the one rank's partitions are the whole parameters, already counted
+    transient = transient_bytes(setup, gathered)
+    act = activation_bytes(n_layer, n_embd, vocab_size, block_size, micro_batch, dtype, activation_checkpointing)
+    state_total = sum(states["gpu"].values())
+    peak_bytes = state_total + max(act + transient["backward"], transient["step"])
     gpu_mem = gpu_mem_gb or default_mem
+    usable = gpu_mem * (1 - mem_margin) - cuda_context_gb
+
+    # time
+    n_params = layout.numel - block_size * n_embd  # N for FLOPs: nanoGPT's count, no position embedding
+    fpt = flops_per_token(n_params, n_layer, n_embd, block_size)
+    hw_fpt = hardware_flops_per_token(n_params, n_layer, n_embd, block_size, activation_checkpointing,
+                                      vocab_size=vocab_size)
+    compute_s = tokens_per_iter * hw_fpt / (gpus * peak * mfu)
+    micro_s = compute_s / grad_accum
+    fwd_s = micro_s * fwd_flops_per_token(n_params, n_layer, n_embd, block_size) / hw_fpt
+    comm = comm_seconds(setup, nodes, links, grad_accum, fwd_s, micro_s - fwd_s, activation_checkpointing)
+    offload_s = offload_seconds(setup, links, gpus // nodes, CPU_ADAM_PARAMS_PER_S, grad_accum,
+                                activation_checkpointing)
+    iter_s = compute_s + comm["exposed"] + offload_s
+    msg = message_bytes(setup, grad_accum, activation_checkpointing)
+    wire = {k: sum(wire_bytes(op, b, gpus, nodes)[k] for op, b in msg.items()) for k in ("intra", "inter")}
+    total_s = iter_s * max_iters
+    tokens_per_s = tokens_per_iter / iter_s
     return {
         "model": {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
-                  "vocab_size": vocab_size},
-        "n_params": n_params, "n_params_total": n_total, "gpus": gpus, "gpu": gpu, "zero_stage": zero_stage,
-        "dtype": dtype, "mfu": mfu, "peak_tflops": peak / 1e12, "flops_per_token": fpt,
-        "tokens_per_iter": tokens_per_iter, "micro_batch": micro_batch, "grad_accum": tokens_per_iter // per_step,
-        "max_iters": max_iters, "iter_time_s": iter_time_s, "tokens_per_s": tokens_per_iter / iter_time_s,
-        "total_days": total_s / 86400, "gpu_hours": total_s * gpus / 3600,
-        "memory_gb": by_stage[zero_stage].gb(), "memory_gb_by_stage": {s: m.gb() for s, m in by_stage.items()},
-        "gpu_mem_gb": gpu_mem, "fits": by_stage[zero_stage].total / GB <= gpu_mem,
+                  "vocab_size": vocab_size, "bias": bias},
+        "n_params": n_params, "n_params_total": layout.numel,
+        "gpus": gpus, "nodes": nodes, "gpus_per_node": gpus // nodes, "gpu": gpu, "zero_stage": zero_stage,
+        "dtype": dtype, "comm_dtype": comm_dtype or dtype, "offload": offload,
+        "activation_checkpointing": activation_checkpointing,
+        "micro_batch": micro_batch, "grad_accum": grad_accum, "tokens_per_iter": tokens_per_iter,
+        "max_iters": max_iters,
+        "state_bytes_per_rank": states["gpu"], "state_bytes_rank": rank, "offloaded_bytes_per_rank": states["cpu"],
+        "activation_bytes": act, "transient_bytes": transient, "peak_bytes_per_gpu": peak_bytes,
+        "memory_gb": {**{k: round(v / GB, 3) for k, v in states["gpu"].items()}, "activations": round(act / GB, 3),
+                      "transient": round(max(transient["backward"], transient["step"]) / GB, 3),
+                      "total": round(peak_bytes / GB, 3)},
+        "gpu_mem_gb": gpu_mem, "mem_margin": mem_margin, "cuda_context_gb": cuda_context_gb,
+        "usable_gb": round(usable, 3), "fits": peak_bytes / GB <= usable,
+        "comm_bytes_per_step_per_rank": {**msg, "total": sum(msg.values())},
+        "wire_bytes_per_step_per_rank": {"intra_node": round(wire["intra"]), "inter_node": round(wire["inter"])},
+        "links": {"gpus_per_node": links.gpus_per_node, "intra_node_GBps": links.intra_GBps,
+                  "inter_node_GBps": links.inter_GBps, "source": links.source},
+        "mfu_single_node": mfu, "peak_tflops": peak / 1e12, "flops_per_token": fpt, "hardware_flops_per_token": hw_fpt,
+        "compute_time_s": compute_s, "comm_time_s": comm["total"], "comm_exposed_s": comm["exposed"],
+        "comm_time_by_collective_s": comm["by_collective"], "offload_time_s": offload_s, "iter_time_s": iter_s,
+        "scaling_efficiency": compute_s / iter_s, "mfu": tokens_per_s * fpt / (gpus * peak),
+        "tokens_per_s": tokens_per_s, "total_days": total_s / 86400, "gpu_hours": total_s * gpus / 3600,
+        "days_per_10b_tokens": 1e10 / tokens_per_s / 86400,
+        "assumptions": assumptions(setup, mem_margin, cuda_context_gb),
     }
 
 
+def assumptions(s: Setup, mem_margin: float, cuda_context_gb: float) -> list[str]:
+    overlap = s.knob("overlap_comm")
+    hidden = {0: "the gradient all-reduce runs after the backward: nothing hidden",
+              1: ("the gradient all-reduce overlaps the last backward" if overlap
+                  else "the gradient all-reduce runs after the backward: nothing hidden"),
+              2: ("each micro-batch's all-reduce hides behind its backward" if overlap
+                  else "each micro-batch's all-reduce runs after its backward: nothing hidden"),
+              3: ("parameter gathers hide behind the forward, reduce-scatters behind the backward" if overlap
+                  else "gathers and reduce-scatters run between computations: nothing hidden")}[s.zero_stage]
+    return [
+        f"overlap: {hidden} (overlap_comm={bool(overlap)}); the all-gather after the optimizer step is never hidden",
+        "compute runs at the single-node MFU at every scale and micro-batch; collectives at datasheet bandwidths,"
+        " hierarchical over nodes, no latency",
+        f"fits: peak memory <= GPU memory x {1 - mem_margin:.2f} - {cuda_context_gb:g} GB for the CUDA context;"
+        " activations are an estimate",
+    ]
+
+
 def render(p: dict) -> str:
-    m = p["model"]
+    m, st, link = p["model"], p["state_bytes_per_rank"], p["links"]
     lines = [
         f"model: {m['n_layer']} layers, {m['n_head']} heads, d={m['n_embd']}, T={m['block_size']}: "
         f"N={p['n_params'] / 1e6:.2f}M (stored {p['n_params_total'] / 1e6:.2f}M), "
         f"{p['flops_per_token'] / 1e9:.3f} GFLOPs/token",
-        f"run: {p['gpus']} x {p['gpu']} ({p['peak_tflops']:g} TFLOPS {p['dtype']}), ZeRO-{p['zero_stage']}, "
+        f"run: {p['gpus']} x {p['gpu']} ({p['peak_tflops']:g} TFLOPS {p['dtype']}) on {p['nodes']} node(s), "
+        f"ZeRO-{p['zero_stage']}, offload {p['offload']}, checkpointing {p['activation_checkpointing']}, "
         f"{p['tokens_per_iter']:,} tokens/iter = micro {p['micro_batch']} x grad_accum {p['grad_accum']} x "
-        f"{p['gpus']} GPUs, {p['max_iters']:,} iters",
-        f"at MFU {p['mfu']:.0%}: {p['iter_time_s'] * 1000:.0f} ms/iter, {p['tokens_per_s']:,.0f} tokens/s, "
-        f"{p['total_days']:.2f} days, {p['gpu_hours']:,.0f} GPU-hours",
+        f"{p['gpus']} GPUs",
+        f"links: {link['intra_node_GBps']:g} GB/s in a node, {link['inter_node_GBps']:g} GB/s per node between "
+        f"nodes ({link['source']})",
         "",
-        "per-GPU memory, GB (no checkpointing; add 1-3 GB for CUDA context and buffers):",
-        "stage  weights   grads  optimizer  activations   total",
+        f"per-GPU memory, GB (rank {p['state_bytes_rank']}): params {st['params'] / GB:.2f}, grads "
+        f"{st['grads'] / GB:.2f}, optimizer {st['optimizer'] / GB:.2f}, activations {p['activation_bytes'] / GB:.2f}, "
+        f"transient {p['memory_gb']['transient']:.2f} -> peak {p['peak_bytes_per_gpu'] / GB:.2f} of "
+        f"{p['usable_gb']:.2f} usable: {'fits' if p['fits'] else 'does NOT fit'}",
+        "per-rank communication per step, MB: " + ", ".join(
+            f"{k} {v / 1e6:.1f}" for k, v in p["comm_bytes_per_step_per_rank"].items() if v),
+        f"time per iteration: compute {p['compute_time_s'] * 1e3:.0f} ms (at {p['mfu_single_node']:.0%} MFU) + "
+        f"communication {p['comm_exposed_s'] * 1e3:.0f} ms not hidden (of {p['comm_time_s'] * 1e3:.0f})"
+        + (f" + offload {p['offload_time_s'] * 1e3:.0f} ms" if p["offload_time_s"] else "")
+        + f" = {p['iter_time_s'] * 1e3:.0f} ms; scaling efficiency {p['scaling_efficiency']:.0%}, MFU {p['mfu']:.0%}",
+        f"{p['tokens_per_s']:,.0f} tokens/s: {p['max_iters']:,} iters in {p['total_days']:.2f} days "
+        f"({p['gpu_hours']:,.0f} GPU-hours); 10B tokens in {p['days_per_10b_tokens']:.2f} days",
+        "assumptions: " + "; ".join(p["assumptions"]),
     ]
-    for s, mem in p["memory_gb_by_stage"].items():
-        mark = " <-" if int(s) == p["zero_stage"] else ""
-        lines.append(f"ZeRO-{s} {mem['weights']:8.2f} {mem['grads']:7.2f} {mem['optimizer']:10.2f} "
-                     f"{mem['activations']:12.2f} {mem['total']:7.2f}{mark}")
-    verdict = "fits" if p["fits"] else "does NOT fit"
-    lines.append(f"ZeRO-{p['zero_stage']} {verdict} in {p['gpu_mem_gb']:g} GB"
-                 + ("" if p["fits"] else ": try a higher --zero_stage or a smaller --micro_batch"))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import math
-
-    from ds_gpt.errors import ArgumentParser
-
     ap = ArgumentParser(prog="python -m ds_gpt.plan", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="124M", choices=list(MODELS), help="GPT-2 size")
+    ap.add_argument("--model", default="124M", help=f"GPT-2 size: {', '.join(MODELS)} (or gpt2, gpt2-medium ...)")
     ap.add_argument("--n_layer", type=int, help="override the preset's layers")
     ap.add_argument("--n_head", type=int, help="override the preset's heads")
     ap.add_argument("--n_embd", type=int, help="override the preset's width")
     ap.add_argument("--block_size", type=int, default=1024)
     ap.add_argument("--vocab_size", type=int, default=50304)
+    ap.add_argument("--bias", action="store_true", help="biases in Linear and LayerNorm (the trainer's default: none)")
     ap.add_argument("--gpus", type=int, default=8, help="world size (data-parallel ranks)")
+    ap.add_argument("--nodes", type=int, help="nodes the GPUs are spread over (default: as many as the --gpu's "
+                    "usual node needs)")
     ap.add_argument("--gpu", default="a100", help=f"one of {', '.join(GPUS)}")
     ap.add_argument("--gpu_mem_gb", type=float, help="memory of one GPU (default: the --gpu's)")
+    ap.add_argument("--gpus_per_node", type=int, help="GPUs in one node (default: the --gpu's usual node)")
+    ap.add_argument("--intra_node_GBps", type=float, help="GPU-to-GPU bandwidth in a node, GB/s per direction")
+    ap.add_argument("--inter_node_GBps", type=float, help="node-to-network bandwidth, GB/s per direction "
+                    "(one HDR 200 Gb/s link = 25)")
     ap.add_argument("--zero_stage", type=int, default=1)
-    ap.add_argument("--mfu", type=float, default=0.34, help="assumed MFU (the seed measured 0.34 on 8 x A100)")
+    ap.add_argument("--mfu", type=float, default=0.39, help="MFU measured on one node (the reference run: 0.39 "
+                    "on 2 x A100)")
     ap.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
+    ap.add_argument("--comm_dtype", help="DeepSpeed's communication_data_type (default: --dtype)")
     ap.add_argument("--micro_batch", type=int, default=12, help="sequences per GPU per micro-step")
+    ap.add_argument("--activation_checkpointing", default="none", help=" | ".join(CHECKPOINTING))
+    ap.add_argument("--offload", default="none", help="none | optimizer (ZeRO-2/3) | all (optimizer and "
+                    "parameters, ZeRO-3)")
     ap.add_argument("--tokens_per_iter", type=int, default=491_520, help="global batch in tokens")
     ap.add_argument("--max_iters", type=int, default=600_000)
+    ap.add_argument("--fit", action="store_true", help="search stage, micro-batch, checkpointing and offload for the "
+                    "fastest configuration that fits")
+    ap.add_argument("--write_config", metavar="FILE", help="with --fit: write the chosen DeepSpeed JSON here")
+    ap.add_argument("--write_run_config", metavar="FILE", help="with --fit: write a TOML for --config (model, "
+                    "activation checkpointing, the JSON)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    # Counts below 1 and non-finite numbers would end in a ZeroDivisionError or a nan plan.
+    check_numbers(args)
+    shape = MODELS[canonical(args.model)]
+    n_layer, n_head, n_embd = (v if v is not None else d
+                               for v, d in zip((args.n_layer, args.n_head, args.n_embd), shape, strict=True))
+    common = dict(gpus=args.gpus, gpu=args.gpu.lower(), mfu=args.mfu, nodes=args.nodes, dtype=args.dtype,
+                  vocab_size=args.vocab_size, block_size=args.block_size, bias=args.bias,
+                  tokens_per_iter=args.tokens_per_iter, max_iters=args.max_iters, comm_dtype=args.comm_dtype,
+                  gpu_mem_gb=args.gpu_mem_gb, gpus_per_node=args.gpus_per_node,
+                  intra_node_GBps=args.intra_node_GBps, inter_node_GBps=args.inter_node_GBps)
+    if args.fit:
+        p = plan_fit.fit(plan, n_layer, n_head, n_embd, **common)
+        plan_fit.write(p, args.write_config, args.write_run_config, model=canonical(args.model))
+        print(json.dumps(p, indent=1) if args.json else plan_fit.render(p, render))
+        return 0
+    if args.write_config or args.write_run_config:
+        raise UserError("--write_config/--write_run_config need --fit")
+    p = plan(n_layer, n_head, n_embd, zero_stage=args.zero_stage, micro_batch=args.micro_batch,
+             activation_checkpointing=args.activation_checkpointing, offload=args.offload, **common)
+    print(json.dumps(p, indent=1) if args.json else render(p))
+    return 0
+
+
+def check_numbers(args) -> None:
+    """Counts below 1 and non-finite numbers would end in a ZeroDivisionError or a nan plan."""
     bad = [f"--{k} must be >= 1 (got {v})" for k, v in vars(args).items()
            if k not in ("zero_stage", "json") and isinstance(v, int) and not isinstance(v, bool) and v < 1]
     bad += [f"--{k} must be a finite number > 0 (got {v})" for k, v in vars(args).items()
             if isinstance(v, float) and not (math.isfinite(v) and v > 0)]
     if bad:
         raise UserError("; ".join(bad))
-    preset = MODELS[args.model]
-    n_layer, n_head, n_embd = (v if v is not None else d
-                               for v, d in zip((args.n_layer, args.n_head, args.n_embd), preset, strict=True))
-    p = plan(n_layer, n_head, n_embd, gpus=args.gpus, gpu=args.gpu.lower(), zero_stage=args.zero_stage, mfu=args.mfu,
-             dtype=args.dtype, vocab_size=args.vocab_size, block_size=args.block_size, micro_batch=args.micro_batch,
-             tokens_per_iter=args.tokens_per_iter, max_iters=args.max_iters, gpu_mem_gb=args.gpu_mem_gb)
-    print(json.dumps(p, indent=1) if args.json else render(p))
-    return 0
 
 
 if __name__ == "__main__":
