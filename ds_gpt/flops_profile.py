@@ -41,6 +41,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from ds_gpt.accounting import CommBytesCounter
 from ds_gpt.mfu import fwd_flops_per_token
 
 AGREE_TOLERANCE = 0.05  # analytic vs profiler forward FLOPs: |profiler/analytic - 1| <= 5%
@@ -83,6 +84,8 @@ class FlopsProfileCapture:
         self._profiler = None
         self._micro: list[dict] = []  # one entry per profiled training forward
         self._previous_step_time_s: float | None = None
+        self._comm = CommBytesCounter()
+        self._counting_comm = False
 
     @contextlib.contextmanager
     def count(self, iter_num: int, idx) -> Iterator[None]:
@@ -95,6 +98,8 @@ class FlopsProfileCapture:
 
         if self._profiler is None:
             self._profiler = FlopsProfiler(self.engine.module, self.engine)
+            self._comm.start()  # the profiled step's collectives, from its first forward to its optimizer step
+            self._counting_comm = True
         prof = self._profiler
         prof.start_profile()  # resets the counts; patches torch.nn.functional
         try:
@@ -127,6 +132,7 @@ class FlopsProfileCapture:
         micro, self._micro = self._micro, []
         self._profiler.print_model_profile(profile_step=iter_num, module_depth=-1, top_modules=1, detailed=True,
                                            output_file=str(self.output_file))
+        comm_bytes = self._stop_comm()
         self.close()
         prof_flops = sum(m["flops"] for m in micro)
         analytic = sum(m["analytic"] for m in micro)
@@ -151,6 +157,7 @@ class FlopsProfileCapture:
             "mfu_profiler": 3 * prof_flops / step_time_s / self.peak_flops,
             "mfu_analytic": 3 * analytic / step_time_s / self.peak_flops,
             "profile_file": str(self.output_file),
+            "comm_bytes_per_rank": comm_bytes,  # what DeepSpeed's collectives moved for this rank
         }
         zero_config = getattr(getattr(self.engine, "_config", None), "zero_config", None)
         if zero_stage == 3 and getattr(zero_config, "memory_efficient_linear", False):
@@ -169,8 +176,15 @@ class FlopsProfileCapture:
                       "profiler_fwd_latency_s", "step_time_s", "mfu_profiler", "mfu_analytic"):
                 f.write(f"{k}: {event[k]}\n")
 
+    def _stop_comm(self) -> dict[str, int] | None:
+        if not self._counting_comm:
+            return None
+        self._counting_comm = False
+        return self._comm.stop()
+
     def close(self) -> None:
         """Remove the profiler's module hooks and attributes (a run stopped mid-profile included)."""
+        self._stop_comm()  # DeepSpeed's comms logger back as it was
         if self._profiler is not None:
             self._profiler.end_profile()
             self._profiler = None

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # started as a file by a launcher: import the package, not siblings
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -30,6 +31,7 @@ import torch.distributed as dist
 
 from ds_gpt import engine as ds_engine
 from ds_gpt import mfu, run_dir
+from ds_gpt.accounting import state_bytes_per_rank
 from ds_gpt.checkpoint import Checkpointer, TrainState, load
 from ds_gpt.data import BatchPrefetcher, RandomWindowSampler
 from ds_gpt.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_FAILED, EXIT_REQUEUE, UserError, run_cli
@@ -69,12 +71,13 @@ class StepResult:
 
 
 def train_step(eng, batches: BatchPrefetcher, step: int, guard: NonFiniteGuard, stop: GracefulStop,
-               profile: FlopsProfileCapture) -> StepResult:
+               profile: FlopsProfileCapture, before_update: Callable[[int], None] | None = None) -> StepResult:
     """One optimizer step over this rank's micro-batches, with one device-to-host sync.
 
     The losses and the non-finite count stay on the device until the step's one all-reduce, which
     also shares the stop flag, so every rank decides the same. The guard keeps a non-finite
-    micro-batch's gradient out of the step (see ds_gpt.nonfinite).
+    micro-batch's gradient out of the step (see ds_gpt.nonfinite). `before_update(step)` runs
+    once the gradients are complete, right before the optimizer steps.
     """
     device = ds_engine.device()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -97,6 +100,8 @@ def train_step(eng, batches: BatchPrefetcher, step: int, guard: NonFiniteGuard, 
     if action == "skip":
         ds_engine.set_lr(eng, 0.0)  # AdamW with lr 0 leaves every parameter exactly as it was
     if action != "stop":
+        if before_update is not None:
+            before_update(step)
         eng.step()
     return StepResult(total / n_finite if n_finite else float("nan"), int(n_bad), action, n_stop > 0)
 
@@ -164,6 +169,12 @@ def train(start: Startup) -> int:
         milestone_every=cfg.milestone_every, marker=run_dir.marker(run, world_size, out_dir),
         client_state=lambda: run_dir.client_state(run, state, samplers["train"]),
         saved_at=state.iter_num if start.resume_from is not None else None)
+    memory_at = state.iter_num + 1  # AdamW's state exists from a run's second step on
+
+    def log_memory(step: int) -> None:
+        if master and step == memory_at:
+            metrics.memory(step, state_bytes_per_rank(eng))
+
     guard = NonFiniteGuard(cfg.on_nan, micro_batches_per_step=run.batch.grad_accum * world_size, model=eng.module)
     stop = GracefulStop().install()
     metrics.start(iter=state.iter_num, world_size=world_size, launcher=env.launcher, init_from=cfg.init_from,
@@ -185,7 +196,7 @@ def train(start: Startup) -> int:
             lr = run.lr_at(state.iter_num)
             t0 = time.perf_counter()
             ds_engine.set_lr(eng, lr)
-            result = train_step(eng, batches, state.iter_num, guard, stop, profile)
+            result = train_step(eng, batches, state.iter_num, guard, stop, profile, log_memory)
             if result.action != "ok":
                 metrics.nonfinite(state.iter_num, lr=lr, micro_batches=result.nonfinite, action=result.action)
             if result.action == "stop":
