@@ -1,6 +1,6 @@
 """Every training option, parsed once: defaults < --config FILE (TOML) < command line.
 
-The defaults are the seed's GPT-2 124M recipe (nanoGPT's train.py); `--model` picks one of
+The defaults are the reference run's GPT-2 124M recipe (nanoGPT's train.py); `--model` picks one of
 GPT-2's other sizes (ds_gpt.presets), and --n_layer/--n_head/--n_embd still override it.
 Engine settings (ZeRO stage, precision, batch sizes, AdamW, clipping) live in the DeepSpeed
 JSON, which is the single source of truth for them; ds_gpt/run_config.py applies the few CLI
@@ -20,7 +20,7 @@ from ds_gpt import presets, recompute
 from ds_gpt.errors import UserError
 from ds_gpt.paths import repo_path
 
-GPT2 = presets.MODELS["124M"]  # the seed's model, the default shape
+GPT2 = presets.MODELS["124M"]  # the reference run's model, the default shape
 
 
 def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -45,7 +45,7 @@ class TrainConfig:
     n_head: int = opt(GPT2.n_head, "attention heads")
     n_embd: int = opt(GPT2.n_embd, "embedding width")
     block_size: int = opt(1024, "context length in tokens")
-    vocab_size: int = opt(50304, "vocabulary size: GPT-2's 50257 padded to a multiple of 64")
+    vocab_size: int = opt(presets.PADDED_VOCAB_SIZE, "vocabulary size: GPT-2's 50257 padded to a multiple of 64")
     dropout: float = opt(0.0, "dropout probability; 0 for pretraining")
     bias: bool = opt(False, "biases in Linear and LayerNorm layers")
     activation_checkpointing: str = opt("none", "none | full: recompute each block in backward, ~1/3 more compute "

@@ -29,10 +29,10 @@ import torch
 
 from ds_gpt.errors import UserError
 from ds_gpt.model import GPT, GPTConfig
+from ds_gpt.presets import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 
 NANOGPT_PREFIX = "nanogpt:"
 OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE; 50304 is it padded up to a multiple of 64
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_INSTALL_HINT = "make setup EXTRAS=hf  (installs requirements-hf.txt: transformers)"
 
@@ -239,7 +239,7 @@ def _model_args_from_hf(cfg, vocab_size: int, source: str) -> dict:
                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=True).to_dict()
 
 
-def load_hf(name_or_dir: str, *, vocab_size: int = 50304) -> StartWeights:
+def load_hf(name_or_dir: str, *, vocab_size: int = PADDED_VOCAB_SIZE) -> StartWeights:
     """OpenAI's GPT-2 by name (HF cache first, then the hub) or any local HF GPT-2 directory."""
     try:
         import transformers
@@ -273,7 +273,7 @@ def load_hf(name_or_dir: str, *, vocab_size: int = 50304) -> StartWeights:
     return StartWeights(model_args=model_args, state_dict=state_dict, source=source)
 
 
-def load_init_weights(spec: str, *, vocab_size: int = 50304) -> StartWeights:
+def load_init_weights(spec: str, *, vocab_size: int = PADDED_VOCAB_SIZE) -> StartWeights:
     """Weights for `--init_from SPEC`: "nanogpt:PATH/ckpt.pt", "gpt2[-medium|-large|-xl]", or
     a local HF GPT-2 directory. `vocab_size` is the padded size HF/OpenAI weights are extended
     to; a nanoGPT checkpoint keeps its own (its optimizer state is shaped by it)."""

@@ -5,7 +5,7 @@ Every launcher describes a process differently:
               CROSS_SIZE and LOCAL_SIZE (deepspeed/launcher/launch.py)
   torchrun    the same five, plus TORCHELASTIC_RUN_ID, GROUP_RANK, LOCAL_WORLD_SIZE
   srun        SLURM_PROCID SLURM_LOCALID SLURM_NTASKS SLURM_NODEID SLURM_STEP_NODELIST; no
-              rendezvous address at all (the seed mapped these by hand)
+              rendezvous address at all (the reference run mapped these by hand)
   mpirun      OMPI_COMM_WORLD_* (Open MPI), PMI_RANK/PMI_SIZE (MPICH/Intel hydra), PMIX_RANK
   single      nothing
 

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from ds_gpt.presets import PADDED_VOCAB_SIZE
 from torch.utils.checkpoint import checkpoint
 
 from ds_gpt import recompute
@@ -21,7 +23,7 @@ from ds_gpt import recompute
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # context length T
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    vocab_size: int = PADDED_VOCAB_SIZE  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768

@@ -29,8 +29,9 @@ from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
 from ds_gpt.errors import UserError
 from ds_gpt.paths import cache_dir as project_cache_dir
+from ds_gpt.presets import GPT2_VOCAB_SIZE
 
-VOCAB_SIZE = 50257  # GPT-2's real vocabulary; the model pads its embedding to 50304
+VOCAB_SIZE = GPT2_VOCAB_SIZE  # the model pads its embedding to PADDED_VOCAB_SIZE
 EOT_TOKEN = 50256  # <|endoftext|>, written after every document
 assert VOCAB_SIZE <= np.iinfo(np.uint16).max + 1  # why the .bin files can be uint16
 

@@ -5,7 +5,7 @@
 #   DS_GPT_LAUNCH=srun sbatch --account=def-you slurm/ds_train.sh   # mode B: one srun task per GPU
 #   sbatch slurm/ds_train.sh --max_iters 2000 --eval_interval 200   # extra args go to train.py
 #
-# The #SBATCH defaults are the seed's Narval run (2 nodes x 4 A100, 8 cpus per task, the whole
+# The #SBATCH defaults are the reference run's Narval allocation (2 nodes x 4 A100, 8 cpus per task, the whole
 # node's memory, 5 days); any `sbatch --option` overrides them. Variables (export them, or put
 # them in front of sbatch; sbatch passes the environment on):
 #   DS_GPT_LAUNCH  deepspeed (default) | srun

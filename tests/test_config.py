@@ -21,7 +21,7 @@ def test_defaults_are_the_seed_124m_recipe():
     assert run.ds_config["gradient_clipping"] == 1.0
     assert run.ds_config["optimizer"]["params"]["betas"] == [0.9, 0.95]
     assert run.dtype == "bfloat16" and run.zero_stage == 1
-    # 12 x 1024 per GPU, 480 sequences: the seed's 491,520 tokens per iteration
+    # 12 x 1024 per GPU, 480 sequences: the reference run's 491,520 tokens per iteration
     assert run.tokens_per_iter == 491_520
     assert run.batch == BatchSizes(micro=12, grad_accum=5, world_size=8)
     assert resolve(cfg, world_size=2, cuda=True).batch.grad_accum == 20

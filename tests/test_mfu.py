@@ -27,7 +27,7 @@ def test_flops_per_token_124m_by_hand():
 
 @pytest.mark.parametrize("gpus, iter_s, seed_mfu", [(8, 0.480, 0.34), (2, 1.680, 0.39)])
 def test_seed_mfu_reproduced(gpus, iter_s, seed_mfu):
-    """The seed's nanoGPT figures from its own iteration times and configuration.
+    """The reference run's nanoGPT figures from its own iteration times and configuration.
 
     8 GPUs: 491,520 / 0.48 s = 1,024,000 tok/s; x 855,383,040 = 8.759e14 FLOPs/s;
             / (8 x 312e12) = 0.3509 (seed: ~34%).

@@ -16,7 +16,7 @@ TOKENS_PER_ITER = 491_520
 
 
 def write_run(out: Path, *, agree: bool = True, config: bool = True) -> Path:
-    """The seed's 8 x A100 run in miniature: 20 iterations of the 124M recipe."""
+    """The reference run's 8 x A100 run in miniature: 20 iterations of the 124M recipe."""
     out.mkdir(parents=True, exist_ok=True)
     if config:
         (out / "config.json").write_text(json.dumps({

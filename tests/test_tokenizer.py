@@ -1,4 +1,4 @@
-"""ds_gpt.tokenizer against the seed's vector and tiktoken's own GPT-2 encodings."""
+"""ds_gpt.tokenizer against the reference run's test vector and tiktoken's own GPT-2 encodings."""
 from __future__ import annotations
 
 import os

@@ -28,8 +28,9 @@ from ds_gpt.bench.common import (
     write_json,
 )
 from ds_gpt.data import TokenFile, check_token_file
+from ds_gpt.presets import PADDED_VOCAB_SIZE
 
-VOCAB = 50304
+VOCAB = PADDED_VOCAB_SIZE
 OURS, NANOGPT = "RandomWindowSampler", "nanoGPT get_batch"
 # --alternatives: the other ways of reading the same windows, each the sampler with another reader.
 ALTERNATIVES = {"mmap + MADV_DONTNEED (previous)": MappedSampler,
