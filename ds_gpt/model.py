@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
-from ds_gpt.presets import PADDED_VOCAB_SIZE
 from torch.utils.checkpoint import checkpoint
 
 from ds_gpt import recompute
+from ds_gpt.presets import PADDED_VOCAB_SIZE
 
 
 @dataclass

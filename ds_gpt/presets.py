@@ -14,7 +14,6 @@ from typing import NamedTuple
 
 from ds_gpt.errors import UserError
 
-
 GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE ids; <|endoftext|> is the last, 50256
 PADDED_VOCAB_SIZE = 50304  # the same padded up to a multiple of 64, for faster matmuls (nanoGPT's choice)
 
