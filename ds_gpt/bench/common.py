@@ -18,13 +18,12 @@ import torch
 
 from ds_gpt import atomic
 from ds_gpt.data import TOKEN_DTYPE, RandomWindowSampler, TokenFile
+from ds_gpt.mfu import cpu_model
 
 
 def machine() -> str:
     """One line naming the CPU, for figures that only mean something with the machine."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    model = cpu_model()
     cores = len(os.sched_getaffinity(0))
     return f"{model}, {cores} usable cores, {platform.python_implementation()} {platform.python_version()}"
 
