@@ -49,36 +49,44 @@ def write_run(out: Path, *, agree: bool = True, config: bool = True) -> Path:
     return out
 
 
-def test_report_table_and_png(tmp_path):
+def summary_of(out):
+    return R.summarize(R.load_config(out), *R.split_events(R.load_metrics(out)))
+
+
+def test_report_figures(tmp_path):
+    s = summary_of(write_run(tmp_path / "run"))
+    # steady state: iterations 2..19 (the first 2 are warm-up); median dt 480 ms despite iter 10's 2 s
+    assert (s["ms_per_iter"], s["steady_iters"]) == (480.0, 18)
+    # 491,520 tokens / 0.48 s = 1,024,000 tokens/s; MFU 1,024,000 x 855,383,040 / (8 x 312e12) = 35.09%
+    assert s["tokens_per_s"] == pytest.approx(1_024_000) and s["mfu_analytic"] == pytest.approx(0.350926, rel=1e-5)
+    assert (s["mfu_profiler"], s["profile_iter"], s["profile_ratio"], s["profile_agree"]) == (0.3502, 5, 0.998, True)
+    assert (s["hardware"], s["hosts"], s["launcher"]) == ("NVIDIA A100-SXM4-40GB", 2, "srun")
+    assert (s["world_size"], s["zero_stage"], s["dtype"]) == (8, 1, "bfloat16")
+    assert (s["global_batch"], s["micro_batch"], s["grad_accum"], s["tokens_per_iter"]) == (480, 12, 5, 491_520)
+    assert s["peak_mem_mb"] == 10259.0
+    # the resumed lines won: final loss at iter 19 is 11 - 5.7 - 0.01; val best 11.1 - 3.0
+    assert s["final_loss"] == pytest.approx(5.29) and s["best_val_loss"] == s["final_val_loss"] == pytest.approx(8.1)
+
+
+def test_report_files(tmp_path):
+    """report.md shows every figure of the summary; report.png is a real picture."""
     md, png = R.write_report(write_run(tmp_path / "run"))
     text = md.read_text()
-    # steady state: iterations 2..19 (the first 2 are warm-up); median dt 480 ms despite iter 10's 2 s
-    assert "| ms/iter | 480.0 (median of 18 steady iterations) |" in text
-    # 491,520 tokens / 0.48 s = 1,024,000 tokens/s; MFU 1,024,000 x 855,383,040 / (8 x 312e12) = 35.09%
-    assert "| tokens/s | 1,024,000 |" in text
-    assert "| MFU (analytic, 6N + 12LTd) | 35.09% (peak: table:A100) |" in text
-    assert "| MFU (flops profiler) | 35.02% (iter 5, profiler/analytic FLOPs 0.998) |" in text
-    assert "| hardware | NVIDIA A100-SXM4-40GB (2 hosts, srun) |" in text
-    assert "| world size | 8 |" in text and "| ZeRO stage | 1 |" in text and "| dtype | bfloat16 |" in text
-    assert "| global batch | 480 sequences = 491,520 tokens (micro 12 x accum 5 x 8 ranks) |" in text
-    assert "| peak memory per rank | 10.02 GiB |" in text  # max peak_mem_mb 10259 MiB / 1024
-    # the resumed lines won: final loss at iter 19 is 11 - 5.7 - 0.01; val best 11.1 - 3.0
-    assert "| final train loss | 5.2900 |" in text and "| val loss (final / best) | 8.1000 / 8.1000 |" in text
-    assert "DISAGREES" not in text
+    assert "| MFU (analytic, 6N + 12LTd) | 35.09% (peak: table:A100) |" in text and "DISAGREES" not in text
     data = png.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000
 
 
 def test_disagreement_is_flagged(tmp_path):
-    md, _ = R.write_report(write_run(tmp_path / "run", agree=False))
+    out = write_run(tmp_path / "run", agree=False)
+    assert summary_of(out)["profile_agree"] is False
+    md, _ = R.write_report(out)
     assert "**DISAGREES with the analytic count by more than 5%**" in md.read_text()
 
 
 def test_missing_config_reads_na(tmp_path):
-    md, _ = R.write_report(write_run(tmp_path / "run", config=False))
-    text = md.read_text()
-    assert "| hardware | n/a |" in text and "| global batch | n/a |" in text
-    assert "| ms/iter | 480.0" in text
+    s = summary_of(write_run(tmp_path / "run", config=False))
+    assert s["hardware"] is None and s["global_batch"] is None and s["ms_per_iter"] == 480.0
 
 
 def test_missing_or_empty_metrics_is_a_user_error(tmp_path):
@@ -116,7 +124,6 @@ def test_tensorboard_serves_the_scalars(tmp_path):
 
 
 def test_summary_reports_hfu_beside_mfu(tmp_path):
-    out = write_run(tmp_path / "run")
-    s = R.summarize(R.load_config(out), *R.split_events(R.load_metrics(out)))
+    s = summary_of(write_run(tmp_path / "run"))
     assert s["mfu_analytic"] == pytest.approx(0.350926, rel=1e-5)  # 1,024,000 x 855,383,040 / (8 x 312e12)
     assert s["hfu"] == pytest.approx(1.25 * s["mfu_analytic"]) and s["activation_checkpointing"] == "full"
