@@ -249,10 +249,9 @@ def test_full_disk_on_one_rank_keeps_the_previous_checkpoint(data_dir, tmp_path)
     (out / "global_step10").mkdir(parents=True)
     (out / "global_step10" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").symlink_to("/dev/full")
     args = two_rank_args(data_dir, out)
-    t0 = time.time()
-    proc = train(2, *args, "--max_iters", "12", "--pg_timeout", "120", expect=2, timeout=400)
-    elapsed = time.time() - t0
-    assert elapsed < 100, f"{elapsed:.0f}s: a rank waited for the process-group timeout"
+    # A rank left waiting in a collective would sit there for --pg_timeout (900 s) and outlast the
+    # command's own timeout here.
+    proc = train(2, *args, "--max_iters", "12", "--pg_timeout", "900", expect=2, timeout=400)
     lines = error_lines(proc.stdout + proc.stderr)
     assert lines and all("saving checkpoint global_step10 failed on 1 rank(s)" in line for line in lines), lines
     assert any("rank 1: " in line for line in lines), lines  # the failing rank names its error
