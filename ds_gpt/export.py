@@ -10,7 +10,10 @@ ds_gpt.checkpoint. What DEST receives:
            in nanoGPT's layout (the trained moments stay in the DeepSpeed checkpoint), so
            nanoGPT's sample.py loads it and its train.py can resume from it.
   hf       config.json + model.safetensors for GPT2LMHeadModel.from_pretrained(DEST), offline;
-           the padded vocab is trimmed to --hf_vocab_size (50257 for our 50304).
+           the padded vocab is trimmed to --hf_vocab_size (50257 for our 50304). A model with
+           GPT-2's vocabulary also gets GPT-2's tokenizer (vocab.json, merges.txt and their
+           configs, built offline by ds_gpt.hf_tokenizer), so AutoTokenizer, pipeline() and
+           lm-evaluation-harness load DEST as they load openai-community/gpt2.
   fp32     model.pt: our GPT's plain state_dict (torch.load + GPT.load_state_dict), and
            model_args.json beside it.
 DEST is written as a temporary sibling and renamed into place: an interrupted export leaves
@@ -27,8 +30,10 @@ from pathlib import Path
 
 import torch
 
+from ds_gpt import tokenizer
 from ds_gpt.checkpoint import load_fp32_state_dict, write_failed  # the one place that consolidates ZeRO shards
 from ds_gpt.errors import ArgumentParser, UserError, run_cli
+from ds_gpt.hf_tokenizer import write_gpt2_tokenizer
 from ds_gpt.interop import GPT2_VOCAB_SIZE, check_state_dict, hf_config, nanogpt_checkpoint, to_hf_state_dict
 from ds_gpt.model import GPT, GPTConfig
 from ds_gpt.optimizer_state import nanogpt_optimizer_state_from
@@ -73,6 +78,15 @@ def write_hf(dest: Path, state_dict: dict[str, torch.Tensor], client_state: dict
     tensors = to_hf_state_dict(state_dict, model_args, vocab)
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     (dest / "config.json").write_text(json.dumps(hf_config(model_args, vocab), indent=2) + "\n")
+    if carries_gpt2_tokenizer(vocab):
+        write_gpt2_tokenizer(dest, model_max_length=model_args["block_size"])
+
+
+def carries_gpt2_tokenizer(hf_vocab_size: int) -> bool:
+    """Whether an hf export of this many embedding rows gets GPT-2's tokenizer: any model that
+    can read every GPT-2 id. A smaller vocabulary was trained on other ids (a test corpus, a
+    tokenizer of the user's own) that GPT-2's tokenizer would only misread."""
+    return hf_vocab_size >= tokenizer.VOCAB_SIZE
 
 
 def write_fp32(dest: Path, state_dict: dict[str, torch.Tensor], client_state: dict) -> None:
@@ -155,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     dest = export(state_dict, client_state, args.format, args.dest,
                   hf_vocab_size=args.hf_vocab_size, force=args.force)
     print(f"exported {args.format} (iter {client_state.get('iter_num', '?')}) to {dest}")
+    vocab = args.hf_vocab_size or default_hf_vocab_size(client_state["model_args"]["vocab_size"])
+    if args.format == "hf" and not carries_gpt2_tokenizer(vocab):
+        print(f"note: no tokenizer written: {vocab} ids cannot hold GPT-2's {tokenizer.VOCAB_SIZE}; "
+              f"add the tokenizer the model was trained with to {dest}")
     return 0
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import free_port
+from ds_gpt import hf_tokenizer, tokenizer
 from ds_gpt.errors import UserError
 from ds_gpt.export import export
 from ds_gpt.interop import load_init_weights
@@ -66,11 +67,38 @@ def client_state(model: GPT, **extra) -> dict:
 def test_hf_export_gives_our_logits(tmp_path, overrides, hf_vocab, want_vocab):
     model = tiny_gpt(**overrides)
     dest = export(model.state_dict(), client_state(model), "hf", tmp_path / "hf", hf_vocab_size=hf_vocab)
-    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
+    tokenizer_files = list(hf_tokenizer.FILES) if want_vocab == 50257 else []  # only GPT-2's vocabulary has one
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["config.json", "model.safetensors", *tokenizer_files])
     idx = batch(want_vocab)
     ours, theirs = our_logits(model, idx), hf_logits(dest, idx)
     assert theirs.shape[-1] == want_vocab
     torch.testing.assert_close(theirs, ours[..., :theirs.shape[-1]], atol=1e-4, rtol=0)
+
+
+# The reference run's test sentence and its GPT-2 ids.
+REFERENCE_TEXT = "About the author: OBACK2KENYA is"
+REFERENCE_IDS = [8585, 262, 1772, 25, 25334, 8120, 17, 43959, 44947, 318]
+VARIED_TEXT = ("Héllo wörld 🤖 — naïve café, 日本語 and עברית\n\n\n   three spaces\t\ttabs\r\nCRLF "
+               "1234567890 it's we'll THEY'RE don't  \u00a0nbsp  trailing   ")
+
+
+def test_hf_export_carries_gpt2_tokenizer(tmp_path):
+    """AutoTokenizer on the export is GPT-2's: the ids of ds_gpt.tokenizer, not an empty vocabulary."""
+    from transformers import AutoTokenizer
+
+    model = tiny_gpt(vocab_size=50304)
+    dest = export(model.state_dict(), client_state(model), "hf", tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(dest, local_files_only=True)
+    assert hf(REFERENCE_TEXT)["input_ids"] == REFERENCE_IDS
+    for text in (VARIED_TEXT, " " * 7, "\n", "a" * 300, "".join(map(chr, range(32, 0x250)))):
+        assert hf.encode(text) == tokenizer.encode(text), text
+        assert hf.decode(hf.encode(text)) == text
+    # Like OpenAI's GPT-2 on the Hub (and unlike encode_ordinary), the text "<|endoftext|>" is the token.
+    text = "end<|endoftext|>next"
+    assert hf.encode(text) == tokenizer.get_encoding().encode(text, allowed_special="all")
+    assert (hf.eos_token_id, hf.bos_token_id, hf.model_max_length) == (50256, 50256, TINY["block_size"])
+    merges = (dest / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert len(merges) == 1 + 50000 and merges[1:3] == ["Ġ t", "Ġ a"]  # GPT-2's merges.txt: header, 50000 rules
 
 
 def save_random_hf_gpt2(path: Path, vocab: int = 100, activation: str = "gelu") -> None:
@@ -418,3 +446,35 @@ def test_trainer_starts_from_nanogpt_and_hf_checkpoints(tmp_path):
         trained, _ = load_fp32_state_dict(out)
         for key, tensor in expected.state_dict.items():
             assert torch.equal(trained[key], tensor), (name, key)
+
+
+@pytest.mark.slow
+def test_hf_export_generates_as_our_sampler(tmp_path, shakespeare_data, capsys):
+    """A model trained by ds_gpt.train, exported by the export command, run by transformers'
+    text-generation pipeline with greedy decoding: the same tokens and text as
+    `python -m ds_gpt.sample --temperature 0` gives from the same checkpoint."""
+    from transformers import pipeline
+
+    from ds_gpt import export as export_cmd
+    from ds_gpt import sample as sample_cmd
+
+    out = tmp_path / "run"
+    train = [sys.executable, "-m", "ds_gpt.train", "--deepspeed_config", "ds_configs/zero1.json",
+             "--data_dir", str(shakespeare_data), "--out_dir", str(out), "--n_layer", "1", "--n_head", "2",
+             "--n_embd", "32", "--block_size", "64", "--vocab_size", "50304", "--dtype", "float32",
+             "--compile", "False", "--micro_batch_size", "4", "--gradient_accumulation_steps", "1",
+             "--max_iters", "3", "--warmup_iters", "1", "--learning_rate", "1e-2", "--eval_iters", "1"]
+    r = subprocess.run(train, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # Both commands in-process (their main()): the same code paths, without two more interpreter start-ups.
+    assert export_cmd.main(["--out_dir", str(out), "--format", "hf", "--dest", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    assert sample_cmd.main(["--out_dir", str(out), "--start", REFERENCE_TEXT, "--temperature", "0",
+                            "--max_new_tokens", "20", "--device", "cpu"]) == 0
+    ours = capsys.readouterr().out.split(f"# {out} at iteration 3\n", 1)[1].split("\n---------------\n")[0]
+
+    pipe = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
+    ids = pipe(REFERENCE_TEXT, max_new_tokens=20, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    text = pipe(REFERENCE_TEXT, max_new_tokens=20, do_sample=False)[0]["generated_text"]
+    assert ids[:10] == REFERENCE_IDS and len(ids) == 30
+    assert tokenizer.decode(ids) == ours and text == ours
