@@ -38,12 +38,12 @@ demo: setup
 	@echo "metrics: $(DEMO_OUT)/metrics.jsonl  report: $(DEMO_OUT)/report.md  tensorboard: tensorboard --logdir $(DEMO_OUT)/tb"
 
 # The suite checks Hugging Face interop against transformers itself, so tests need the hf extra.
-test: setup $(VENV)/.installed-hf $(VENV)/.installed-wandb
+test: setup $(VENV)/.installed-hf $(VENV)/.installed-wandb $(VENV)/.installed-eval
 	$(PY) -m pytest -q --durations=20
 
 # pyflakes, pycodestyle, import order and bugbear (pyproject.toml); CI runs it before the tests.
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-test-fast: setup $(VENV)/.installed-hf $(VENV)/.installed-wandb
+test-fast: setup $(VENV)/.installed-hf $(VENV)/.installed-wandb $(VENV)/.installed-eval
 	$(PY) -m pytest -q -m 'not slow'
