@@ -219,7 +219,9 @@ def render(p: dict) -> str:
         f"per-GPU memory, GB (rank {p['state_bytes_rank']}): params {st['params'] / GB:.2f}, grads "
         f"{st['grads'] / GB:.2f}, optimizer {st['optimizer'] / GB:.2f}, activations {p['activation_bytes'] / GB:.2f}, "
         f"transient {p['memory_gb']['transient']:.2f} -> peak {p['peak_bytes_per_gpu'] / GB:.2f} of "
-        f"{p['usable_gb']:.2f} usable: {'fits' if p['fits'] else 'does NOT fit'}",
+        f"{p['usable_gb']:.2f} usable: "
+        + ("fits" if p["fits"] else "does NOT fit (try --fit, a smaller --micro_batch, --activation_checkpointing "
+                                   "full, a higher --zero_stage or --offload)"),
         "per-rank communication per step, MB: " + ", ".join(
             f"{k} {v / 1e6:.1f}" for k, v in p["comm_bytes_per_step_per_rank"].items() if v),
         f"time per iteration: compute {p['compute_time_s'] * 1e3:.0f} ms (at {p['mfu_single_node']:.0%} MFU) + "
