@@ -381,10 +381,12 @@ def test_export_cli_from_deepspeed_checkpoint(tmp_path, ds_env):
     model.load_state_dict(init.state_dict)
     engine = ds_engine(model, stage=2)
     out = tmp_path / "run"
-    checkpoint.save(engine, out, 11, {"model_args": init.model_args, "iter_num": 11, "best_val_loss": 3.25},
-                    {"model_args": init.model_args, "world_size": 1, "zero_stage": 2, "dtype": "float32"},
-                    rank=0, all_reduce_sum=lambda xs: xs, barrier=lambda: None,
-                    keep_last=1, milestones=set(), milestone_every=0)
+    one_rank = checkpoint.Collectives(all_reduce_sum=lambda xs: xs, barrier=lambda: None,
+                                      all_gather_object=lambda obj: [obj])
+    checkpoint.Checkpointer(
+        engine, out, rank=0, world_size=1, collectives=one_rank, interval=1, keep_last=1, milestones=set(),
+        milestone_every=0, client_state=lambda: {"model_args": init.model_args, "iter_num": 11, "best_val_loss": 3.25},
+        marker={"model_args": init.model_args, "world_size": 1, "zero_stage": 2, "dtype": "float32"}).save(11)
 
     def run_export(fmt: str, *extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "ds_gpt.export", "--out_dir", str(out), "--format", fmt,
