@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port
+
 from ds_gpt import hf_tokenizer, tokenizer
 from ds_gpt.errors import UserError
 from ds_gpt.export import export
 from ds_gpt.interop import load_init_weights
-from ds_gpt.optimizer_state import apply_nanogpt_optimizer_state, nanogpt_param_names
 from ds_gpt.model import GPT, GPTConfig
+from ds_gpt.optimizer_state import apply_nanogpt_optimizer_state, nanogpt_param_names
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True)
@@ -29,7 +29,7 @@ def tiny_gpt(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**{**TINY, **overrides}))
     with torch.no_grad():  # non-trivial biases and norms, so a mapping mistake shows in the logits
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
@@ -62,7 +62,8 @@ def client_state(model: GPT, **extra) -> dict:
 
 
 @pytest.mark.parametrize("overrides,hf_vocab,want_vocab", [
-    ({}, None, 128), ({"vocab_size": 160}, 128, 128), ({"vocab_size": 50304}, None, 50257), ({"bias": False}, None, 128),
+    ({}, None, 128), ({"vocab_size": 160}, 128, 128), ({"vocab_size": 50304}, None, 50257),
+    ({"bias": False}, None, 128),
 ], ids=["same-vocab", "trimmed-vocab", "gpt2-padded-vocab", "no-bias"])
 def test_hf_export_gives_our_logits(tmp_path, overrides, hf_vocab, want_vocab):
     model = tiny_gpt(**overrides)
@@ -135,7 +136,8 @@ def test_openai_name_offline_says_how_to_get_it(tmp_path):
     code = ("from ds_gpt.interop import load_init_weights\n"
             "from ds_gpt.errors import run_cli\n"
             "run_cli(lambda: load_init_weights('gpt2') and 0, prog='t')\n")
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 2, r.stderr
     assert "cannot load GPT-2 weights 'gpt2'" in r.stderr and "--init_from DIR" in r.stderr
 
@@ -190,7 +192,7 @@ def nanogpt_load(ckpt_path: Path) -> GPT:
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     state_dict = checkpoint["model"]
     unwanted_prefix = "_orig_mod."
-    for k, v in list(state_dict.items()):
+    for k in list(state_dict):
         if k.startswith(unwanted_prefix):
             state_dict[k[len(unwanted_prefix):]] = state_dict.pop(k)
     model.load_state_dict(state_dict)
@@ -247,7 +249,7 @@ def test_nanogpt_optimizer_state_continues_the_run(tmp_path):
     opt = torch.optim.AdamW(model.optimizer_param_groups(0.1), lr=1e-2, betas=(0.9, 0.95))
     apply_nanogpt_optimizer_state(opt, model, optimizer_state)
     train_steps(model, opt, 1, seed=100)
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         assert torch.equal(p, q), name
 
 
@@ -309,14 +311,16 @@ def test_export_never_clobbers_without_force(tmp_path):
 
 @pytest.fixture
 def ds_env(monkeypatch):
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    for k, v in env.items():
         monkeypatch.setenv(k, v)
 
 
 def ds_engine(model: GPT, stage: int, bf16: bool = False):
     import deepspeed
 
-    config = {"bf16": {"enabled": bf16},"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+    config = {"bf16": {"enabled": bf16}, "train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
+              "gradient_accumulation_steps": 1,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "torch_adam": True}},
               "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 by default
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.optimizer_param_groups(0.1), config=config)
@@ -333,7 +337,7 @@ def test_nanogpt_optimizer_state_in_deepspeed(tmp_path, ds_env, stage):
     _, loss = engine(idx[:, :-1], targets=idx[:, 1:].contiguous())
     engine.backward(loss)
     engine.step()
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=0, msg=name)
 
 
@@ -363,7 +367,8 @@ def test_nanogpt_optimizer_state_in_deepspeed_bf16(tmp_path, ds_env, stage):
         exp_avg = safe_get_full_optimizer_state(p, "exp_avg")
     else:  # unfused wrapper: per-parameter fp32 masters
         opt = engine.optimizer
-        master = [hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps) if lp is p][0]
+        master = [hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
+                  for lp, hp in zip(lps, hps, strict=True) if lp is p][0]
         exp_avg = opt.optimizer.state[master]["exp_avg"]
     want = 0.9 * saved + 0.1 * grad  # Adam's first moment after one more step from the saved one
     assert (exp_avg - want).norm() / want.norm() < 0.02  # bf16 gradients; a fresh moment is off by ~0.3
@@ -423,6 +428,7 @@ def test_trainer_starts_from_nanogpt_and_hf_checkpoints(tmp_path):
     import json
 
     from conftest import read_jsonl, write_token_bins
+
     from ds_gpt.checkpoint import load_fp32_state_dict
 
     data = write_token_bins(tmp_path / "data", vocab=100)
@@ -434,12 +440,14 @@ def test_trainer_starts_from_nanogpt_and_hf_checkpoints(tmp_path):
     common = [sys.executable, "-m", "ds_gpt.train", "--data_dir", str(data), "--dtype", "float32",
               "--compile", "False", "--micro_batch_size", "2", "--gradient_accumulation_steps", "1",
               "--eval_interval", "100", "--eval_iters", "1", "--log_interval", "1", "--learning_rate", "0"]
-    cases = {"ng": ([f"--init_from=nanogpt:{tmp_path / 'ng' / 'ckpt.pt'}", "--resume_optimizer", "True", "--max_iters", "4"],
+    cases = {"ng": ([f"--init_from=nanogpt:{tmp_path / 'ng' / 'ckpt.pt'}", "--resume_optimizer", "True",
+                     "--max_iters", "4"],
                     f"nanogpt:{tmp_path / 'ng' / 'ckpt.pt'}", [2, 3]),
              "hf": ([f"--init_from={tmp_path / 'hf'}", "--max_iters", "2"], str(tmp_path / "hf"), [0, 1])}
     for name, (args, spec, iters) in cases.items():
         out = tmp_path / f"out_{name}"
-        r = subprocess.run(common + ["--out_dir", str(out), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(common + ["--out_dir", str(out), *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=300)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         expected = load_init_weights(spec)
         cfg = json.loads((out / "config.json").read_text())
