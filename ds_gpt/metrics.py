@@ -87,10 +87,15 @@ class MetricsLogger:
                   "action": action},
                  f"iter {iter_num}: non-finite loss in {micro_batches} micro-batch(es) at lr {lr:.3e}: {action}")
 
-    def memory(self, iter_num: int, state_bytes: dict[str, int]) -> None:
-        """What DeepSpeed holds on this rank for parameters, gradients and optimizer state (ds_gpt.accounting)."""
-        self.log({"event": "memory", "iter": iter_num, "state_bytes_per_rank": state_bytes},
-                 "memory per rank: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in state_bytes.items()))
+    def memory(self, iter_num: int, per_rank: list[dict[str, int]]) -> None:
+        """What DeepSpeed holds on each rank for parameters, gradients and optimizer state
+        (ds_gpt.accounting); `state_bytes_per_rank` is the rank that holds most, as the planner
+        reports it."""
+        rank = max(range(len(per_rank)), key=lambda r: sum(per_rank[r].values()))
+        heaviest = per_rank[rank]
+        self.log({"event": "memory", "iter": iter_num, "state_bytes_per_rank": heaviest, "rank": rank,
+                  "per_rank": per_rank},
+                 f"memory on rank {rank}: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in heaviest.items()))
 
     def profile(self, event: dict) -> None:
         self.log(event, f"flops profile: profiler {event['profiler_fwd_flops']:.3e} vs analytic "

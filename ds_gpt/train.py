@@ -172,8 +172,8 @@ def train(start: Startup) -> int:
     memory_at = state.iter_num + 1  # AdamW's state exists from a run's second step on
 
     def log_memory(step: int) -> None:
-        if master and step == memory_at:
-            metrics.memory(step, state_bytes_per_rank(eng))
+        if step == memory_at:  # every rank measures its own; rank 0 logs them all
+            metrics.memory(step, ds_engine.all_gather_object(state_bytes_per_rank(eng)))
 
     guard = NonFiniteGuard(cfg.on_nan, micro_batches_per_step=run.batch.grad_accum * world_size, model=eng.module)
     stop = GracefulStop().install()

@@ -227,3 +227,25 @@ def test_tensorboard_serves_a_real_runs_scalars(runs):
         assert value == pytest.approx(logged[step], rel=1e-6)  # float32 in the event file
     assert [step for step, _ in scalars["val/loss"]] == [0, 10, 20]
     assert all(v > 0 for _, v in scalars["train/tokens_per_s"] + scalars["train/mfu"] + scalars["train/lr"])
+
+
+# ZeRO-3 at 4 ranks is left out: with the shipped persistence threshold (1e5 elements) every
+# parameter of this tiny model is "persistent", which the planner counts whole on every rank, but
+# DeepSpeed was measured holding less there (docs/planning.md, known gaps). The planner's own
+# test (test_plan_vs_deepspeed.py) covers ZeRO-3 at 4 ranks with a threshold that gathers.
+MEMORY_LAYOUTS = [layout for layout in [REFERENCE_LAYOUT, *LAYOUTS] if layout != (3, 4, 1)]
+
+
+@pytest.mark.parametrize("layout", MEMORY_LAYOUTS, ids=lambda layout: "zero{}-{}ranks".format(*layout))
+def test_memory_event_is_what_the_planner_predicts(runs, layout):
+    """The bytes DeepSpeed held per rank (the trainer's memory event) against `plan`'s model, within 2%."""
+    from ds_gpt.plan import plan
+
+    stage, nproc, accum = layout
+    (event,) = [r for r in read_jsonl(runs(*layout) / "metrics.jsonl") if r.get("event") == "memory"]
+    assert event["iter"] == 1 and len(event["per_rank"]) == nproc
+    predicted = plan(2, 2, 64, gpus=nproc, gpu="a100", zero_stage=stage, dtype="float32", block_size=32,
+                     vocab_size=512, bias=False, micro_batch=8 // (nproc * accum), tokens_per_iter=8 * 32)
+    measured = event["per_rank"][predicted["state_bytes_rank"]]
+    for key, value in predicted["state_bytes_per_rank"].items():
+        assert measured[key] == pytest.approx(value, rel=0.02), (key, measured, predicted["state_bytes_per_rank"])
