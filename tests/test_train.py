@@ -148,6 +148,12 @@ def test_compiled_engine_trains_checkpoints_and_resumes_like_eager(runs, data_di
     (profile,) = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "flops_profile"]
     assert profile["iter"] == 3 and profile["micro_batches"] == 2 and profile["agree"] is True, profile
     assert "DeepSpeed Flops Profiler" in (tmp_path / "flops_profile.txt").read_text()
+    # What the profiled step's collectives moved for rank 0 is what the planner predicts (ZeRO-1, 2 ranks).
+    from ds_gpt.plan import plan
+
+    predicted = plan(2, 2, 64, gpus=2, gpu="a100", zero_stage=1, dtype="float32", block_size=32, vocab_size=512,
+                     bias=False, micro_batch=2, tokens_per_iter=8 * 32)["comm_bytes_per_step_per_rank"]
+    assert profile["comm_bytes_per_rank"]["total"] == pytest.approx(predicted["total"], rel=0.02), (profile, predicted)
     # The engine got its profiler block off, so DeepSpeed's per-step wall-clock timers stayed off too.
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["profile_step"] == 3 and config["ds_config"]["flops_profiler"]["enabled"] is False
