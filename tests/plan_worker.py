@@ -87,7 +87,7 @@ def main() -> None:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        from conftest import free_port
+        from helpers import free_port
         os.environ["MASTER_PORT"] = str(free_port())
     import logging
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import PYTHON, REPO_ROOT
+from helpers import PYTHON, REPO_ROOT
 
 from ds_gpt import corpus, tokenizer
 from ds_gpt.errors import UserError

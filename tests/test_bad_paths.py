@@ -24,7 +24,7 @@ from typing import Callable
 
 import fs_faults
 import pytest
-from conftest import PYTHON, REPO_ROOT, two_step_single_process_run, write_token_bins
+from helpers import PYTHON, REPO_ROOT, two_step_single_process_run, write_token_bins
 
 from ds_gpt import export, fileset, hostfile, plan, prepare, report, sample, tokenizer
 from ds_gpt.bench.__main__ import main as bench_main

@@ -8,7 +8,7 @@ import statistics
 import subprocess
 
 import pytest
-from conftest import PYTHON, REPO_ROOT
+from helpers import PYTHON, REPO_ROOT
 
 from ds_gpt.bench.__main__ import main as bench_main
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, copy_of_the_op_build, two_step_single_process_run
+from helpers import REPO_ROOT, copy_of_the_op_build, two_step_single_process_run
 
 from ds_gpt import build_locks
 from ds_gpt.build_locks import StaleLockWatcher

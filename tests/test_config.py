@@ -5,7 +5,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import PYTHON, REPO_ROOT
+from helpers import PYTHON, REPO_ROOT
 
 from ds_gpt.config import TrainConfig, parse_args
 from ds_gpt.errors import UserError

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO_ROOT, write_token_bins
+from helpers import PYTHON, REPO_ROOT, write_token_bins
 
 from ds_gpt.checkpoint import find_latest
 

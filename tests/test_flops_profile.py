@@ -17,7 +17,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from conftest import free_port  # noqa: E402  (tests/ is on sys.path, also when run as a script)
+from helpers import free_port  # noqa: E402  (tests/ is on sys.path, also when run as a script)
 
 from ds_gpt.flops_profile import PROFILE_FILE, profiler_ds_overrides  # noqa: E402
 from ds_gpt.mfu import fwd_flops_per_token  # noqa: E402

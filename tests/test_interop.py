@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from helpers import free_port
 
 from ds_gpt import hf_tokenizer, tokenizer
 from ds_gpt.errors import UserError
@@ -427,7 +427,7 @@ def test_trainer_starts_from_nanogpt_and_hf_checkpoints(tmp_path):
     exactly (lr 0 keeps them), and with --resume_optimizer the iteration count continues."""
     import json
 
-    from conftest import read_jsonl, write_token_bins
+    from helpers import read_jsonl, write_token_bins
 
     from ds_gpt.checkpoint import load_fp32_state_dict
 

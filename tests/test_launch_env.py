@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import VENV_BIN
+from helpers import VENV_BIN
 
 from ds_gpt.errors import UserError
 from ds_gpt.launch_env import LaunchEnv, detect, export, slurm_port

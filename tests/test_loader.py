@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, REPO_ROOT
+from helpers import PYTHON, REPO_ROOT
 
 from ds_gpt.bench.common import MappedSampler
 from ds_gpt.data import BatchPrefetcher, RandomWindowSampler, TokenFile

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO_ROOT, VENV_BIN, copy_of_the_op_build, two_step_single_process_run
+from helpers import PYTHON, REPO_ROOT, VENV_BIN, copy_of_the_op_build, two_step_single_process_run
 
 from ds_gpt.ops import OP
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import PYTHON, REPO_ROOT
+from helpers import PYTHON, REPO_ROOT
 
 from ds_gpt import plan as P
 from ds_gpt import plan_fit

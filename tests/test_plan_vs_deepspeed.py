@@ -15,7 +15,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import PYTHON, REPO_ROOT, VENV_BIN, free_port
+from helpers import PYTHON, REPO_ROOT, VENV_BIN, free_port
 
 from ds_gpt.plan_comm import message_bytes
 from ds_gpt.plan_memory import Setup, gpt_layout, state_bytes

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
-from conftest import PYTHON, REPO_ROOT, write_token_bins
 from datasets import Dataset
+from helpers import PYTHON, REPO_ROOT, write_token_bins
 
 from ds_gpt import corpus, fileset, prepare, tokenizer
 from ds_gpt.errors import UserError

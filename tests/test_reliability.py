@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, REPO_ROOT, free_port, read_jsonl, write_token_bins
-from test_train import TINY, background_train, losses, train
+from helpers import PYTHON, REPO_ROOT, TINY, background_train, free_port, losses, read_jsonl, train, write_token_bins
 
 pytestmark = pytest.mark.slow
 

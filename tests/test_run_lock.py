@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 
 import pytest
-from conftest import PYTHON, REPO_ROOT, write_token_bins
+from helpers import PYTHON, REPO_ROOT, write_token_bins
 
 from ds_gpt import run_lock
 from ds_gpt.errors import UserError

@@ -20,8 +20,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from conftest import PYTHON, free_port, write_token_bins  # noqa: E402  (tests/ is on sys.path)
-from test_train import TINY, losses, train  # noqa: E402
+from helpers import PYTHON, TINY, free_port, losses, train, write_token_bins  # noqa: E402  (tests/ is on sys.path)  # noqa: E402
 
 from ds_gpt import presets  # noqa: E402
 from ds_gpt.config import model_args, parse_args  # noqa: E402

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import PYTHON, REPO_ROOT
+from helpers import PYTHON, REPO_ROOT
 
 # What the deepspeed launcher does: its own SIGTERM handler, which would end the process.
 LAUNCHER = ("import signal, sys, time\n"

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import write_token_bins
+from helpers import write_token_bins
 
 from ds_gpt.errors import UserError
 from ds_gpt.stage import stage, verify

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import free_port, write_token_bins
+from helpers import free_port, write_token_bins
 
 # Each of these waits for the device to finish before it returns a host value.
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")

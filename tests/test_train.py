@@ -1,7 +1,6 @@
 """The trainer with real DeepSpeed ranks over gloo on CPU (slow: each run starts real processes)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -11,43 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, REPO_ROOT, VENV_BIN, free_port, read_jsonl, write_token_bins
+from helpers import PYTHON, REPO_ROOT, TINY, background_train, losses, read_jsonl, train, write_token_bins
 
 pytestmark = pytest.mark.slow
-
-DEEPSPEED = str(VENV_BIN / "deepspeed")
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--vocab_size", "512",
-        "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2", "--eval_interval", "10",
-        "--eval_iters", "2", "--log_interval", "1", "--checkpoint_interval", "10", "--warmup_iters", "2",
-        "--lr_decay_iters", "20", "--learning_rate", "3e-3", "--max_iters", "20"]
-
-
-def train_cmd(nproc: int, *args: str) -> list[str]:
-    """The user's command: the deepspeed launcher with N local ranks (CPU processes here)."""
-    return [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), "ds_gpt/train.py", *args]
-
-
-def train(nproc: int, *args: str, expect: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(nproc, *args), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-@contextlib.contextmanager
-def background_train(nproc: int, *args: str, **popen):
-    """A training job in its own session, killed with its ranks if the test fails early."""
-    proc = subprocess.Popen(train_cmd(nproc, *args), cwd=REPO_ROOT, start_new_session=True, **popen)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    """Per-iteration training loss; after a restart the latest record of an iteration wins."""
-    return {r["iter"]: r["loss"] for r in read_jsonl(out_dir / "metrics.jsonl") if "loss" in r and "event" not in r}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO_ROOT, read_jsonl, write_token_bins
+from helpers import PYTHON, REPO_ROOT, read_jsonl, write_token_bins
 
 pytest.importorskip("wandb", reason="the wandb extra (make setup EXTRAS=wandb)")
 SECRET = "sekrit-api-key-0123456789abcdef0123456789"

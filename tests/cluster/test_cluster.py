@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO_ROOT, VENV_BIN, read_jsonl, write_token_bins
+from helpers import PYTHON, REPO_ROOT, VENV_BIN, read_jsonl, write_token_bins
 
 CLUSTER_SH = Path(__file__).resolve().parent / "local_cluster.sh"
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--vocab_size", "512",

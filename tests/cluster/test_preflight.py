@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO_ROOT, free_port, write_token_bins
+from helpers import PYTHON, REPO_ROOT, free_port, write_token_bins
 from test_cluster import CLUSTER_SH, cluster, job_env  # noqa: F401  (cluster: the session fixture)
 from test_stage import write_meta
 

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, write_token_bins
+from helpers import REPO_ROOT, write_token_bins
 from test_cluster import SBATCH_TINY, TINY, cluster, job_env, sbatch, tail, train_iters, wait_job  # noqa: F401
 from test_preflight import NODE_LOCAL, on_node
 from test_stage import write_meta
