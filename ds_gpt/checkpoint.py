@@ -24,14 +24,17 @@ import sys
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-from ds_gpt import atomic
+from ds_gpt import atomic, elastic
 from ds_gpt.errors import UserError
 from ds_gpt.fileset import file_digest
+
+if TYPE_CHECKING:
+    from ds_gpt.run_config import RunConfig
 
 POINTER = "latest"
 MARKER = "ds_gpt_complete.json"
@@ -319,26 +322,35 @@ class Checkpointer:
 
 
 def load(engine, out_dir: Path, info: CheckpointInfo, *, rank: int) -> dict:
-    """Restore weights, optimizer and this rank's RNG; return the client state."""
-    _, client_state = engine.load_checkpoint(str(out_dir), tag=info.tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+    """Restore weights, optimizer and this rank's RNG, on any layout; return the client state.
+
+    The layout that wrote the tag (and any world size, for ZeRO-0) loads through DeepSpeed's own
+    load_checkpoint; another world size, ZeRO stage or precision through ds_gpt.elastic.
+    """
+    saved, new = elastic.Layout.of_marker(info.marker), elastic.Layout.of_engine(engine)
+    if elastic.needs_conversion(saved, new):
+        client_state = elastic.resume(engine, out_dir / info.tag, info.marker, rank=rank)
+    else:
+        _, client_state = engine.load_checkpoint(str(out_dir), tag=info.tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
     if client_state is None:
-        raise UserError(f"{out_dir / info.tag} could not be loaded", hint="check the run's log; resume from an older tag")
+        raise UserError(f"{out_dir / info.tag} could not be loaded",
+                        hint="check the run's log; resume from an older tag")
     rng_path = out_dir / info.tag / f"rng_rank{rank}.pt"
-    if rng_path.exists():
+    if rng_path.exists():  # a rank the saving run did not have keeps its seeded state
         set_rng_state(torch.load(rng_path, weights_only=False))
     return client_state
 
 
-def check_resumable(info: CheckpointInfo, world_size: int, zero_stage: int) -> None:
-    """Refuse, before building anything, a resume DeepSpeed would fail at."""
-    saved = info.marker
-    if saved["world_size"] != world_size or saved["zero_stage"] != zero_stage:
-        raise UserError(
-            f"checkpoint {info.tag} was written by {saved['world_size']} rank(s) at ZeRO-{saved['zero_stage']}; this run has "
-            f"{world_size} rank(s) at ZeRO-{zero_stage}, and DeepSpeed cannot load ZeRO optimizer shards across that change",
-            hint=f"relaunch with the same ranks and stage, or start from its weights with a fresh optimizer: "
-                 f"--init_from weights:{info.marker.get('out_dir', 'OUT')}/{info.tag} --out_dir NEW_OUT")
+def check_resumable(info: CheckpointInfo, world_size: int, run: RunConfig) -> None:
+    """Refuse, before building anything, a resume that would not continue the saved run.
+
+    World size, ZeRO stage, precision and the split of the global batch may change (ds_gpt.elastic
+    carries the state across); the global batch only with --allow_batch_change; the data's
+    tokenizer never; the model's shape is the checkpoint's (run_config.adopt_model_args).
+    """
+    elastic.check_resume(Path(run.train.out_dir) / info.tag, global_batch=run.batch.global_batch,
+                         data_dir=run.train.data_dir, allow_batch_change=run.train.allow_batch_change)
 
 
 def resolve_tag(out_dir: Path, tag: str | None) -> str:

@@ -82,6 +82,7 @@ class TrainConfig:
     keep_last: int = opt(2, "rolling checkpoints kept besides milestones")
     milestones: str = opt("10000,20000", "comma-separated iterations whose checkpoints are kept forever")
     milestone_every: int = opt(50000, "also keep every N-th iteration's checkpoint forever (0: none)")
+    allow_batch_change: bool = opt(False, "resume with another global batch than the checkpoint's (logged)")
     # reliability
     on_nan: str = opt("stop", "non-finite loss: stop (exit 3, last good checkpoint intact) | skip (drop the step)")
     pg_timeout: int = opt(600, "seconds a collective may wait for a dead or stuck rank before all ranks exit")

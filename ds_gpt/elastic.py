@@ -1,0 +1,425 @@
+"""Resuming a checkpoint on another layout: another world size, ZeRO stage or precision.
+
+DeepSpeed's load_checkpoint takes a tag only on the layout that wrote it (a ZeRO-0 tag, which is
+not partitioned, loads at any world size), and its universal checkpoints cross neither ZeRO-0
+nor ZeRO-1/2 <-> ZeRO-3. So a tag resumed on another layout is converted once, by one process,
+into a layout-free form: for every parameter, by name and at full size, the fp32 master weight
+and AdamW's exp_avg and exp_avg_sq, plus AdamW's step count:
+
+    OUT/global_step{N}/layout_free/  fp32.pt  exp_avg.pt  exp_avg_sq.pt  meta.json
+
+Each rank of the new run then takes its share of every tensor through DeepSpeed's fragment API
+(deepspeed.utils.safe_set_full_*), which knows how ZeRO-1, 2, 3 and the bf16 optimizer
+partition them; ZeRO-0 holds whole tensors, which are set directly. Masters and moments do not
+depend on the layout, so the run goes on as the saved one would have.
+
+The form is written under a temporary name inside the tag and published by one rename. The
+tag's own files are only read: a kill mid-way leaves the tag as it was, and a rerun converts
+again. It records which save of the tag it was made from, so a tag saved anew is converted
+anew. Retention deletes it with its tag.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ds_gpt import atomic
+from ds_gpt.errors import UserError
+
+DIRNAME = "layout_free"
+FORMAT = 1
+STATES = ("fp32", "exp_avg", "exp_avg_sq")  # per parameter, full size, fp32
+MOMENTS = ("exp_avg", "exp_avg_sq")
+# What DeepSpeed keeps in a model-states file beside the caller's client state (engine._load_checkpoint).
+DEEPSPEED_KEYS = frozenset("""module optimizer lr_scheduler buffer_names param_shapes frozen_param_shapes
+shared_params frozen_param_fragments data_sampler random_ltd sparse_tensor_module_names skipped_steps
+global_steps global_samples dp_world_size mp_world_size checkpoint_parallel_dimensions ds_config
+ds_version""".split())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run's state is split over ranks: what a DeepSpeed checkpoint is tied to."""
+
+    world_size: int
+    zero_stage: int
+    dtype: str
+
+    @classmethod
+    def of_marker(cls, marker: dict) -> Layout:
+        return cls(int(marker["world_size"]), int(marker["zero_stage"]), str(marker.get("dtype", "float32")))
+
+    @classmethod
+    def of_engine(cls, engine) -> Layout:
+        dtype = "bfloat16" if engine.bfloat16_enabled() else "float16" if engine.fp16_enabled() else "float32"
+        return cls(engine.dp_world_size, engine.zero_optimization_stage(), dtype)
+
+    def __str__(self) -> str:
+        return f"{self.world_size} rank(s) at ZeRO-{self.zero_stage} {self.dtype}"
+
+
+def needs_conversion(saved: Layout, new: Layout) -> bool:
+    """Whether DeepSpeed's own load_checkpoint cannot take a tag saved at `saved` on `new`."""
+    if (saved.zero_stage, saved.dtype) != (new.zero_stage, new.dtype):
+        return True
+    return saved.world_size != new.world_size and saved.zero_stage > 0
+
+
+def read_model_states(tag_dir: Path) -> dict:
+    """Rank 0's model-states file (client state, DeepSpeed's counters, ZeRO-0's weights and optimizer),
+    memory-mapped: reading the client state copies no weights."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag_dir / name).exists():
+            return torch.load(tag_dir / name, map_location="cpu", mmap=True, weights_only=False)
+    raise UserError(f"{tag_dir} has no model-states file: not a complete DeepSpeed checkpoint")
+
+
+def client_state_of(states: dict) -> dict:
+    return {k: v for k, v in states.items() if k not in DEEPSPEED_KEYS}
+
+
+# -----------------------------------------------------------------------------
+# reading a tag of any layout as full tensors by parameter name (CPU, no process group)
+
+
+def _natural(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+class SavedTag:
+    """One saved tag of any layout; its states read one at a time as {name: full fp32 tensor}.
+
+    ZeRO-1/2/3 shards are merged by DeepSpeed's own zero_to_fp32 code, handed the moments' flat
+    partitions in place of the fp32 ones (both share one partition layout); ZeRO-0 keeps whole
+    tensors, numbered as our optimizer's parameter groups list them.
+    """
+
+    def __init__(self, tag_dir: Path, model_args: dict):
+        from ds_gpt.model import GPT, GPTConfig
+
+        self.tag_dir = tag_dir
+        self.states = read_model_states(tag_dir)
+        optim_files = sorted(glob.glob(str(tag_dir / "*_optim_states.pt")), key=_natural)
+        # Memory-mapped: a state's merge reads only its own flat partitions.
+        self.shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+                       for f in optim_files]
+        self.stage = int(self.shards[0]["zero_stage"]) if self.shards else 0
+        with torch.device("meta"):  # names, shapes and groups of the parameters, in no memory
+            model = GPT(GPTConfig(**model_args))
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        self.shapes = {n: p.shape for n, p in model.named_parameters()}
+        self.groups = [[name_of[id(p)] for p in g["params"]] for g in model.optimizer_param_groups(0.0)]
+
+    def step(self) -> int:
+        """AdamW's step count (one for all parameters: the groups step together)."""
+        if self.stage == 0:
+            states = self._zero0_base()["state"]
+        elif self.stage == 3:
+            states = self.shards[0]["optimizer_state_dict"]["state"]
+        else:
+            states = self.shards[0]["base_optimizer_state"]["state"]
+        steps = {int(s["step"]) for s in states.values() if "step" in s}
+        if len(steps) > 1:
+            raise UserError(f"{self.tag_dir}: AdamW's parameter groups have differing step counts {sorted(steps)}")
+        return steps.pop() if steps else 0
+
+    def tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """`key` (fp32, exp_avg or exp_avg_sq) of every trainable parameter, full size, by name."""
+        tensors = self._zero0(key) if self.stage == 0 else self._zero123(key)
+        if tensors.keys() != self.shapes.keys():
+            raise UserError(f"{self.tag_dir} holds other parameters than its model_args describe")
+        return {n: t.float() for n, t in tensors.items()}
+
+    def _zero123(self, key: str) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import zero_to_fp32
+
+        world_size = self.shards[0]["partition_count"]
+        world_size = max(world_size) if isinstance(world_size, list) else int(world_size)
+        if world_size != len(self.shards):
+            raise UserError(f"{self.tag_dir} holds {len(self.shards)} optimizer shard(s) for {world_size} rank(s)")
+        model_files = sorted(glob.glob(str(self.tag_dir / "*_model_states.pt")), key=_natural)
+        # zero_to_fp32 reports its progress on stdout and stderr, which are the trainer's console
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            model_states = zero_to_fp32.parse_model_states(model_files)
+            if self.stage == 3:
+                flats = [s["fp32_flat_groups"] if key == "fp32" else
+                         [s["optimizer_state_dict"]["state"][i][key] for i in range(len(s["fp32_flat_groups"]))]
+                         for s in self.shards]
+                merged = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world_size, flats, model_states, True)
+                return {n: merged[n].contiguous() for n in self.shapes}  # gathered lazily until here
+            if not isinstance(self.shards[0]["base_optimizer_state"], dict):
+                raise UserError(f"{self.tag_dir}: ZeRO's elastic_checkpoint layout is not supported; "
+                                "save with zero_optimization.elastic_checkpoint off")
+            flats = [s["single_partition_of_fp32_groups"] if key == "fp32" else
+                     [group[key] for _, group in sorted(s["base_optimizer_state"]["state"].items())]
+                     for s in self.shards]
+            merged = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
+                world_size, flats, model_states, True, self.shards[0].get("param_alignment_paddings"))
+        return {n: merged[n] for n in self.shapes}  # the trainable ones: no buffers, no tied copy (lm_head)
+
+    def _zero0_base(self) -> dict:
+        opt = self.states["optimizer"]  # torch's state_dict, or DeepSpeed's fp16/bf16 wrapper around it
+        return opt["optimizer_state_dict"] if "optimizer_state_dict" in opt else opt
+
+    def _zero0(self, key: str) -> dict[str, torch.Tensor]:
+        opt, base = self.states["optimizer"], self._zero0_base()
+        if [len(g["params"]) for g in base["param_groups"]] != [len(g) for g in self.groups]:
+            raise UserError(f"{self.tag_dir}: the optimizer's parameter groups do not match the model's")
+        out = {}
+        for g, (names, group) in enumerate(zip(self.groups, base["param_groups"], strict=True)):
+            if "fp32_groups_flat" in opt:  # fused fp16/bf16 optimizer: one flat master per group
+                flat = opt["fp32_groups_flat"][g] if key == "fp32" else base["state"][g][key]
+                parts = flat.split([self.shapes[n].numel() for n in names])
+                out.update({n: t.view(self.shapes[n]) for n, t in zip(names, parts, strict=True)})
+                continue
+            for j, (name, index) in enumerate(zip(names, group["params"], strict=True)):
+                if key != "fp32":
+                    state = base["state"].get(index)  # none before the first step
+                    out[name] = state[key] if state else torch.zeros(self.shapes[name])
+                elif "fp32_groups" in opt:  # unfused fp16/bf16 optimizer: an fp32 master per parameter
+                    out[name] = opt["fp32_groups"][g][j]
+                else:  # fp32: the weights are the masters
+                    out[name] = self.states["module"][name]
+        return out
+
+
+# -----------------------------------------------------------------------------
+# the conversion: once per save of a tag, atomic
+
+
+def fingerprint(marker: dict) -> str:
+    """Which save of a tag this is: its completion marker (file checksums, pid) changes with every save."""
+    return hashlib.sha256(json.dumps(marker, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def converted(tag_dir: Path, marker: dict) -> dict | None:
+    """The layout-free form's meta.json if it is there and was made from this save of the tag."""
+    try:
+        meta = json.loads((tag_dir / DIRNAME / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("format") == FORMAT and meta.get("fingerprint") == fingerprint(marker) else None
+
+
+def convert(tag_dir: Path, marker: dict) -> dict:
+    """Write the tag's layout-free form unless it is there already; returns its meta.json.
+
+    One process; at its peak one state of the model in memory (one fp32 copy of the weights;
+    the shards are memory-mapped); on disk three fp32 copies of the weights, inside the tag.
+    """
+    meta = converted(tag_dir, marker)
+    if meta is not None:
+        return meta
+    final, tmp = tag_dir / DIRNAME, tag_dir / f".{DIRNAME}.tmp-{os.getpid()}"
+    for stale in [*tag_dir.glob(f".{DIRNAME}.tmp-*"), final]:  # a killed conversion; one of an older save
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        t0 = time.perf_counter()
+        saved = SavedTag(tag_dir, marker["model_args"])
+        for key in STATES:  # one at a time: the peak is one state, not three
+            _save_durably(saved.tensors(key), tmp / f"{key}.pt")
+        meta = {"format": FORMAT, "fingerprint": fingerprint(marker), "step": saved.step(),
+                "source": asdict(Layout.of_marker(marker)), "seconds": round(time.perf_counter() - t0, 3),
+                "bytes": sum(p.stat().st_size for p in tmp.iterdir())}
+        atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+        tmp.rename(final)
+        atomic.fsync_dir(tag_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"converting {tag_dir} for another layout failed ({err.strerror or err}); the checkpoint "
+                        "itself is intact", hint=f"free disk space under {tag_dir.parent} and resume again") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _save_durably(obj, path: Path) -> None:
+    with open(path, "wb") as fh:  # through a Python file, a full disk is an OSError (not torch's RuntimeError)
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# -----------------------------------------------------------------------------
+# loading the layout-free form into a built engine (every rank)
+
+
+def load_into(engine, tag_dir: Path) -> None:
+    """Set the engine's weights, fp32 masters, AdamW moments and step count from the tag's layout-free form.
+
+    Every rank calls it: under ZeRO-3 the weights are set through collectives.
+    """
+    meta = json.loads((tag_dir / DIRNAME / "meta.json").read_text())
+    states = {key: torch.load(tag_dir / DIRNAME / f"{key}.pt", map_location="cpu", mmap=True, weights_only=True)
+              for key in STATES}
+    set_state(engine, states, meta["step"], source=str(tag_dir))
+
+
+def set_state(engine, states: dict[str, dict[str, torch.Tensor]], step: int, source: str = "the state") -> None:
+    """Give a built engine, at any ZeRO stage and precision, these full-size fp32 tensors by parameter
+    name (`states`: fp32, exp_avg, exp_avg_sq) and AdamW's step count. Every rank calls it."""
+    params = dict(engine.module.named_parameters())
+    if set(params) != set(states["fp32"]):
+        diff = sorted(set(params) ^ set(states["fp32"]))
+        raise UserError(f"{source} holds other parameters than this model: {', '.join(diff[:4])}")
+    _create_adam_state(engine.optimizer, step)
+    device = next(iter(params.values())).device
+    with torch.no_grad():
+        if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params.values()):
+            _set_partitioned(params, states, device)
+        else:
+            _set_whole(engine.optimizer, params, states, device)
+
+
+def _base_optimizer(optimizer):
+    """The torch optimizer that steps the fp32 masters, under DeepSpeed's wrapper if any."""
+    return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+
+
+def _create_adam_state(optimizer, step: int) -> None:
+    """AdamW's state for every tensor the base optimizer steps (it has none until its first step)."""
+    base = _base_optimizer(optimizer)
+    # ZeRO-3 hands the base optimizer one flat fp32 partition at a time and leaves its groups empty.
+    masters = [p for group in base.param_groups for p in group["params"]]
+    masters += list(getattr(optimizer, "fp32_partitioned_groups_flat", []))
+    torch_adam = isinstance(base, (torch.optim.Adam, torch.optim.AdamW))
+    # torch keeps `step` as a CPU tensor unless its fused/capturable kernels read it on the device;
+    # DeepSpeed's fused and CPU Adam keep a Python int.
+    on_device = base.defaults.get("fused") or base.defaults.get("capturable")
+    for p in masters:
+        count = step if not torch_adam else \
+            torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
+        base.state[p] = {"step": count, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO-1/2 and the bf16 optimizer link each parameter's fragment of the moments after the
+        # first step; the state exists now, so link them now.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _set_partitioned(params: dict, states: dict, device: torch.device) -> None:
+    """ZeRO-1/2/3 and the bf16 optimizer: each rank keeps its fragment of the masters and moments."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    for name, p in params.items():
+        safe_set_full_fp32_param(p, states["fp32"][name].to(device))
+        for key in MOMENTS:
+            safe_set_full_optimizer_state(p, states[key][name].to(device), key)
+        # The weights themselves: whole on every rank at ZeRO-1/2; ZeRO-3 partitions them too, so
+        # gather, set, and let the context's exit re-partition them.
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+            p.data.copy_(states["fp32"][name].to(device))
+
+
+def _set_whole(optimizer, params: dict, states: dict, device: torch.device) -> None:
+    """ZeRO-0: whole tensors on every rank. The masters are the weights themselves (fp32), an fp32
+    copy per weight (DeepSpeed's unfused fp16/bf16 optimizer) or a flat copy per group (fused)."""
+    base = _base_optimizer(optimizer)
+    name_of = {id(p): n for n, p in params.items()}
+    if hasattr(optimizer, "fp32_groups_flat"):
+        masters = [(flat, [name_of[id(p)] for p in lps])
+                   for flat, lps in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups, strict=True)]
+    elif hasattr(optimizer, "fp32_groups"):
+        pairs = zip(optimizer.fp32_groups, optimizer.fp16_groups, strict=True)
+        masters = [(hp, [name_of[id(lp)]]) for hps, lps in pairs for hp, lp in zip(hps, lps, strict=True)]
+    else:
+        masters = [(p, [name_of[id(p)]]) for group in base.param_groups for p in group["params"]]
+    for master, names in masters:
+        for key in STATES:
+            target = master if key == "fp32" else base.state[master][key]
+            target.copy_(torch.cat([states[key][n].flatten() for n in names]).view_as(target).to(device))
+    for name, p in params.items():  # the weights (at fp16/bf16, the masters' rounded copies)
+        p.data.copy_(states["fp32"][name].to(device))
+
+
+# -----------------------------------------------------------------------------
+# the resume: what may change, checked before anything is built; the load, on every rank
+
+
+def _tokenizer_of(data_dir: str | None) -> str | None:
+    """The tokenizer a prepared data directory's meta.json names (None: no meta.json, e.g. nanoGPT's bins)."""
+    try:
+        meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    name, digest = meta.get("tokenizer"), meta.get("tokenizer_sha256")
+    return f"{name} (sha256 {digest[:12]})" if name and digest else name
+
+
+def check_resume(tag_dir: Path, *, global_batch: int, data_dir: str, allow_batch_change: bool) -> None:
+    """Refuse, with one line, a resume that would not continue the run saved in `tag_dir`.
+
+    The layout (world size, ZeRO stage, precision) and the split of the global batch into micro
+    batches and accumulation may change; the global batch only with --allow_batch_change (the
+    curve would no longer be the saved run's); the data's tokenizer never. The model's shape is
+    the checkpoint's (run_config.adopt_model_args refuses flags that contradict it).
+    """
+    saved_config = client_state_of(read_model_states(tag_dir)).get("config") or {}
+    saved_batch = (saved_config.get("batch") or {}).get("global_batch")
+    tag = tag_dir.name
+    if saved_batch is not None and saved_batch != global_batch and not allow_batch_change:
+        raise UserError(f"checkpoint {tag} was trained with a global batch of {saved_batch} sequences; this run's is "
+                        f"{global_batch}, and resuming with it would not continue the same loss curve",
+                        hint=f"keep micro batch x accumulation x ranks = {saved_batch} (e.g. --global_batch_size "
+                             f"{saved_batch}), or pass --allow_batch_change to continue with the new batch")
+    saved_data = (saved_config.get("train") or {}).get("data_dir")
+    before, now = _tokenizer_of(saved_data), _tokenizer_of(data_dir)
+    if before and now and before != now:
+        raise UserError(f"checkpoint {tag} was trained on {saved_data} tokenized with {before}; --data_dir {data_dir} "
+                        f"is tokenized with {now}", hint="resume on data prepared with the checkpoint's tokenizer, "
+                        "or start a new run from its weights: --init_from weights:OUT --out_dir NEW_OUT")
+
+
+def resume_events(tag: str, marker: dict, client_state: dict, new: Layout, global_batch: int,
+                  iter_num: int) -> list[dict]:
+    """metrics.jsonl events for what a resume changed: the layout, the global batch (none if neither)."""
+    saved = Layout.of_marker(marker)
+    saved_batch = ((client_state.get("config") or {}).get("batch") or {}).get("global_batch")
+    events = []
+    if saved != new:
+        events.append({"event": "layout_change", "iter": iter_num, "tag": tag, "from": asdict(saved),
+                       "to": asdict(new), "converted": needs_conversion(saved, new)})
+    if saved_batch not in (None, global_batch):
+        events.append({"event": "batch_change", "iter": iter_num, "tag": tag, "from": saved_batch, "to": global_batch})
+    return events
+
+
+def resume(engine, tag_dir: Path, marker: dict, *, rank: int) -> dict:
+    """Load a tag written on another layout into `engine` (every rank); returns the client state.
+
+    Rank 0 converts the tag (once: a rerun finds the form in place) while the others wait; a
+    failed conversion is reported on every rank.
+    """
+    from ds_gpt.engine import all_reduce_sum
+
+    error = None
+    if rank == 0:
+        try:
+            meta = convert(tag_dir, marker)
+            print(f"resuming {tag_dir.name} ({Layout.of_marker(marker)}) on {Layout.of_engine(engine)}: "
+                  f"layout-free form of {meta['bytes'] / 2**20:.1f} MiB, made in {meta['seconds']:.1f} s", flush=True)
+        except UserError as err:
+            error = err
+    if all_reduce_sum([1.0 if error else 0.0])[0]:
+        raise error or UserError(f"rank 0 could not convert {tag_dir} for this layout (see its error line)")
+    load_into(engine, tag_dir)
+    states = read_model_states(tag_dir)
+    # DeepSpeed's own counters, as its load_checkpoint restores them
+    engine.global_steps = int(states.get("global_steps", engine.global_steps))
+    engine.global_samples = int(states.get("global_samples", engine.global_samples))
+    engine.skipped_steps = int(states.get("skipped_steps", engine.skipped_steps))
+    return client_state_of(states)
