@@ -406,17 +406,21 @@ def resume(engine, tag_dir: Path, marker: dict, *, rank: int) -> dict:
     """
     from ds_gpt.engine import all_reduce_sum
 
-    error = None
+    error, t0 = None, time.perf_counter()
     if rank == 0:
         try:
+            made = "found in place" if converted(tag_dir, marker) else "converted"
             meta = convert(tag_dir, marker)
-            print(f"resuming {tag_dir.name} ({Layout.of_marker(marker)}) on {Layout.of_engine(engine)}: "
-                  f"layout-free form of {meta['bytes'] / 2**20:.1f} MiB, made in {meta['seconds']:.1f} s", flush=True)
         except UserError as err:
             error = err
     if all_reduce_sum([1.0 if error else 0.0])[0]:
         raise error or UserError(f"rank 0 could not convert {tag_dir} for this layout (see its error line)")
+    t1 = time.perf_counter()
     load_into(engine, tag_dir)
+    if rank == 0:
+        print(f"resuming {tag_dir.name}, saved by {Layout.of_marker(marker)}, on {Layout.of_engine(engine)}: "
+              f"layout-free form ({meta['bytes'] / 2**20:.0f} MiB) {made} in {t1 - t0:.1f} s, "
+              f"loaded in {time.perf_counter() - t1:.1f} s", flush=True)
     states = read_model_states(tag_dir)
     # DeepSpeed's own counters, as its load_checkpoint restores them
     engine.global_steps = int(states.get("global_steps", engine.global_steps))
