@@ -175,7 +175,8 @@ def find_latest(out_dir: Path, warn: Callable[[str], None] = print_warning) -> C
 def tags_to_prune(iters: list[int], keep_last: int, milestones: set[int], milestone_every: int) -> list[int]:
     """Which complete checkpoints retention drops: all but the newest `keep_last` and milestones."""
     newest = sorted(iters)[-keep_last:]
-    keep = set(newest) | {i for i in iters if i in milestones or (milestone_every and i > 0 and i % milestone_every == 0)}
+    forever = {i for i in iters if i in milestones or (milestone_every and i > 0 and i % milestone_every == 0)}
+    keep = set(newest) | forever
     return sorted(i for i in iters if i not in keep)
 
 
@@ -333,6 +334,12 @@ def load(engine, out_dir: Path, info: CheckpointInfo, *, rank: int) -> dict:
     else:
         _, client_state = engine.load_checkpoint(str(out_dir), tag=info.tag, load_optimizer_states=True,
                                                  load_lr_scheduler_states=False)
+        # A tag saved with torch's AdamW and loaded into DeepSpeed's CPU Adam (offload switched on)
+        # brings torch's parameter groups, without the keys CPU Adam steps with (bias_correction).
+        optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for group in getattr(optimizer, "param_groups", []):
+            for key, value in getattr(optimizer, "defaults", {}).items():
+                group.setdefault(key, value)
     if client_state is None:
         raise UserError(f"{out_dir / info.tag} could not be loaded",
                         hint="check the run's log; resume from an older tag")

@@ -278,6 +278,10 @@ def test_two_ranks_offloaded_and_checkpointed_follow_the_plain_curve(tmp_path):
     assert effective["train"]["activation_checkpointing"] == "full"
     assert effective["ds_config"]["optimizer"]["params"]["torch_adam"] is False
     assert effective["ds_config"]["zero_optimization"]["offload_param"]["device"] == "cpu"
+    # The plain run, resumed with offload switched on: torch AdamW's saved state into DeepSpeed's CPU Adam.
+    train(2, "--deepspeed_config", "ds_configs/zero3_offload.json", "--out_dir", str(tmp_path / "plain"), *common[:-4],
+          "--max_iters", "10", "--gradient_accumulation_steps", "2", "--init_from", "resume")
+    assert sorted(losses(tmp_path / "plain")) == list(range(10))
 
 
 if __name__ == "__main__":
