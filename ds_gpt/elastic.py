@@ -139,7 +139,7 @@ class SavedTag:
         tensors = self._zero0(key) if self.stage == 0 else self._zero123(key)
         if tensors.keys() != self.shapes.keys():
             raise UserError(f"{self.tag_dir} holds other parameters than its model_args describe")
-        return {n: t.float() for n, t in tensors.items()}
+        return {n: t.detach().float() for n, t in tensors.items()}
 
     def _zero123(self, key: str) -> dict[str, torch.Tensor]:
         from deepspeed.utils import zero_to_fp32

@@ -8,6 +8,7 @@ the three iterations after it, with the run its checkpoint came from.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -58,6 +59,7 @@ RUNS = {
     "z2w1_to_z3w2": Run(3, 2, 9, "z2w1", 6),  # ZeRO 2->3, 1->2 (a ZeRO-3 multi-rank tag after a change)
     "z0w2": Run(0, 2, 12, "z2w1", 6),  # ZeRO 2->0, 1->2
     "z0w2_to_z2w1": Run(2, 1, 12, "z0w2", 9),  # ZeRO 0->2, 2->1
+    "z0w2_to_z0w1": Run(0, 1, 12, "z0w2", 9),  # ZeRO-0 2->1: DeepSpeed's own load (not partitioned)
     "z1w1_split": Run(1, 1, 9, "z1w1", 6, micro=2),  # same layout, micro 4 x 2 -> 2 x 4: DeepSpeed's own load
     "bf16_z1w2": Run(1, 2, 6, dtype="bfloat16"),
     "bf16_z3w1": Run(3, 1, 6, "bf16_z1w2", 3, dtype="bfloat16"),  # bf16, ZeRO 1->3, 2->1
@@ -159,7 +161,8 @@ def test_each_layout_change_is_logged_and_converted_once(runs):
     split = read_jsonl(runs["z1w1_split"] / "metrics.jsonl")
     last_start = max(i for i, e in enumerate(split) if e.get("event") == "start")
     assert not [e for e in split[last_start:] if e.get("event") in ("layout_change", "batch_change")]
-    assert not (runs["z1w1_split"] / "global_step6" / elastic.DIRNAME).exists()  # DeepSpeed's own load
+    for name, tag in (("z1w1_split", "global_step6"), ("z0w2_to_z0w1", "global_step9")):  # DeepSpeed's own load
+        assert not (runs[name] / tag / elastic.DIRNAME).exists(), name
     meta = json.loads((runs["z3w1_to_z2w2"] / "global_step6" / elastic.DIRNAME / "meta.json").read_text())
     assert meta["step"] == 6 and meta["source"] == z3w1
 
@@ -276,6 +279,22 @@ def test_a_killed_conversion_leaves_the_tag_intact_and_a_rerun_finishes_it(runs,
     # The tag saved anew (another marker): its old conversion is not trusted.
     assert elastic.converted(tag, {**marker, "pid": -1}) is None
     assert elastic.convert(tag, {**marker, "pid": -1})["fingerprint"] != meta["fingerprint"]
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_conversion_is_one_error_and_leaves_the_tag_intact(runs, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    copy_run_at(runs["z2w1_to_z3w2"], out, 9)
+    tag = out / "global_step9"
+    before = tree_digest(tag)
+
+    def disk_full(obj, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(elastic, "_save_durably", disk_full)
+    with pytest.raises(UserError, match="No space left on device.*the checkpoint itself is intact"):
+        elastic.convert(tag, json.loads((tag / "ds_gpt_complete.json").read_text()))
+    assert tree_digest(tag) == before and not list(tag.glob(f".{elastic.DIRNAME}*"))
 
 
 # --- what may not change ---------------------------------------------------------------------
