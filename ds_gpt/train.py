@@ -29,8 +29,8 @@ if __package__ in (None, ""):  # started as a file by a launcher: import the pac
 import torch
 import torch.distributed as dist
 
+from ds_gpt import elastic, mfu, run_dir
 from ds_gpt import engine as ds_engine
-from ds_gpt import mfu, run_dir
 from ds_gpt.accounting import state_bytes_per_rank
 from ds_gpt.checkpoint import Checkpointer, TrainState, load
 from ds_gpt.data import BatchPrefetcher, RandomWindowSampler
@@ -179,6 +179,10 @@ def train(start: Startup) -> int:
     stop = GracefulStop().install()
     metrics.start(iter=state.iter_num, world_size=world_size, launcher=env.launcher, init_from=cfg.init_from,
                   resumed_from=start.resume_from.tag if start.resume_from else None)
+    if start.resume_from is not None:  # what this resume changed: the layout, the global batch
+        for event in elastic.resume_events(start.resume_from.tag, start.resume_from.marker, client,
+                                           elastic.Layout.of_engine(eng), run.batch.global_batch, state.iter_num):
+            metrics.log(event)
 
     # --- the loop: eval -> lr -> step -> log -> checkpoint -> stop
     batches = BatchPrefetcher(samplers["train"], ds_engine.device())

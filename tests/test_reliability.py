@@ -372,19 +372,6 @@ def zero1_two_ranks(tmp_path_factory, data_dir) -> Path:
     return out
 
 
-def test_resume_at_another_world_size_or_stage_is_refused_with_the_command(zero1_two_ranks, data_dir):
-    before = snapshot(zero1_two_ranks)
-    refusals = [
-        single(*one_rank_args(data_dir, zero1_two_ranks), "--init_from", "resume", expect=2).stderr,
-        train(2, *two_rank_args(data_dir, zero1_two_ranks, stage=3), "--init_from", "resume", expect=2).stderr,
-    ]
-    for stderr, (ranks, stage) in zip(refusals, [(1, 1), (2, 3)], strict=True):
-        lines = error_lines(stderr)
-        assert lines and "Traceback" not in stderr, stderr[-3000:]
-        assert f"this run has {ranks} rank(s) at ZeRO-{stage}" in lines[0]
-        assert f"--init_from weights:{zero1_two_ranks}/global_step10" in lines[0]
-    assert snapshot(zero1_two_ranks) == before
-
 
 def test_weights_from_two_rank_zero1_start_a_one_rank_zero3_run(zero1_two_ranks, data_dir, tmp_path):
     """--init_from weights:OUT: consolidated fp32 weights, fresh optimizer, any world size and stage.
