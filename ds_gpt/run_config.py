@@ -29,7 +29,7 @@ elasticity aio autotuning compression_training data_efficiency curriculum_learni
 compile timers disable_allgather dataloader_drop_last weight_quantization hybrid_engine nebula
 eigenvalue progressive_layer_drop sparse_attention gradient_accumulation_dtype seed
 """.split())
-# DeepSpeed ignores typos inside this block too (FIELD-NOTES); the other sub-blocks reject them.
+# DeepSpeed ignores typos inside this block too (checked on 0.19.8); the other sub-blocks reject them.
 KNOWN_FLOPS_PROFILER_KEYS = frozenset(
     "enabled recompute_fwd_factor profile_step module_depth top_modules detailed output_file".split())
 

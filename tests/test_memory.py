@@ -1,7 +1,7 @@
 """Bounded host memory: the loader's RSS stays flat over many full-size batches from a big file.
 
 One long-lived np.memmap keeps every page a random window touches mapped, so RSS climbs with
-the pages read (FIELD-NOTES: +382 MB over 3000 batches of a 400 MB file); a long run can then
+the pages read (measured: +382 MB over 3000 batches of a 400 MB file); a long run can then
 be OOM-killed by a cgroup that charges those pages to the job. The same measurement on that
 variant must grow clearly, which shows the bound below can fail.
 """
