@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +122,118 @@ def background_train(nproc: int, *args: str, **popen):
 def losses(out_dir: Path) -> dict[int, float]:
     """Per-iteration training loss; after a restart the latest record of an iteration wins."""
     return {r["iter"]: r["loss"] for r in read_jsonl(out_dir / "metrics.jsonl") if "loss" in r and "event" not in r}
+
+
+# --- the trainer's ranks, forked from a preloaded server --------------------------------------
+#
+# A run through the launcher spends ~13 s on this 2-core machine before its first step: the
+# launcher and its per-node agent each import DeepSpeed, then every rank imports torch, DeepSpeed
+# and (inside deepspeed.initialize: the optimizer, ZeRO's optimizer check) torch._dynamo and
+# inductor. A 20-iteration test run trains for 1 s. Where the launcher is not what a test is
+# about (loss parity, resume exactness, checkpoints, the elastic matrix), its ranks are instead
+# forked from one server that imported all that once per session (multiprocessing's forkserver,
+# which never runs a torch op, so no thread pool is forked): each rank is a real process running
+# the trainer's own entry point with the environment torchrun would give it, over gloo as
+# always. Tests of the launcher itself, signals through it, exit codes and the cluster keep
+# `train()` and `background_train()` above.
+
+FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "torch._inductor.compile_fx", "deepspeed",
+                      "deepspeed.runtime.zero.muon.muon_optimizer", "ds_gpt.train", "ds_gpt.startup",
+                      "ds_gpt.engine", "ds_gpt.checkpoint", "ds_gpt.elastic"]
+_forkserver: multiprocessing.context.BaseContext | None = None
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    global _forkserver
+    if _forkserver is None:
+        _forkserver = multiprocessing.get_context("forkserver")
+        _forkserver.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return _forkserver
+
+
+def _run_rank(args: list[str], env: dict[str, str], log: str) -> None:
+    """A forked rank: `python ds_gpt/train.py ARGS` in its own session, output to `log`."""
+    os.setsid()  # like start_new_session: a kill of the run reaches the rank's own children too
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(REPO_ROOT)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.argv = ["ds_gpt/train.py", *args]
+    from ds_gpt.errors import run_cli
+    from ds_gpt.train import guarded_main
+    run_cli(guarded_main, prog="ds_gpt.train", skip_teardown=True)
+
+
+class Ranks:
+    """One run's ranks forked from the server, with the part of Popen's interface the tests use.
+
+    One rank runs as `python -m ds_gpt.train` would (no rank variables); several get RANK,
+    LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, as torchrun sets them.
+    The run's exit code is the first non-zero rank's, in rank order (0 when all are 0).
+    """
+
+    def __init__(self, nproc: int, args: list[str], log_dir: Path, env: dict[str, str] | None = None):
+        port = str(free_port())
+        base = {**os.environ, **(env or {}), "MASTER_PORT": port}
+        self.logs = [log_dir / f"rank{rank}.log" for rank in range(nproc)]
+        self.procs = []
+        for rank, log in enumerate(self.logs):
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("")
+            rank_env = base if nproc == 1 else {
+                **base, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1"}
+            proc = _context().Process(target=_run_rank, args=(args, rank_env, str(log)), daemon=False)
+            proc.start()
+            self.procs.append(proc)
+        self.pids = [proc.pid for proc in self.procs]
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if any(proc.exitcode is None for proc in self.procs):
+            return None
+        codes = [proc.exitcode for proc in self.procs]
+        self.returncode = next((code for code in codes if code), 0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for proc in self.procs:
+            proc.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired("forked ranks", timeout)
+        return self.returncode
+
+    def signal(self, sig: int, rank: int | None = None) -> None:
+        """`sig` to one rank's session, or to every rank's (as a kill of the launcher's group would)."""
+        for pid in self.pids if rank is None else [self.pids[rank]]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)
+
+    def output(self) -> str:
+        return "".join(log.read_text(errors="replace") for log in self.logs)
+
+
+def forked_train(nproc: int, *args: str, log_dir: Path, expect: int = 0, timeout: int = 300,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The trainer's ranks forked from the preloaded server; rank outputs (in order) as stdout."""
+    with forked_background_train(nproc, *args, log_dir=log_dir, env=env) as ranks:
+        ranks.wait(timeout)
+    output = ranks.output()
+    assert ranks.returncode == expect, f"exit {ranks.returncode}, expected {expect}:\n{output[-6000:]}"
+    return subprocess.CompletedProcess(["forked ds_gpt/train.py", *args], ranks.returncode, output, "")
+
+
+@contextlib.contextmanager
+def forked_background_train(nproc: int, *args: str, log_dir: Path, env: dict[str, str] | None = None):
+    """Forked ranks that run while the test acts; killed, with their children, if it fails early."""
+    ranks = Ranks(nproc, list(args), log_dir, env)
+    try:
+        yield ranks
+    finally:
+        if ranks.poll() is None:
+            ranks.signal(signal.SIGCONT)
+            ranks.signal(signal.SIGKILL)
+            ranks.wait()

@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PYTHON, REPO_ROOT, TINY, background_train, losses, read_jsonl, train, write_token_bins
+from helpers import (
+    PYTHON,
+    REPO_ROOT,
+    TINY,
+    background_train,
+    forked_background_train,
+    forked_train,
+    losses,
+    read_jsonl,
+    train,
+    write_token_bins,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -18,6 +29,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return write_token_bins(tmp_path_factory.mktemp("data"))
+
+
+# The layout users launch in the README's command, run through the deepspeed launcher; the other
+# layouts' ranks are forked (helpers.forked_train), and their curves must still be this one's.
+LAUNCHED_LAYOUT = (1, 2, 2)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +45,13 @@ def runs(tmp_path_factory, data_dir):
         key = (stage, nproc, accum)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"z{stage}_w{nproc}_g{accum}")
-            train(nproc, "--deepspeed_config", f"ds_configs/zero{stage}.json", "--data_dir", str(data_dir),
-                  "--out_dir", str(out), *TINY, "--gradient_accumulation_steps", str(accum),
-                  "--micro_batch_size", str(8 // (nproc * accum)))
+            args = ["--deepspeed_config", f"ds_configs/zero{stage}.json", "--data_dir", str(data_dir),
+                    "--out_dir", str(out), *TINY, "--gradient_accumulation_steps", str(accum),
+                    "--micro_batch_size", str(8 // (nproc * accum))]
+            if key == LAUNCHED_LAYOUT:
+                train(nproc, *args)
+            else:
+                forked_train(nproc, *args, log_dir=out.with_name(out.name + "_logs"))
             cache[key] = out
         return cache[key]
     return get
@@ -81,16 +101,15 @@ def test_resume_after_sigkill_is_bitwise_exact(runs, data_dir, tmp_path, stage):
     common = ["--deepspeed_config", f"ds_configs/zero{stage}.json", "--data_dir", str(data_dir),
               "--out_dir", str(tmp_path), *TINY, "--gradient_accumulation_steps", "2"]
     # --max_iters 1000 leaves time to kill it; the lr schedule depends on lr_decay_iters, not max_iters.
-    with background_train(2, *common, "--max_iters", "1000", stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL) as proc:
+    with forked_background_train(2, *common, "--max_iters", "1000", log_dir=tmp_path / "logs") as ranks:
         pointer = tmp_path / "latest"
         deadline = time.time() + 240
         while not (pointer.exists() and pointer.read_text() == "global_step10"):
-            assert proc.poll() is None and time.time() < deadline, "the run ended before checkpoint 10"
+            assert ranks.poll() is None and time.time() < deadline, "the run ended before checkpoint 10"
             time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    train(2, *common, "--init_from", "resume")
+        ranks.signal(signal.SIGKILL)
+        ranks.wait()
+    forked_train(2, *common, "--init_from", "resume", log_dir=tmp_path / "logs")
     starts = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "start"]
     assert starts[-1]["resumed_from"] == "global_step10" and starts[-1]["iter"] == 10
     resumed = losses(tmp_path)
@@ -109,7 +128,7 @@ def test_compiled_engine_trains_checkpoints_and_resumes_like_eager(runs, data_di
     eager = runs(1, 2, 2)
     common = ["--deepspeed_config", "ds_configs/zero1.json", "--data_dir", str(data_dir), "--out_dir", str(tmp_path),
               *TINY, "--gradient_accumulation_steps", "2", "--compile", "True"]
-    train(2, *common, "--max_iters", "10", "--profile_step", "3")
+    forked_train(2, *common, "--max_iters", "10", "--profile_step", "3", log_dir=tmp_path / "logs")
     (profile,) = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "flops_profile"]
     assert profile["iter"] == 3 and profile["micro_batches"] == 2 and profile["agree"] is True, profile
     assert "DeepSpeed Flops Profiler" in (tmp_path / "flops_profile.txt").read_text()
@@ -122,7 +141,7 @@ def test_compiled_engine_trains_checkpoints_and_resumes_like_eager(runs, data_di
     # The engine got its profiler block off, so DeepSpeed's per-step wall-clock timers stayed off too.
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["profile_step"] == 3 and config["ds_config"]["flops_profiler"]["enabled"] is False
-    train(2, *common, "--init_from", "resume")
+    forked_train(2, *common, "--init_from", "resume", log_dir=tmp_path / "logs")
     compiled, reference = losses(tmp_path), losses(eager)
     assert sorted(compiled) == list(range(20))
     worst = max(abs(compiled[i] - reference[i]) / reference[i] for i in range(20))
@@ -149,11 +168,12 @@ def test_sample_from_a_sharded_zero3_checkpoint(runs):
 
 def test_loss_decreases_on_a_real_corpus(shakespeare_data, tmp_path):
     """GPT-2 tokens of Shakespeare's plays, the full 50304-wide head, 2 ranks, ZeRO-1."""
-    train(2, "--deepspeed_config", "ds_configs/zero1.json", "--data_dir", str(shakespeare_data),
+    forked_train(2, "--deepspeed_config", "ds_configs/zero1.json", "--data_dir", str(shakespeare_data),
           "--out_dir", str(tmp_path), "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64",
           "--dtype", "float32", "--compile", "False", "--micro_batch_size", "4", "--gradient_accumulation_steps", "1",
           "--max_iters", "40", "--eval_interval", "40", "--eval_iters", "4", "--log_interval", "10",
-          "--checkpoint_interval", "40", "--warmup_iters", "5", "--lr_decay_iters", "40", "--learning_rate", "1e-2")
+          "--checkpoint_interval", "40", "--warmup_iters", "5", "--lr_decay_iters", "40", "--learning_rate", "1e-2",
+                 log_dir=tmp_path / "logs")
     evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "val_loss" in r]
     assert evals[0]["val_loss"] > 10.0  # ~ln(50304) at init
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 3.0
@@ -181,7 +201,7 @@ def test_signal_on_one_rank_checkpoints_all_and_exits_75(data_dir, tmp_path):
     stopped_at = int(tag.removeprefix("global_step"))
     assert stopped_at == max(losses(tmp_path)) + 1
     assert sorted(p.name for p in (tmp_path / tag).glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
-    train(2, *common, "--max_iters", str(stopped_at + 3), "--init_from", "auto")
+    forked_train(2, *common, "--max_iters", str(stopped_at + 3), "--init_from", "auto", log_dir=tmp_path / "logs")
     assert max(losses(tmp_path)) == stopped_at + 2
 
 
