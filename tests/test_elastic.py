@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PYTHON, REPO_ROOT, free_port, losses, read_jsonl, train, write_token_bins
+from helpers import PYTHON, REPO_ROOT, forked_train, free_port, losses, read_jsonl, write_token_bins
 
 from ds_gpt import elastic
 from ds_gpt.errors import UserError
@@ -78,13 +78,9 @@ def trainer_args(run: Run, data_dir: Path, out: Path) -> list[str]:
 
 
 def run_trainer(ranks: int, args: list[str], expect: int = 0) -> subprocess.CompletedProcess:
-    """Several ranks through the deepspeed launcher, one as a plain process (as a user would)."""
-    if ranks > 1:
-        return train(ranks, *args, expect=expect)
-    proc = subprocess.run([PYTHON, "-m", "ds_gpt.train", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "MASTER_PORT": str(free_port())})
-    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    """The ranks forked from the test's preloaded server (helpers.forked_train); output beside OUT."""
+    out = Path(args[args.index("--out_dir") + 1])
+    return forked_train(ranks, *args, log_dir=out.with_name(out.name + ".logs"), expect=expect)
 
 
 def copy_run_at(src: Path, dst: Path, iter_num: int) -> None:
@@ -300,8 +296,9 @@ def test_a_full_disk_during_a_conversion_is_one_error_and_leaves_the_tag_intact(
 # --- what may not change ---------------------------------------------------------------------
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if "ds_gpt.train: error:" in line]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    lines = [line for line in output.splitlines() if "ds_gpt.train: error:" in line]
+    assert len(lines) == 1 and "Traceback" not in output, output[-3000:]
     return lines[0]
 
 
