@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -151,8 +152,9 @@ def _context() -> multiprocessing.context.BaseContext:
     return _forkserver
 
 
-def _run_rank(args: list[str], env: dict[str, str], log: str) -> None:
-    """A forked rank: `python ds_gpt/train.py ARGS` in its own session, output to `log`."""
+def _run_rank(args: list[str], env: dict[str, str], log: str, prelude: Callable[[], None] | None) -> None:
+    """A forked rank: `python ds_gpt/train.py ARGS` in its own session, output to `log`; `prelude`
+    (a picklable callable, e.g. tests/nan_injection.py's fault) runs first."""
     os.setsid()  # like start_new_session: a kill of the run reaches the rank's own children too
     os.environ.clear()
     os.environ.update(env)
@@ -161,6 +163,8 @@ def _run_rank(args: list[str], env: dict[str, str], log: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     sys.argv = ["ds_gpt/train.py", *args]
+    if prelude is not None:
+        prelude()
     from ds_gpt.errors import run_cli
     from ds_gpt.train import guarded_main
     run_cli(guarded_main, prog="ds_gpt.train", skip_teardown=True)
@@ -174,7 +178,8 @@ class Ranks:
     The run's exit code is the first non-zero rank's, in rank order (0 when all are 0).
     """
 
-    def __init__(self, nproc: int, args: list[str], log_dir: Path, env: dict[str, str] | None = None):
+    def __init__(self, nproc: int, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
+                 prelude: Callable[[], None] | None = None):
         port = str(free_port())
         base = {**os.environ, **(env or {}), "MASTER_PORT": port}
         self.logs = [log_dir / f"rank{rank}.log" for rank in range(nproc)]
@@ -185,7 +190,7 @@ class Ranks:
             rank_env = base if nproc == 1 else {
                 **base, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                 "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1"}
-            proc = _context().Process(target=_run_rank, args=(args, rank_env, str(log)), daemon=False)
+            proc = _context().Process(target=_run_rank, args=(args, rank_env, str(log), prelude))
             proc.start()
             self.procs.append(proc)
         self.pids = [proc.pid for proc in self.procs]
@@ -216,20 +221,22 @@ class Ranks:
         return "".join(log.read_text(errors="replace") for log in self.logs)
 
 
-def forked_train(nproc: int, *args: str, log_dir: Path, expect: int = 0, timeout: int = 300,
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def forked_train(nproc: int, *args: str, log_dir: Path, expect: int | None = 0, timeout: int = 300,
+                 **ranks_kw) -> subprocess.CompletedProcess:
     """The trainer's ranks forked from the preloaded server; rank outputs (in order) as stdout."""
-    with forked_background_train(nproc, *args, log_dir=log_dir, env=env) as ranks:
+    with forked_background_train(nproc, *args, log_dir=log_dir, **ranks_kw) as ranks:
         ranks.wait(timeout)
     output = ranks.output()
-    assert ranks.returncode == expect, f"exit {ranks.returncode}, expected {expect}:\n{output[-6000:]}"
-    return subprocess.CompletedProcess(["forked ds_gpt/train.py", *args], ranks.returncode, output, "")
+    assert expect is None or ranks.returncode == expect, f"exit {ranks.returncode}, not {expect}:\n{output[-6000:]}"
+    result = subprocess.CompletedProcess(["forked ds_gpt/train.py", *args], ranks.returncode, output, "")
+    result.rank_codes = [proc.exitcode for proc in ranks.procs]  # every rank's own exit code
+    return result
 
 
 @contextlib.contextmanager
-def forked_background_train(nproc: int, *args: str, log_dir: Path, env: dict[str, str] | None = None):
+def forked_background_train(nproc: int, *args: str, log_dir: Path, **ranks_kw):
     """Forked ranks that run while the test acts; killed, with their children, if it fails early."""
-    ranks = Ranks(nproc, list(args), log_dir, env)
+    ranks = Ranks(nproc, list(args), log_dir, **ranks_kw)
     try:
         yield ranks
     finally:

@@ -1,23 +1,17 @@
-"""Run the trainer with a NaN loss on chosen training forwards: a real run, one fault.
+"""A NaN loss on chosen training forwards, for a real run with one fault.
 
-    python tests/nan_injection.py 8[,9...] -- <ds_gpt.train options>
-
-The N-th forward in training mode (1-based, counted per process) returns a NaN loss, as a
+`poison({8, 9})` in a rank before the trainer starts (helpers.forked_train's `prelude`): the
+8th and 9th forwards in training mode (1-based, counted per process) return a NaN loss, as a
 bad batch or an overflow would; everything else is the unmodified trainer, entered through
 `guarded_main` and `run_cli` exactly as `python -m ds_gpt.train` enters it.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not tests/, comes first
-
-from ds_gpt import model, train  # noqa: E402
-from ds_gpt.errors import run_cli  # noqa: E402
+from ds_gpt import model
 
 
 def poison(forwards: set[int]) -> None:
+    """From now on in this process, the training forwards numbered in `forwards` return a NaN loss."""
     original = model.GPT.forward
     seen = 0
 
@@ -31,11 +25,3 @@ def poison(forwards: set[int]) -> None:
         return logits, loss
 
     model.GPT.forward = forward
-
-
-if __name__ == "__main__":
-    spec, sep, *argv = sys.argv[1:]
-    assert sep == "--", __doc__
-    poison({int(n) for n in spec.split(",")})
-    sys.argv = [sys.argv[0], *argv]
-    run_cli(lambda: train.guarded_main(argv), prog="ds_gpt.train", skip_teardown=True)

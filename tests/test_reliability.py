@@ -7,6 +7,7 @@ patched forward in tests/nan_injection.py): the production code has no test hook
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,26 +20,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import PYTHON, REPO_ROOT, TINY, background_train, free_port, losses, read_jsonl, train, write_token_bins
+from helpers import (
+    PYTHON,
+    REPO_ROOT,
+    TINY,
+    forked_background_train,
+    forked_train,
+    losses,
+    read_jsonl,
+    write_token_bins,
+)
+from nan_injection import poison
 
 pytestmark = pytest.mark.slow
 
 MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--vocab_size", "512",
          "--dtype", "float32", "--compile", "False"]
 ERROR = "ds_gpt.train: error:"
-NAN_INJECTION = str(REPO_ROOT / "tests" / "nan_injection.py")
 
 
 # --- helpers -------------------------------------------------------------------------------
 
-def single(*args: str, expect: int | None = 0, timeout: int = 300,
-           nan_at: str | None = None) -> subprocess.CompletedProcess:
-    """One process, no launcher: `python -m ds_gpt.train ...` (or the NaN-injecting wrapper)."""
-    cmd = [PYTHON, NAN_INJECTION, nan_at, "--", *args] if nan_at else [PYTHON, "-m", "ds_gpt.train", *args]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    if expect is not None:
-        assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def single(*args: str, expect: int | None = 0, nan_at: set[int] | None = None) -> subprocess.CompletedProcess:
+    """One rank, no launcher, forked (helpers.forked_train), with NaN losses on the training forwards
+    numbered in `nan_at`; its output is the result's stdout, beside OUT in OUT.logs/."""
+    out = Path(args[args.index("--out_dir") + 1])
+    return forked_train(1, *args, log_dir=out.with_name(out.name + ".logs"), expect=expect,
+                        prelude=functools.partial(poison, nan_at) if nan_at else None)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -69,7 +77,8 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not different, f"weights differ: {different}"
 
 
-def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
+def wait_for(condition, proc, what: str, timeout: float = 240) -> None:
+    """Poll `condition` while `proc` (a Popen or helpers.Ranks) runs."""
     deadline = time.time() + timeout
     while not condition():
         assert proc.poll() is None, f"the run exited ({proc.returncode}) before {what}"
@@ -189,7 +198,9 @@ def test_bad_input_is_refused_while_building_the_run_and_nothing_is_lost(case, g
 
 def test_bad_input_through_the_command_is_one_line_and_exit_2(good_run, data_dir, tmp_path):
     """The command's contract for all the cases above: exit 2, one `error:` line, no traceback."""
-    proc = single(*break_inputs("token_id_over_vocab", good_run, data_dir, tmp_path), expect=None, timeout=120)
+    proc = subprocess.run([PYTHON, "-m", "ds_gpt.train", *break_inputs("token_id_over_vocab", good_run, data_dir,
+                                                                         tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and BAD_INPUTS["token_id_over_vocab"][1] in lines[0], proc.stderr[-2000:]
@@ -209,13 +220,12 @@ def test_crash_between_shard_writes_resumes_from_the_previous_checkpoint(data_di
     partial.mkdir(parents=True)
     os.mkfifo(partial / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     args = two_rank_args(data_dir, out)
-    with background_train(2, *args, "--max_iters", "1000", stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL) as proc:
-        wait_for(lambda: (partial / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists(), proc,
+    with forked_background_train(2, *args, "--max_iters", "1000", log_dir=tmp_path / "logs") as ranks:
+        wait_for(lambda: (partial / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists(), ranks,
                  "rank 0 started writing global_step10")
         time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        ranks.signal(signal.SIGKILL)
+        ranks.wait()
     assert not complete(out, 10) and complete(out, 5)
     assert (out / "latest").read_text() == "global_step5"  # the pointer never named the partial tag
     before_crash = losses(out)
@@ -225,8 +235,8 @@ def test_crash_between_shard_writes_resumes_from_the_previous_checkpoint(data_di
     (partial / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     (out / "latest").write_text("global_step10")
 
-    proc = train(2, *args, "--init_from", "resume", "--max_iters", "12")
-    assert "skipping incomplete checkpoint(s) global_step10" in proc.stderr
+    proc = forked_train(2, *args, "--init_from", "resume", "--max_iters", "12", log_dir=tmp_path / "logs")
+    assert "skipping incomplete checkpoint(s) global_step10" in proc.stdout
     start = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "start"][-1]
     assert (start["resumed_from"], start["iter"]) == ("global_step5", 5)
     resumed = losses(out)
@@ -249,8 +259,10 @@ def test_full_disk_on_one_rank_keeps_the_previous_checkpoint(data_dir, tmp_path)
     (out / "global_step10" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").symlink_to("/dev/full")
     args = two_rank_args(data_dir, out)
     # A rank left waiting in a collective would sit there for --pg_timeout (900 s) and outlast the
-    # command's own timeout here.
-    proc = train(2, *args, "--max_iters", "12", "--pg_timeout", "900", expect=2, timeout=400)
+    # timeout here; no launcher stops the other rank when one exits: each must exit 2 on its own.
+    proc = forked_train(2, *args, "--max_iters", "12", "--pg_timeout", "900", expect=2, timeout=400,
+                        log_dir=tmp_path / "logs")
+    assert proc.rank_codes == [2, 2]
     lines = error_lines(proc.stdout + proc.stderr)
     assert lines and all("saving checkpoint global_step10 failed on 1 rank(s)" in line for line in lines), lines
     assert any("rank 1: " in line for line in lines), lines  # the failing rank names its error
@@ -260,7 +272,7 @@ def test_full_disk_on_one_rank_keeps_the_previous_checkpoint(data_dir, tmp_path)
     assert not (out / "global_step10").exists()
     before = losses(out)
 
-    train(2, *args, "--init_from", "resume", "--max_iters", "7")
+    forked_train(2, *args, "--init_from", "resume", "--max_iters", "7", log_dir=tmp_path / "logs")
     resumed = losses(out)
     assert [resumed[i] for i in (5, 6)] == [before[i] for i in (5, 6)]
     assert (out / "latest").read_text() == "global_step7"
@@ -275,8 +287,8 @@ def test_nan_loss_stops_with_exit_3_and_the_last_checkpoint_intact(data_dir, tmp
 
     out = tmp_path / "run"
     args = [*one_rank_args(data_dir, out), "--checkpoint_interval", "5", "--on_nan", "stop"]
-    proc = single(*args, nan_at="8", expect=3)  # one forward per iteration: the 8th is iteration 7
-    assert "Traceback" not in proc.stderr
+    proc = single(*args, nan_at={8}, expect=3)  # one forward per iteration: the 8th is iteration 7
+    assert "Traceback" not in proc.stdout
     records = read_jsonl(out / "metrics.jsonl")
     [event] = [r for r in records if r.get("event") == "nonfinite_loss"]
     expected_lr = resolve(parse_args(args), 1, cuda=False).lr_at(7)
@@ -297,7 +309,7 @@ def test_nan_loss_skip_leaves_the_weights_unchanged_and_runs_to_the_end(data_dir
     """--on_nan skip: iteration 7's NaN drops its step; the weights after it equal those before it."""
     out = tmp_path / "run"
     single(*one_rank_args(data_dir, out), "--max_iters", "10", "--checkpoint_interval", "1", "--keep_last", "100",
-           "--on_nan", "skip", nan_at="8")
+           "--on_nan", "skip", nan_at={8})
     [event] = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "nonfinite_loss"]
     assert (event["iter"], event["action"]) == (7, "skip")
     logged = losses(out)
@@ -313,7 +325,7 @@ def test_nan_skip_stops_when_whole_batches_stay_non_finite(data_dir, tmp_path):
     out = tmp_path / "run"
     # one training forward per iteration: forward 8 is iteration 7's, forward 9 iteration 8's
     single(*one_rank_args(data_dir, out), "--max_iters", "12", "--checkpoint_interval", "5", "--on_nan", "skip",
-           nan_at="8,9", expect=3)
+           nan_at={8, 9}, expect=3)
     events = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "nonfinite_loss"]
     assert [(e["iter"], e["action"]) for e in events] == [(7, "skip"), (8, "stop")]
     assert (out / "latest").read_text() == "global_step5"
@@ -326,24 +338,16 @@ def _sigint_run(data_dir: Path, out: Path, presses: int) -> tuple[int, str]:
     args = ["--data_dir", str(data_dir), "--out_dir", str(out), *MODEL, "--micro_batch_size", "256",
             "--gradient_accumulation_steps", "1", "--max_iters", "100000", "--checkpoint_interval", "2",
             "--eval_interval", "100000", "--eval_iters", "1"]
-    log = out.parent / f"{out.name}.stderr"
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen([PYTHON, "-m", "ds_gpt.train", *args], cwd=REPO_ROOT, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        wait_for(lambda: complete(out, 2), proc, "checkpoint 2")
+    with forked_background_train(1, *args, log_dir=out.with_name(out.name + ".logs")) as ranks:
+        wait_for(lambda: complete(out, 2), ranks, "checkpoint 2")
         logged = train_losses_logged(out)
-        wait_for(lambda: train_losses_logged(out) > logged, proc, "the next step")
-        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: train_losses_logged(out) > logged, ranks, "the next step")
+        ranks.signal(signal.SIGINT)
         if presses == 2:
-            wait_for(lambda: "SIGINT received" in log.read_text(), proc, "the first SIGINT's notice")
-            proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-        return proc.returncode, log.read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            wait_for(lambda: "SIGINT received" in ranks.output(), ranks, "the first SIGINT's notice")
+            ranks.signal(signal.SIGINT)
+        ranks.wait(timeout=120)
+    return ranks.returncode, ranks.output()
 
 
 def test_one_sigint_checkpoints_and_exits_75(data_dir, tmp_path):
@@ -367,7 +371,7 @@ def test_a_second_sigint_exits_at_once_without_a_checkpoint(data_dir, tmp_path):
 @pytest.fixture(scope="module")
 def zero1_two_ranks(tmp_path_factory, data_dir) -> Path:
     out = tmp_path_factory.mktemp("zero1_w2")
-    train(2, *two_rank_args(data_dir, out), "--max_iters", "10")
+    forked_train(2, *two_rank_args(data_dir, out), "--max_iters", "10", log_dir=out.with_name("zero1_w2.logs"))
     assert (out / "latest").read_text() == "global_step10"
     return out
 
@@ -395,33 +399,21 @@ def test_weights_from_two_rank_zero1_start_a_one_rank_zero3_run(zero1_two_ranks,
 # --- 7. a dead or stalled rank -------------------------------------------------------------
 
 def _peer_failure(data_dir: Path, out: Path, sig: int, pg_timeout: int) -> tuple[int, str, float]:
-    """Two ranks started the way srun starts them (env:// variables, no launcher); `sig` to rank 1."""
-    port = free_port()
-    log = out.parent / f"{out.name}.rank0.stderr"
-    procs = []
-    try:
-        for rank in (0, 1):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            with open(log if rank == 0 else os.devnull, "w") as stderr:
-                procs.append(subprocess.Popen(
-                    [PYTHON, "ds_gpt/train.py", *two_rank_args(data_dir, out), "--max_iters", "100000",
-                     "--checkpoint_interval", "100000", "--eval_interval", "100000", "--pg_timeout", str(pg_timeout)],
-                    cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr))
-        wait_for(lambda: train_losses_logged(out) >= 3, procs[0], "three logged iterations")
-        os.kill(procs[1].pid, sig)
+    """Two ranks started the way srun starts them (env:// variables, no launcher to stop the other
+    rank when one dies); `sig` to rank 1. Rank 0's exit code, its output, and how long it took."""
+    args = [*two_rank_args(data_dir, out), "--max_iters", "100000", "--checkpoint_interval", "100000",
+            "--eval_interval", "100000", "--pg_timeout", str(pg_timeout)]
+    with forked_background_train(2, *args, log_dir=out.with_name(out.name + ".logs")) as ranks:
+        wait_for(lambda: train_losses_logged(out) >= 3, ranks, "three logged iterations")
+        ranks.signal(sig, rank=1)
         t0 = time.time()
-        procs[0].wait(timeout=pg_timeout + 90)
-        return procs[0].returncode, log.read_text(), time.time() - t0
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGCONT)
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        rank0 = ranks.procs[0]
+        rank0.join(timeout=pg_timeout + 90)
+        elapsed = time.time() - t0
+        return rank0.exitcode, ranks.logs[0].read_text(), elapsed
 
 
-@pytest.mark.parametrize("sig, pg_timeout", [(signal.SIGKILL, 30), (signal.SIGSTOP, 15)], ids=["killed", "stopped"])
+@pytest.mark.parametrize("sig, pg_timeout", [(signal.SIGKILL, 30), (signal.SIGSTOP, 10)], ids=["killed", "stopped"])
 def test_a_dead_or_stalled_rank_makes_the_others_exit_4(data_dir, tmp_path, sig, pg_timeout):
     code, stderr, elapsed = _peer_failure(data_dir, tmp_path, sig, pg_timeout)
     assert code == 4, stderr[-3000:]
