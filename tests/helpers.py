@@ -152,9 +152,11 @@ def _context() -> multiprocessing.context.BaseContext:
     return _forkserver
 
 
-def _run_rank(args: list[str], env: dict[str, str], log: str, prelude: Callable[[], None] | None) -> None:
+def _run_rank(args: list[str], env: dict[str, str], log: str, prelude: Callable[[], None] | None,
+              entry: Callable[[], None] | None) -> None:
     """A forked rank: `python ds_gpt/train.py ARGS` in its own session, output to `log`; `prelude`
-    (a picklable callable, e.g. tests/nan_injection.py's fault) runs first."""
+    (a picklable callable, e.g. tests/nan_injection.py's fault) runs first. With `entry` (a
+    script's main(), reading sys.argv), the rank runs that instead of the trainer."""
     os.setsid()  # like start_new_session: a kill of the run reaches the rank's own children too
     os.environ.clear()
     os.environ.update(env)
@@ -162,9 +164,15 @@ def _run_rank(args: list[str], env: dict[str, str], log: str, prelude: Callable[
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    sys.argv = ["ds_gpt/train.py", *args]
+    if "OMP_NUM_THREADS" in env:  # the server loaded torch before this environment existed
+        import torch
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    sys.argv = ["ds_gpt/train.py" if entry is None else entry.__module__, *args]
     if prelude is not None:
         prelude()
+    if entry is not None:
+        entry()
+        return
     from ds_gpt.errors import run_cli
     from ds_gpt.train import guarded_main
     run_cli(guarded_main, prog="ds_gpt.train", skip_teardown=True)
@@ -179,7 +187,7 @@ class Ranks:
     """
 
     def __init__(self, nproc: int, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
-                 prelude: Callable[[], None] | None = None):
+                 prelude: Callable[[], None] | None = None, entry: Callable[[], None] | None = None):
         port = str(free_port())
         base = {**os.environ, **(env or {}), "MASTER_PORT": port}
         self.logs = [log_dir / f"rank{rank}.log" for rank in range(nproc)]
@@ -190,7 +198,7 @@ class Ranks:
             rank_env = base if nproc == 1 else {
                 **base, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                 "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1"}
-            proc = _context().Process(target=_run_rank, args=(args, rank_env, str(log), prelude))
+            proc = _context().Process(target=_run_rank, args=(args, rank_env, str(log), prelude, entry))
             proc.start()
             self.procs.append(proc)
         self.pids = [proc.pid for proc in self.procs]
@@ -244,3 +252,14 @@ def forked_background_train(nproc: int, *args: str, log_dir: Path, **ranks_kw):
             ranks.signal(signal.SIGCONT)
             ranks.signal(signal.SIGKILL)
             ranks.wait()
+
+
+def forked_script(nproc: int, entry: Callable[[], None], *args: str, log_dir: Path, timeout: int = 600,
+                  env: dict[str, str] | None = None) -> str:
+    """A test script's main() (module-level, reading sys.argv) in `nproc` forked ranks, as
+    `deepspeed --num_gpus N script.py ARGS` or, for one, `python script.py ARGS` would run it;
+    it must exit 0. Returns the ranks' output."""
+    with forked_background_train(nproc, *args, log_dir=log_dir, env=env, entry=entry) as ranks:
+        ranks.wait(timeout)
+    assert ranks.returncode == 0, f"{entry.__module__} exited {ranks.returncode}:\n{ranks.output()[-6000:]}"
+    return ranks.output()

@@ -11,11 +11,9 @@ miss nothing.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
-from helpers import PYTHON, REPO_ROOT, VENV_BIN, free_port
+from helpers import forked_script
 
 from ds_gpt.plan_comm import message_bytes
 from ds_gpt.plan_memory import Setup, gpt_layout, state_bytes
@@ -31,16 +29,11 @@ SCALARS = 64  # bytes: the gradient-norm and overflow all-reduces the model leav
 
 
 def run_worker(world: int, out_dir) -> list[dict]:
-    script = str(REPO_ROOT / "tests" / "plan_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # several ranks share two cores
-    if world == 1:
-        cmd = [PYTHON, script, str(out_dir), *CASES[1]]
-        env.update(MASTER_PORT=str(free_port()))
-    else:
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
-               script, str(out_dir), *CASES[world]]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """plan_worker.py's ranks, forked (helpers.forked_script), one thread each: they share two cores."""
+    import plan_worker
+
+    forked_script(world, plan_worker.main, str(out_dir), *CASES[world], log_dir=out_dir / "logs",
+                  env={"OMP_NUM_THREADS": "1"}, timeout=900)
     rows = [json.loads(line) for rank in range(world)
             for line in (out_dir / f"rank{rank}.jsonl").read_text().splitlines()]
     assert len(rows) == world * len(CASES[world])
