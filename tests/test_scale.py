@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from helpers import PYTHON, TINY, free_port, losses, train, write_token_bins  # noqa: E402  (tests/ is on sys.path)  # noqa: E402
+from helpers import TINY, forked_script, forked_train, free_port, losses, write_token_bins  # noqa: E402
 
 from ds_gpt import presets  # noqa: E402
 from ds_gpt.config import model_args, parse_args  # noqa: E402
@@ -222,10 +221,9 @@ def worker(group: str, out: Path) -> None:
 
 
 def run_worker(group: str, tmp_path: Path) -> dict:
+    """One group's engines in one forked process (helpers.forked_script), as `python tests/test_scale.py`."""
     out = tmp_path / f"{group}.json"
-    proc = subprocess.run([PYTHON, __file__, group, str(out)], capture_output=True, text=True, timeout=900,
-                          cwd=REPO_ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    forked_script(1, script_main, group, str(out), log_dir=tmp_path / f"{group}.logs", timeout=900)
     return json.loads(out.read_text())
 
 
@@ -264,13 +262,14 @@ def test_checkpointing_keeps_the_loss_curve_of_a_compiled_engine(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_offloaded_and_checkpointed_follow_the_plain_curve(tmp_path):
-    """The trainer and its launcher end to end: ZeRO-3 with parameters and optimizer on the host and
+    """The trainer end to end (forked ranks): ZeRO-3 with parameters and optimizer on the host and
     every block recomputed, against plain ZeRO-3, 2 CPU ranks each."""
     data = write_token_bins(tmp_path / "data")
     common = ["--data_dir", str(data), *TINY, "--max_iters", "8", "--gradient_accumulation_steps", "2"]
-    train(2, "--deepspeed_config", "ds_configs/zero3.json", "--out_dir", str(tmp_path / "plain"), *common)
-    train(2, "--deepspeed_config", "ds_configs/zero3_offload.json", "--activation_checkpointing", "full",
-          "--out_dir", str(tmp_path / "scaled"), *common)
+    forked_train(2, "--deepspeed_config", "ds_configs/zero3.json", "--out_dir", str(tmp_path / "plain"), *common,
+                 log_dir=tmp_path / "logs")
+    forked_train(2, "--deepspeed_config", "ds_configs/zero3_offload.json", "--activation_checkpointing", "full",
+                 "--out_dir", str(tmp_path / "scaled"), *common, log_dir=tmp_path / "logs")
     plain, scaled = losses(tmp_path / "plain"), losses(tmp_path / "scaled")
     assert sorted(plain) == sorted(scaled) == list(range(8))
     assert relative_gap([scaled[i] for i in range(8)], [plain[i] for i in range(8)]) <= 1e-5
@@ -279,10 +278,15 @@ def test_two_ranks_offloaded_and_checkpointed_follow_the_plain_curve(tmp_path):
     assert effective["ds_config"]["optimizer"]["params"]["torch_adam"] is False
     assert effective["ds_config"]["zero_optimization"]["offload_param"]["device"] == "cpu"
     # The plain run, resumed with offload switched on: torch AdamW's saved state into DeepSpeed's CPU Adam.
-    train(2, "--deepspeed_config", "ds_configs/zero3_offload.json", "--out_dir", str(tmp_path / "plain"), *common[:-4],
-          "--max_iters", "10", "--gradient_accumulation_steps", "2", "--init_from", "resume")
+    forked_train(2, "--deepspeed_config", "ds_configs/zero3_offload.json", "--out_dir", str(tmp_path / "plain"),
+                 *common[:-4], "--max_iters", "10", "--gradient_accumulation_steps", "2", "--init_from", "resume",
+                 log_dir=tmp_path / "logs")
     assert sorted(losses(tmp_path / "plain")) == list(range(10))
 
 
-if __name__ == "__main__":
+def script_main() -> None:
     worker(sys.argv[1], Path(sys.argv[2]))
+
+
+if __name__ == "__main__":
+    script_main()
