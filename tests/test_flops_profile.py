@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from helpers import free_port  # noqa: E402  (tests/ is on sys.path, also when run as a script)
+from helpers import forked_script, free_port  # noqa: E402  (tests/ is on sys.path, also when run as a script)
 
 from ds_gpt.flops_profile import PROFILE_FILE, profiler_ds_overrides  # noqa: E402
 from ds_gpt.mfu import fwd_flops_per_token  # noqa: E402
@@ -84,12 +83,19 @@ def worker(zero_stage: int, out_dir: Path, overrides: bool, compile: bool) -> No
 
 
 def run_worker(zero_stage: int, out_dir: Path, overrides: bool = True, compile: bool = False) -> dict:
-    cmd = ([sys.executable, __file__, str(zero_stage), str(out_dir)] + ([] if overrides else ["--no-overrides"])
-           + (["--compile"] if compile else []))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(text for text in proc.stdout.splitlines() if text.startswith("EVENTS "))
+    """One engine in a forked process (helpers.forked_script), as `python tests/test_flops_profile.py` runs it."""
+    flags = ([] if overrides else ["--no-overrides"]) + (["--compile"] if compile else [])
+    args = [str(zero_stage), str(out_dir), *flags]
+    output = forked_script(1, script_main, *args, log_dir=out_dir / "logs", timeout=300)
+    line = next(text for text in output.splitlines() if text.startswith("EVENTS "))
     return json.loads(line.removeprefix("EVENTS "))
+
+
+@pytest.fixture(scope="module")
+def eager_stage1(tmp_path_factory) -> tuple[dict, Path]:
+    """The ZeRO-1 eager engine's result and its directory: one of the four stages, and the compiled test's reference."""
+    out = tmp_path_factory.mktemp("eager_z1")
+    return run_worker(1, out), out
 
 
 def test_overrides_keep_the_engine_profiler_off_and_fix_zero3():
@@ -103,8 +109,8 @@ def test_overrides_keep_the_engine_profiler_off_and_fix_zero3():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
-def test_profiler_and_analytic_agree(tmp_path, zero_stage):
-    result = run_worker(zero_stage, tmp_path)
+def test_profiler_and_analytic_agree(tmp_path, eager_stage1, zero_stage):
+    result, tmp_path = eager_stage1 if zero_stage == 1 else (run_worker(zero_stage, tmp_path), tmp_path)
     (event,) = result["events"]  # exactly one profiled iteration
     n = result["n_params"]
     # N by hand: wte 512*128 + per layer (ln 2*2*128 + c_attn 128*384+384 + c_proj 128*128+128
@@ -126,11 +132,11 @@ def test_profiler_and_analytic_agree(tmp_path, zero_stage):
 
 
 @pytest.mark.slow
-def test_a_compiled_engine_profiles_like_an_eager_one(tmp_path):
+def test_a_compiled_engine_profiles_like_an_eager_one(tmp_path, eager_stage1):
     """torch.compile'd: the profiled forwards run eagerly, so they count what eager counts, and
     profiling compiles nothing: no re-trace that could push dynamo to its recompile limit and
     leave the model eager for the rest of the run."""
-    eager = run_worker(1, tmp_path / "eager")["events"][0]
+    eager = eager_stage1[0]["events"][0]
     result = run_worker(1, tmp_path / "compiled", compile=True)
     compiled = result["events"][0]
     assert compiled["agree"] is True, compiled
@@ -149,6 +155,10 @@ def test_zero3_without_the_override_is_flagged(tmp_path):
     assert "memory_efficient_linear" in event["warning"]
 
 
-if __name__ == "__main__":
+def script_main() -> None:
     worker(int(sys.argv[1]), Path(sys.argv[2]), overrides="--no-overrides" not in sys.argv,
            compile="--compile" in sys.argv)
+
+
+if __name__ == "__main__":
+    script_main()
