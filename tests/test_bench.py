@@ -6,24 +6,28 @@ import json
 import re
 import statistics
 import subprocess
+import sys
 
 import pytest
-from helpers import PYTHON, REPO_ROOT
+from helpers import PYTHON, REPO_ROOT, forked_script
 
 from ds_gpt.bench.__main__ import main as bench_main
 
 
+def bench_script() -> None:
+    """`python -m ds_gpt.bench ARGV`, as a forked process runs it (helpers.forked_script)."""
+    sys.exit(bench_main(sys.argv[1:]))
+
+
 def bench(tmp_path, what: str, *args: str, in_process: bool = False, timeout: int = 300) -> dict:
-    """Run `python -m ds_gpt.bench <what> ... --json FILE` (or its main() in this process: no
-    interpreter start) and return the JSON, checked for the fields every benchmark writes."""
+    """Run `python -m ds_gpt.bench <what> ... --json FILE` in a forked process (or its main() in
+    this one) and return the JSON, checked for the fields every benchmark writes."""
     out = tmp_path / f"{what}.json"
     argv = [what, *args, "--json", str(out)]
     if in_process:
         assert bench_main(argv) == 0
     else:
-        proc = subprocess.run([PYTHON, "-m", "ds_gpt.bench", *argv], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=timeout)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        forked_script(1, bench_script, *argv, log_dir=tmp_path / f"{what}.logs", timeout=timeout)
     figures = json.loads(out.read_text())
     assert figures["benchmark"] == what and re.fullmatch(r"\d{4}-\d\d-\d\d", figures["date"])
     assert figures["machine"] and len(figures["load_average"]) == 3 and "torch" in figures["versions"]
