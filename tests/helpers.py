@@ -189,7 +189,7 @@ class Ranks:
     def __init__(self, nproc: int, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
                  prelude: Callable[[], None] | None = None, entry: Callable[[], None] | None = None):
         port = str(free_port())
-        base = {**os.environ, **(env or {}), "MASTER_PORT": port}
+        base = {**(os.environ if env is None else env), "MASTER_PORT": port}  # `env` replaces, as in Popen
         self.logs = [log_dir / f"rank{rank}.log" for rank in range(nproc)]
         self.procs = []
         for rank, log in enumerate(self.logs):

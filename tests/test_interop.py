@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import forked_background_train, forked_train, free_port
 
 from ds_gpt import hf_tokenizer, tokenizer
 from ds_gpt.errors import UserError
@@ -131,15 +131,20 @@ def test_local_hf_dir_loads_with_transformers_logits(tmp_path, activation, atol)
     torch.testing.assert_close(ours[..., 100:], theirs.mean(-1, keepdim=True).expand(-1, -1, 28), atol=1e-4, rtol=0)
 
 
+def load_gpt2_by_name() -> None:
+    """`--init_from gpt2`'s loader as a command would run it (a forked process: HF_HUB_OFFLINE is read at import)."""
+    from ds_gpt.errors import run_cli
+    from ds_gpt.interop import load_init_weights
+
+    run_cli(lambda: load_init_weights("gpt2") and 0, prog="t")
+
+
 def test_openai_name_offline_says_how_to_get_it(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    code = ("from ds_gpt.interop import load_init_weights\n"
-            "from ds_gpt.errors import run_cli\n"
-            "run_cli(lambda: load_init_weights('gpt2') and 0, prog='t')\n")
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2, r.stderr
-    assert "cannot load GPT-2 weights 'gpt2'" in r.stderr and "--init_from DIR" in r.stderr
+    with forked_background_train(1, log_dir=tmp_path / "logs", env=env, entry=load_gpt2_by_name) as process:
+        process.wait(120)
+    assert process.returncode == 2, process.output()
+    assert "cannot load GPT-2 weights 'gpt2'" in process.output() and "--init_from DIR" in process.output()
 
 
 def test_without_transformers_names_the_extra(tmp_path, monkeypatch):
@@ -378,6 +383,7 @@ def test_nanogpt_optimizer_state_in_deepspeed_bf16(tmp_path, ds_env, stage):
 def test_export_cli_from_deepspeed_checkpoint(tmp_path, ds_env):
     """nanoGPT -> a ZeRO-2 DeepSpeed checkpoint -> `python -m ds_gpt.export` in every format."""
     from ds_gpt import checkpoint
+    from ds_gpt import export as export_cmd
 
     src = tiny_gpt()
     original = write_nanogpt_ckpt(tmp_path / "ng" / "ckpt.pt", src, nanogpt_adamw(src), iter_num=11)
@@ -393,13 +399,11 @@ def test_export_cli_from_deepspeed_checkpoint(tmp_path, ds_env):
         milestone_every=0, client_state=lambda: {"model_args": init.model_args, "iter_num": 11, "best_val_loss": 3.25},
         marker={"model_args": init.model_args, "world_size": 1, "zero_stage": 2, "dtype": "float32"}).save(11)
 
-    def run_export(fmt: str, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "ds_gpt.export", "--out_dir", str(out), "--format", fmt,
-               "--dest", str(tmp_path / fmt), *extra]
-        return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    def run_export(fmt: str, *extra: str) -> int:
+        """The export command's main() in this process; the last case runs the command itself."""
+        return export_cmd.main(["--out_dir", str(out), "--format", fmt, "--dest", str(tmp_path / fmt), *extra])
 
-    r = run_export("nanogpt")
-    assert r.returncode == 0, r.stderr
+    assert run_export("nanogpt") == 0
     back = torch.load(tmp_path / "nanogpt" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert back["iter_num"] == 11 and back["model_args"] == init.model_args
     for k, v in original["model"].items():
@@ -407,18 +411,17 @@ def test_export_cli_from_deepspeed_checkpoint(tmp_path, ds_env):
             assert torch.equal(back["model"][k.removeprefix("_orig_mod.")], v), k
     nanogpt_load(tmp_path / "nanogpt" / "ckpt.pt")
 
-    r = run_export("hf")
-    assert r.returncode == 0, r.stderr
+    assert run_export("hf") == 0
     idx = batch(128)
     torch.testing.assert_close(hf_logits(tmp_path / "hf", idx), our_logits(src, idx), atol=1e-4, rtol=0)
 
-    r = run_export("fp32", "--tag", "global_step11")
-    assert r.returncode == 0, r.stderr
+    assert run_export("fp32", "--tag", "global_step11") == 0
     fp32 = torch.load(tmp_path / "fp32" / "model.pt", weights_only=True)
     assert all(torch.equal(fp32[k], v) for k, v in src.state_dict().items())
 
-    r = run_export("fp32")  # DEST is now non-empty
-    assert r.returncode == 2 and "not empty" in r.stderr and "--force" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "ds_gpt.export", "--out_dir", str(out), "--format", "fp32",
+                        "--dest", str(tmp_path / "fp32")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "not empty" in r.stderr and "--force" in r.stderr  # DEST is now non-empty
 
 
 @pytest.mark.slow
@@ -437,7 +440,7 @@ def test_trainer_starts_from_nanogpt_and_hf_checkpoints(tmp_path):
     train_steps(src, opt, 2)
     write_nanogpt_ckpt(tmp_path / "ng" / "ckpt.pt", src, opt, iter_num=2)
     save_random_hf_gpt2(tmp_path / "hf", vocab=100)
-    common = [sys.executable, "-m", "ds_gpt.train", "--data_dir", str(data), "--dtype", "float32",
+    common = ["--data_dir", str(data), "--dtype", "float32",
               "--compile", "False", "--micro_batch_size", "2", "--gradient_accumulation_steps", "1",
               "--eval_interval", "100", "--eval_iters", "1", "--log_interval", "1", "--learning_rate", "0"]
     cases = {"ng": ([f"--init_from=nanogpt:{tmp_path / 'ng' / 'ckpt.pt'}", "--resume_optimizer", "True",
@@ -446,9 +449,7 @@ def test_trainer_starts_from_nanogpt_and_hf_checkpoints(tmp_path):
              "hf": ([f"--init_from={tmp_path / 'hf'}", "--max_iters", "2"], str(tmp_path / "hf"), [0, 1])}
     for name, (args, spec, iters) in cases.items():
         out = tmp_path / f"out_{name}"
-        r = subprocess.run(common + ["--out_dir", str(out), *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        forked_train(1, *common, "--out_dir", str(out), *args, log_dir=tmp_path / f"{name}.logs")
         expected = load_init_weights(spec)
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["model"] == {**expected.model_args, "dropout": 0.0}, name
@@ -469,13 +470,12 @@ def test_hf_export_generates_as_our_sampler(tmp_path, shakespeare_data, capsys):
     from ds_gpt import sample as sample_cmd
 
     out = tmp_path / "run"
-    train = [sys.executable, "-m", "ds_gpt.train", "--deepspeed_config", "ds_configs/zero1.json",
+    train = ["--deepspeed_config", "ds_configs/zero1.json",
              "--data_dir", str(shakespeare_data), "--out_dir", str(out), "--n_layer", "1", "--n_head", "2",
              "--n_embd", "32", "--block_size", "64", "--vocab_size", "50304", "--dtype", "float32",
              "--compile", "False", "--micro_batch_size", "4", "--gradient_accumulation_steps", "1",
              "--max_iters", "3", "--warmup_iters", "1", "--learning_rate", "1e-2", "--eval_iters", "1"]
-    r = subprocess.run(train, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    forked_train(1, *train, log_dir=tmp_path / "logs")
     # Both commands in-process (their main()): the same code paths, without two more interpreter start-ups.
     assert export_cmd.main(["--out_dir", str(out), "--format", "hf", "--dest", str(tmp_path / "hf")]) == 0
     capsys.readouterr()

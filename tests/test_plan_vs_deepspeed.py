@@ -11,6 +11,7 @@ miss nothing.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from helpers import forked_script
@@ -33,7 +34,7 @@ def run_worker(world: int, out_dir) -> list[dict]:
     import plan_worker
 
     forked_script(world, plan_worker.main, str(out_dir), *CASES[world], log_dir=out_dir / "logs",
-                  env={"OMP_NUM_THREADS": "1"}, timeout=900)
+                  env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
     rows = [json.loads(line) for rank in range(world)
             for line in (out_dir / f"rank{rank}.jsonl").read_text().splitlines()]
     assert len(rows) == world * len(CASES[world])

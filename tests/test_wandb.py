@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON, REPO_ROOT, read_jsonl, write_token_bins
+from helpers import forked_train, read_jsonl, write_token_bins
 
 pytest.importorskip("wandb", reason="the wandb extra (make setup EXTRAS=wandb)")
 SECRET = "sekrit-api-key-0123456789abcdef0123456789"
@@ -64,14 +63,12 @@ def test_offline_wandb_run_matches_metrics_and_survives_a_resume(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "WANDB_API_KEY": SECRET}
     env.pop("WANDB_MODE", None)  # offline is the default: compute nodes have no internet
-    args = [PYTHON, "-m", "ds_gpt.train", "--data_dir", str(write_token_bins(tmp_path / "data")), "--out_dir", str(out),
+    args = ["--data_dir", str(write_token_bins(tmp_path / "data")), "--out_dir", str(out),
             "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--block_size", "32", "--vocab_size", "512",
             "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2", "--gradient_accumulation_steps", "1",
             "--eval_interval", "2", "--eval_iters", "1", "--checkpoint_interval", "2", "--wandb_log", "True"]
     for max_iters, init_from in (("3", "scratch"), ("5", "resume")):  # resumes from 2: iteration 2 logged twice
-        proc = subprocess.run([*args, "--max_iters", max_iters, "--init_from", init_from], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        forked_train(1, *args, "--max_iters", max_iters, "--init_from", init_from, env=env, log_dir=tmp_path / "logs")
 
     run_id = (out / "wandb_run_id").read_text().strip()
     runs = offline_runs(out)
