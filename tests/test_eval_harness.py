@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import forked_script
 
 from ds_gpt import tokenizer
 from ds_gpt.export import export
@@ -67,6 +66,12 @@ def accuracies(scores: list[list[float]], docs: list[dict]) -> tuple[list[float]
     return acc, acc_norm
 
 
+def lm_eval_command() -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
 @pytest.mark.slow
 def test_harness_scores_the_export_as_we_do(tmp_path):
     torch.manual_seed(0)  # an untrained GPT-2-vocabulary model: on these items acc 0.2, acc_norm 0.1 here
@@ -75,11 +80,10 @@ def test_harness_scores_the_export_as_we_do(tmp_path):
     dest = export(model.state_dict(), {"model_args": model.config.to_dict()}, "hf", tmp_path / "hf")
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={dest},dtype=float32",
-           "--include_path", str(TASK_DIR), "--tasks", TASK, "--device", "cpu", "--batch_size", "8",
-           "--output_path", str(tmp_path / "eval"), "--log_samples"]
-    r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    # `python -m lm_eval run ...` in a forked process: the HF variables are read when it imports them.
+    forked_script(1, lm_eval_command, "run", "--model", "hf", "--model_args", f"pretrained={dest},dtype=float32",
+                  "--include_path", str(TASK_DIR), "--tasks", TASK, "--device", "cpu", "--batch_size", "8",
+                  "--output_path", str(tmp_path / "eval"), "--log_samples", env=env, log_dir=tmp_path / "logs")
     (results_file,) = (tmp_path / "eval").rglob("results_*.json")
     (samples_file,) = (tmp_path / "eval").rglob(f"samples_{TASK}_*.jsonl")
     results = json.loads(results_file.read_text())["results"][TASK]
