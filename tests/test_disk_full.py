@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON, REPO_ROOT, write_token_bins
+from helpers import forked_background_train, forked_train, write_token_bins
 
 from ds_gpt.checkpoint import find_latest
 
@@ -39,29 +39,27 @@ def test_a_disk_that_fills_between_checkpoints_ends_the_run_cleanly(tmp_path, sm
     """metrics.jsonl and TensorBoard both write every iteration; whichever meets the full disk first ends the run."""
     out = small_disk / "run"
     ds_config = "ds_configs/zero1.json"
-    args = [PYTHON, "-m", "ds_gpt.train", "--deepspeed_config", ds_config, "--data_dir",
+    args = ["--deepspeed_config", ds_config, "--data_dir",
             str(write_token_bins(tmp_path / "data")), "--out_dir", str(out), "--n_layer", "1", "--n_head", "1",
             "--n_embd", "16", "--block_size", "32", "--vocab_size", "512", "--dtype", "float32", "--compile", "False",
             "--micro_batch_size", "2", "--gradient_accumulation_steps", "1", "--eval_interval", "100000",
             "--eval_iters", "1"]
-    subprocess.run([*args, "--max_iters", "3"], cwd=REPO_ROOT, capture_output=True, check=True, timeout=240)
+    logs = tmp_path / "logs"  # off the small disk
+    forked_train(1, *args, "--max_iters", "3", log_dir=logs / "first")
     # Resumed with no checkpoint due for a long while: only metrics and TensorBoard write now.
-    proc = subprocess.Popen([*args, "--init_from", "resume", "--max_iters", "100000",
-                             "--checkpoint_interval", "100000"],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with forked_background_train(1, *args, "--init_from", "resume", "--max_iters", "100000",
+                                 "--checkpoint_interval", "100000", log_dir=logs / "resumed") as run:
         deadline = time.time() + 240
         while sum(1 for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line) < 5:
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            assert run.poll() is None and time.time() < deadline, run.output()
             time.sleep(0.05)
         fill(small_disk)
-        stdout, stderr = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
-    assert proc.returncode == 2, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith("ds_gpt.train: error: "), stderr[-3000:]
+        run.wait(timeout=240)
+    output = run.output()
+    assert run.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("ds_gpt.train: error: "), output[-3000:]
     assert "No space left on device" in errors[0]
     for line in (out / "metrics.jsonl").read_text().splitlines():  # every line whole
         json.loads(line)
