@@ -95,6 +95,9 @@ def summarize(config: dict, train: list[dict], evals: list[dict], profiles: list
     steady = steady_state(train) if train else []
     peaks = [e["peak_mem_mb"] for e in train if isinstance(e.get("peak_mem_mb"), (int, float))]
     profile = profiles[-1] if profiles else {}
+    # A train line's iter is the iteration it finished (0-based); an eval line's iter is the count
+    # done when it ran, so the final eval also counts the iterations the log interval skipped.
+    iterations_done = [e["iter"] for e in evals] + ([train[-1]["iter"] + 1] if train else [])
     hosts = config.get("hosts") or []
     return {
         "hardware": config.get("device"),
@@ -107,7 +110,7 @@ def summarize(config: dict, train: list[dict], evals: list[dict], profiles: list
         "micro_batch": ds.get("train_micro_batch_size_per_gpu"),
         "grad_accum": ds.get("gradient_accumulation_steps"),
         "tokens_per_iter": global_batch * block if global_batch and block else None,
-        "iters": (train[-1]["iter"] if train else None),
+        "iters": max(iterations_done, default=None),
         "steady_iters": len(steady),
         "ms_per_iter": median_of(steady, "dt_ms"),
         "tokens_per_s": median_of(steady, "tokens_per_s"),

@@ -63,7 +63,7 @@ def test_report_figures(tmp_path):
     assert (s["hardware"], s["hosts"], s["launcher"]) == ("NVIDIA A100-SXM4-40GB", 2, "srun")
     assert (s["world_size"], s["zero_stage"], s["dtype"]) == (8, 1, "bfloat16")
     assert (s["global_batch"], s["micro_batch"], s["grad_accum"], s["tokens_per_iter"]) == (480, 12, 5, 491_520)
-    assert s["peak_mem_mb"] == 10259.0
+    assert s["peak_mem_mb"] == 10259.0 and s["iters"] == 20  # train lines 0..19
     # the resumed lines won: final loss at iter 19 is 11 - 5.7 - 0.01; val best 11.1 - 3.0
     assert s["final_loss"] == pytest.approx(5.29) and s["best_val_loss"] == s["final_val_loss"] == pytest.approx(8.1)
 
