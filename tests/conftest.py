@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON, REPO_ROOT, write_token_bins
+from helpers import REPO_ROOT, write_token_bins
 
 from ds_gpt.ops import put_venv_ninja_first
 
@@ -29,12 +28,6 @@ def token_bins(tmp_path: Path) -> Path:
 
 
 
-def _run_or_fail(*args: str) -> None:
-    proc = subprocess.run([PYTHON, *args], capture_output=True, text=True, cwd=REPO_ROOT)
-    if proc.returncode:
-        pytest.fail(f"python {' '.join(args)} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-
-
 @pytest.fixture(scope="session")
 def gpt2_ranks() -> Path:
     """The offline GPT-2 ranks (`python -m ds_gpt.assets`: instant when already provisioned)."""
@@ -45,11 +38,12 @@ def gpt2_ranks() -> Path:
 @pytest.fixture(scope="session")
 def shakespeare_data() -> Path:
     """<cache>/test-data/shakespeare as `make demo` prepares data/shakespeare (train.bin, val.bin,
-    meta.json; 1.57 M tokens). Built once; later sessions reuse it (prepare's re-run is a no-op)."""
+    meta.json; 1.57 M tokens). Built once; later sessions reuse it (prepare's re-run is a no-op).
+    Both commands run in this process (their main()): no interpreter start-ups for two no-ops."""
+    from ds_gpt import assets, prepare
+
     out = Path(os.environ["DS_GPT_CACHE"]) / "test-data" / "shakespeare"
-    _run_or_fail("-m", "ds_gpt.assets")
-    _run_or_fail("-m", "ds_gpt.prepare", "--dataset", "shakespeare", "--out_dir", str(out),
-                 "--cache_dir", str(out.parent / "hf-datasets"))
+    assert assets.main([]) == 0
+    assert prepare.main(["--dataset", "shakespeare", "--out_dir", str(out), "--cache_dir",
+                         str(out.parent / "hf-datasets")]) == 0
     return out
-
-

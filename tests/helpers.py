@@ -56,16 +56,20 @@ def copy_of_the_op_build(extensions: Path) -> Path:
     return extensions / OP
 
 
-def two_step_single_process_run(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`python -m ds_gpt.train` as one plain process (no launcher): a 1-layer model, 2 iterations on
-    TMP/data, into TMP/out; for tests of what happens around DeepSpeed's start-up."""
+def two_step_args(tmp_path: Path) -> list[str]:
+    """The trainer's options for a 1-layer model, 2 iterations on TMP/data (written here), into TMP/out."""
     data = write_token_bins(tmp_path / "data")
-    return subprocess.run(
-        [PYTHON, "-m", "ds_gpt.train", "--deepspeed_config", "ds_configs/zero1.json", "--data_dir", str(data),
-         "--out_dir", str(tmp_path / "out"), "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--block_size", "32",
-         "--vocab_size", "512", "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2",
-         "--gradient_accumulation_steps", "1", "--max_iters", "2", "--eval_iters", "1"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, env=env)
+    return ["--deepspeed_config", "ds_configs/zero1.json", "--data_dir", str(data), "--out_dir", str(tmp_path / "out"),
+            "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--block_size", "32", "--vocab_size", "512",
+            "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2", "--gradient_accumulation_steps",
+            "1", "--max_iters", "2", "--eval_iters", "1"]
+
+
+def two_step_single_process_run(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m ds_gpt.train` as one plain process (no launcher) with `two_step_args`; for tests
+    of what happens around DeepSpeed's start-up in a fresh process."""
+    return subprocess.run([PYTHON, "-m", "ds_gpt.train", *two_step_args(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, env=env)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -15,7 +15,6 @@ per command runs as a subprocess to prove the exit code and the single stderr li
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Callable
 
 import fs_faults
 import pytest
-from helpers import PYTHON, REPO_ROOT, two_step_single_process_run, write_token_bins
+from helpers import PYTHON, REPO_ROOT, forked_train, two_step_args, write_token_bins
 
 from ds_gpt import export, fileset, hostfile, plan, prepare, report, sample, tokenizer
 from ds_gpt.bench.__main__ import main as bench_main
@@ -235,8 +234,7 @@ CASES: dict[str, Case] = {
 def trained_run(tmp_path_factory) -> Path:
     """A finished 2-iteration run of a 1-layer model (vocab 512): what sample and export load."""
     tmp = tmp_path_factory.mktemp("trained")
-    proc = two_step_single_process_run(tmp, dict(os.environ))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    forked_train(1, *two_step_args(tmp), log_dir=tmp / "logs")
     return tmp / "out"
 
 

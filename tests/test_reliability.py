@@ -413,7 +413,7 @@ def _peer_failure(data_dir: Path, out: Path, sig: int, pg_timeout: int) -> tuple
         return rank0.exitcode, ranks.logs[0].read_text(), elapsed
 
 
-@pytest.mark.parametrize("sig, pg_timeout", [(signal.SIGKILL, 30), (signal.SIGSTOP, 10)], ids=["killed", "stopped"])
+@pytest.mark.parametrize("sig, pg_timeout", [(signal.SIGKILL, 30), (signal.SIGSTOP, 6)], ids=["killed", "stopped"])
 def test_a_dead_or_stalled_rank_makes_the_others_exit_4(data_dir, tmp_path, sig, pg_timeout):
     code, stderr, elapsed = _peer_failure(data_dir, tmp_path, sig, pg_timeout)
     assert code == 4, stderr[-3000:]
