@@ -43,12 +43,21 @@ need_root() {
         || die "needs apt-get (Debian/Ubuntu) to install slurm, munge, sshd and pdsh" 3
 }
 
+# Whether a process runs. One that has exited but is not yet reaped (a zombie) does not: the
+# daemons' parent here is the machine's init, which can take seconds to reap them.
+running() {  # running PID
+    local stat
+    stat=$(<"/proc/$1/stat") 2>/dev/null || return 1
+    stat=${stat##*) }  # the fields after "(comm) "; the first is the state
+    [[ ${stat:0:1} != Z ]]
+}
+
 # A pid file's process, if it is alive and is the program we expect (pids get reused).
 alive() {  # alive PIDFILE COMM
     local pid
     [[ -s $1 ]] || return 1
     pid=$(<"$1")
-    [[ -r /proc/$pid/comm ]] && [[ $(</proc/$pid/comm) == "$2"* ]]
+    running "$pid" && [[ -r /proc/$pid/comm ]] && [[ $(</proc/$pid/comm) == "$2"* ]]
 }
 
 install_packages() {
@@ -147,7 +156,7 @@ stop_pidfile() {  # stop_pidfile NAME COMM
     if alive "$file" "$2"; then
         local pid; pid=$(<"$file")  # read once: a daemon removes its pid file as it exits
         kill "$pid" && say "stopped $2 ($pid)"
-        for _ in $(seq 50); do [[ -d /proc/$pid ]] || break; sleep 0.1; done
+        for _ in $(seq 50); do running "$pid" || break; sleep 0.1; done
     fi
     rm -f "$file"
 }
