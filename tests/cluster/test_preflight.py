@@ -18,26 +18,18 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON, REPO_ROOT, free_port, write_token_bins
-from test_cluster import CLUSTER_SH, cluster, job_env  # noqa: F401  (cluster: the session fixture)
-from test_stage import write_meta
+from cluster_jobs import CLUSTER_SH, NODE_LOCAL, SHARED_MNT, job_env, on_node
+from helpers import PYTHON, REPO_ROOT, free_port
 
 TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--vocab_size", "512",
               "--dtype", "float32"]
-STATE = Path(os.environ.get("DS_GPT_CLUSTER_STATE", "/var/lib/ds_gpt_local_cluster"))
-NODE_LOCAL, SHARED_MNT = STATE / "local", STATE / "shared"  # as tests/cluster/local_cluster.sh sets them up
 CACHE_VARS = ("PATH", "DS_GPT_CACHE", "TORCH_EXTENSIONS_DIR", "TIKTOKEN_CACHE_DIR")
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 # -----------------------------------------------------------------------------
-# helpers (on_node is shared with test_staging.py)
-
-
-def on_node(node: str, *cmd: str) -> subprocess.CompletedProcess:
-    """Run cmd with `node`'s view of the filesystems (its own local disk at NODE_LOCAL)."""
-    return subprocess.run(["bash", str(CLUSTER_SH), "exec", node, *cmd], capture_output=True, text=True, timeout=60)
+# helpers
 
 
 def write_env_file(path: Path, env: dict[str, str], names=CACHE_VARS) -> Path:
@@ -58,7 +50,7 @@ def failures(report: dict) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def allocation(cluster, tmp_path_factory) -> dict[str, str]:  # noqa: F811
+def allocation(cluster, tmp_path_factory) -> dict[str, str]:
     """The SLURM_* variables of a two-node allocation held for this file's tests (released after)."""
     where = tmp_path_factory.mktemp("allocation")
     env_file, hold = where / "env", where / "hold"
@@ -85,12 +77,6 @@ def allocation(cluster, tmp_path_factory) -> dict[str, str]:  # noqa: F811
             subprocess.run(["scancel", slurm["SLURM_JOB_ID"]], capture_output=True)
             holder.kill()
             holder.wait()
-
-
-@pytest.fixture(scope="module")
-def shared_data(tmp_path_factory) -> Path:
-    """A corpus with meta.json on the filesystem every node shares."""
-    return write_meta(write_token_bins(tmp_path_factory.mktemp("preflight_data")))
 
 
 def preflight(allocation: dict, tmp_path: Path, data_dir: Path, out_dir: Path, *args: str,
@@ -120,8 +106,8 @@ def assert_fails_with(result: tuple[int, dict, str], expected: dict[str, list[st
 # healthy
 
 
-def test_healthy_cluster_passes(allocation, shared_data: Path, tmp_path: Path) -> None:
-    rc, report, stderr = preflight(allocation, tmp_path, shared_data, tmp_path / "out")
+def test_healthy_cluster_passes(allocation, meta_data: Path, tmp_path: Path) -> None:
+    rc, report, stderr = preflight(allocation, tmp_path, meta_data, tmp_path / "out")
     assert rc == 0 and report["ok"], stderr
     checks = {c["check"]: c for c in report["checks"]}
     assert set(checks) == {"hostfile", "env", "ssh", "python", "master", "data", "out_dir", "allreduce"}
@@ -138,34 +124,34 @@ def test_healthy_cluster_passes(allocation, shared_data: Path, tmp_path: Path) -
 # one fault each
 
 
-def test_stopped_sshd_is_named(allocation, shared_data: Path, tmp_path: Path) -> None:
+def test_stopped_sshd_is_named(allocation, meta_data: Path, tmp_path: Path) -> None:
     subprocess.run(["bash", str(CLUSTER_SH), "stop-sshd", "node2"], check=True, capture_output=True)
     try:
-        result = preflight(allocation, tmp_path, shared_data, tmp_path / "out")
+        result = preflight(allocation, tmp_path, meta_data, tmp_path / "out")
     finally:
         subprocess.run(["bash", str(CLUSTER_SH), "up"], check=True, capture_output=True, timeout=300)
     assert_fails_with(result, {"ssh": ["node2"]})
 
 
-def test_host_outside_the_allocation(allocation, shared_data: Path, tmp_path: Path) -> None:
+def test_host_outside_the_allocation(allocation, meta_data: Path, tmp_path: Path) -> None:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\nnode3 slots=1\n")
-    assert_fails_with(preflight(allocation, tmp_path, shared_data, tmp_path / "out", "--hostfile", str(hostfile)),
+    assert_fails_with(preflight(allocation, tmp_path, meta_data, tmp_path / "out", "--hostfile", str(hostfile)),
                       {"hostfile": ["node3"]})
 
 
-def test_master_port_in_use(allocation, shared_data: Path, tmp_path: Path) -> None:
+def test_master_port_in_use(allocation, meta_data: Path, tmp_path: Path) -> None:
     port = free_port()
     with socket.socket() as squatter:  # a stale rank's rendezvous server, say
         squatter.bind(("0.0.0.0", port))
         squatter.listen()
-        result = preflight(allocation, tmp_path, shared_data, tmp_path / "out", "--master_port", str(port))
+        result = preflight(allocation, tmp_path, meta_data, tmp_path / "out", "--master_port", str(port))
     assert_fails_with(result, {"port": ["node1"]})
 
 
-def test_data_on_one_node_only(allocation, shared_data: Path, tmp_path: Path) -> None:
+def test_data_on_one_node_only(allocation, meta_data: Path, tmp_path: Path) -> None:
     local = NODE_LOCAL / f"preflight-{uuid.uuid4().hex[:8]}"
-    assert on_node("node1", "cp", "-r", str(shared_data), str(local)).returncode == 0
+    assert on_node("node1", "cp", "-r", str(meta_data), str(local)).returncode == 0
     try:
         report = assert_fails_with(preflight(allocation, tmp_path, local, tmp_path / "out"), {"data": ["node2"]})
     finally:
@@ -173,12 +159,12 @@ def test_data_on_one_node_only(allocation, shared_data: Path, tmp_path: Path) ->
     assert "not found" in next(c["message"] for c in report["checks"] if c["check"] == "data")
 
 
-def test_out_dir_too_small(allocation, shared_data: Path, tmp_path: Path) -> None:
+def test_out_dir_too_small(allocation, meta_data: Path, tmp_path: Path) -> None:
     small = SHARED_MNT / f"preflight-{uuid.uuid4().hex[:8]}"  # mounts here reach every node
     small.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
     try:
-        report = assert_fails_with(preflight(allocation, tmp_path, shared_data, small), {"out_dir": ["node1", "node2"]})
+        report = assert_fails_with(preflight(allocation, tmp_path, meta_data, small), {"out_dir": ["node1", "node2"]})
     finally:
         subprocess.run(["umount", str(small)], check=True)
         small.rmdir()
@@ -186,13 +172,13 @@ def test_out_dir_too_small(allocation, shared_data: Path, tmp_path: Path) -> Non
     assert check["free_bytes"] <= 1 << 20 < check["need_bytes"] == 3 * report["model"]["checkpoint_bytes"]
 
 
-def test_out_dir_on_node_local_disks(allocation, shared_data: Path, tmp_path: Path) -> None:
+def test_out_dir_on_node_local_disks(allocation, meta_data: Path, tmp_path: Path) -> None:
     """Checkpoint shards written to each node's own disk would never form one checkpoint."""
     local = NODE_LOCAL / f"preflight-{uuid.uuid4().hex[:8]}"
     for node in ("node1", "node2"):
         on_node(node, "mkdir", "-p", str(local))
     try:
-        report = assert_fails_with(preflight(allocation, tmp_path, shared_data, local), {"out_dir": ["node1", "node2"]})
+        report = assert_fails_with(preflight(allocation, tmp_path, meta_data, local), {"out_dir": ["node1", "node2"]})
     finally:
         for node in ("node1", "node2"):
             on_node(node, "rm", "-rf", str(local))
@@ -200,9 +186,9 @@ def test_out_dir_on_node_local_disks(allocation, shared_data: Path, tmp_path: Pa
     assert "not one filesystem" in next(c["message"] for c in report["checks"] if c["check"] == "out_dir")
 
 
-def test_env_file_without_a_variable(allocation, shared_data: Path, tmp_path: Path) -> None:
+def test_env_file_without_a_variable(allocation, meta_data: Path, tmp_path: Path) -> None:
     names = [n for n in CACHE_VARS if n != "TORCH_EXTENSIONS_DIR"]
-    report = assert_fails_with(preflight(allocation, tmp_path, shared_data, tmp_path / "out", env_file_names=names),
+    report = assert_fails_with(preflight(allocation, tmp_path, meta_data, tmp_path / "out", env_file_names=names),
                                {"env": []})
     check = next(c for c in report["checks"] if c["check"] == "env")
     assert list(check["problems"]) == ["TORCH_EXTENSIONS_DIR"]

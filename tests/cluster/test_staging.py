@@ -2,37 +2,39 @@
 
 Each node has a disk of its own (tests/cluster/local_cluster.sh), so a run that trains from
 staged data proves that every node made its own copy: a rank whose node has none cannot start.
+The staged training runs are the session's (conftest.py), which test_cluster.py's launch-mode
+tests and test_elastic_cluster.py read too.
 """
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, write_token_bins
-from test_cluster import SBATCH_TINY, TINY, cluster, job_env, sbatch, tail, train_iters, wait_job  # noqa: F401
-from test_preflight import NODE_LOCAL, on_node
-from test_stage import write_meta
+from cluster_jobs import (
+    NODES,
+    SBATCH_TINY,
+    TINY,
+    job_env,
+    node_local_dir,
+    on_node,
+    remove_node_local,
+    sbatch,
+    tail,
+    train_iters,
+    wait_job,
+)
+from helpers import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
-NODES = ("node1", "node2")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return write_meta(write_token_bins(tmp_path_factory.mktemp("staging_data")))
 
 
 @pytest.fixture
-def node_local(cluster) -> Path:  # noqa: F811
+def node_local(cluster) -> Path:
     """A fresh directory on every node's own disk, removed afterwards."""
-    path = NODE_LOCAL / f"test-{uuid.uuid4().hex[:8]}"
-    for node in NODES:
-        on_node(node, "mkdir", "-p", str(path))
+    path = node_local_dir("test")
     yield path
-    for node in NODES:
-        on_node(node, "rm", "-rf", str(path))
+    remove_node_local(path)
 
 
 def run_job(tmp_path: Path, data_dir: Path, **env: str) -> tuple[int, dict, Path, Path]:
@@ -49,22 +51,21 @@ def sha256_on(node: str, path: Path) -> str:
 
 
 @pytest.mark.parametrize("mode", ["deepspeed", "srun"])
-def test_preflight_then_staged_training(mode: str, data_dir: Path, node_local: Path, tmp_path: Path) -> None:
+def test_preflight_then_staged_training(mode: str, staged_runs, meta_data: Path) -> None:
     """Mode A with STAGE_DIR, mode B with SLURM_TMPDIR: preflight passes, every node stages, the run trains."""
-    where = {"STAGE_DIR": str(node_local)} if mode == "deepspeed" else {"SLURM_TMPDIR": str(node_local)}
-    job, info, out, log = run_job(tmp_path, data_dir, DS_GPT_LAUNCH=mode, STAGE_DATA="1", **where)
+    (job, info, out, log), node_local = staged_runs(mode)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
 
     preflight = json.loads((out / "preflight.json").read_text())
     assert preflight["ok"] and preflight["launcher"] == mode and preflight["allreduce"]["world_size"] == 2
-    staged = node_local / f"ds_gpt-{data_dir.name}"
+    staged = node_local / f"ds_gpt-{meta_data.name}"
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["data_dir"] == str(staged) and config["world_size"] == 2
-    assert train_iters(out)[-1] == 3
-    meta = json.loads((data_dir / "meta.json").read_text())
+    assert train_iters(out)[-1] == 5
+    meta = json.loads((meta_data / "meta.json").read_text())
     for node in NODES:  # each node's own copy, byte for byte
         assert sha256_on(node, staged / "train.bin") == meta["splits"]["train"]["sha256"], node
-        assert on_node(node, "cmp", str(data_dir / "meta.json"), str(staged / "meta.json")).returncode == 0
+        assert on_node(node, "cmp", str(meta_data / "meta.json"), str(staged / "meta.json")).returncode == 0
 
     # The job's hostfile and env file went with it, and the env file was its owner's alone.
     assert not list((REPO_ROOT / "hostfiles").glob(f"{job}*"))
@@ -75,11 +76,11 @@ def test_preflight_then_staged_training(mode: str, data_dir: Path, node_local: P
         assert env_check["mode"] == "0600" and Path(env_check["path"]).parent.name.startswith(f"ds_gpt-job{job}.")
 
     # The preflight's checkpoint estimate against the checkpoint the run wrote.
-    written = sum(f.stat().st_size for f in (out / "global_step4").rglob("*") if f.is_file())
+    written = sum(f.stat().st_size for f in (out / "global_step6").rglob("*") if f.is_file())
     assert 0.9 < written / preflight["model"]["checkpoint_bytes"] < 1.1
 
 
-def test_failed_preflight_starts_no_training(data_dir: Path, cluster, tmp_path: Path) -> None:  # noqa: F811
+def test_failed_preflight_starts_no_training(cluster, tmp_path: Path) -> None:
     job, info, out, log = run_job(tmp_path, tmp_path / "no-such-data")
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", tail(log)
     report = json.loads((out / "preflight.json").read_text())
@@ -88,22 +89,22 @@ def test_failed_preflight_starts_no_training(data_dir: Path, cluster, tmp_path: 
     assert "ds_gpt.preflight: data: node1,node2: data directory" in log.read_text()
 
 
-def test_preflight_only_job(data_dir: Path, cluster, tmp_path: Path) -> None:  # noqa: F811
+def test_preflight_only_job(meta_data: Path, cluster, tmp_path: Path) -> None:
     """DS_GPT_PREFLIGHT=only: the checks of a first job on a new cluster, and no training."""
-    job, info, out, log = run_job(tmp_path, data_dir, DS_GPT_LAUNCH="srun", DS_GPT_PREFLIGHT="only")
+    job, info, out, log = run_job(tmp_path, meta_data, DS_GPT_LAUNCH="srun", DS_GPT_PREFLIGHT="only")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
     report = json.loads((out / "preflight.json").read_text())
     assert report["ok"] and report["transport"] == "srun" and report["hosts"] == {"node1": 1, "node2": 1}
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_corrupt_copy_starts_no_training(data_dir: Path, node_local: Path, tmp_path: Path) -> None:
+def test_corrupt_copy_starts_no_training(meta_data: Path, node_local: Path, tmp_path: Path) -> None:
     """A copy whose bytes disagree with meta.json is an error on every node, and leaves no file behind."""
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in ("train.bin", "val.bin"):
-        (bad / name).write_bytes((data_dir / name).read_bytes())
-    meta = json.loads((data_dir / "meta.json").read_text())
+        (bad / name).write_bytes((meta_data / name).read_bytes())
+    meta = json.loads((meta_data / "meta.json").read_text())
     meta["splits"]["train"]["sha256"] = "0" * 64
     (bad / "meta.json").write_text(json.dumps(meta))
     # The preflight would catch it first (it hashes small data on every node): skip it, to test the copy.
