@@ -34,8 +34,10 @@ POLL_S = 0.25  # scontrol is cheap; a job's end is seen this soon after it
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE")
 # A requeued job waits for its BeginTime (SLURM's credential lifetime, 2 min); the tests start it
-# sooner, but not in the second the old run's credential was revoked: slurmd refuses a new one then.
-REQUEUE_NUDGE_AFTER_S = 3.0
+# sooner, but not in the second the old run's credential was revoked: slurmd refuses a new one
+# then. It revoked it when the requeue reached it, before the job stopped COMPLETING and showed
+# PENDING, so a start over a second after PENDING is first seen gets a credential of a later second.
+REQUEUE_NUDGE_AFTER_S = 1.2
 
 
 def job_env(**extra: str) -> dict[str, str]:
