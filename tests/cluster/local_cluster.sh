@@ -236,12 +236,14 @@ Subsystem sftp internal-sftp
 EOF
         in_node "$n" /usr/sbin/sshd -f "$STATE/sshd-$n.config"
     done
-    # Record the host keys now, so the deepspeed launcher's non-interactive ssh never prompts.
     for n in "${NODES[@]}"; do
+        # sshd forks into the background before it listens: wait for its port.
+        for _ in $(seq 50); do (exec 3<>"/dev/tcp/${NODE_ADDR[$n]}/22") 2>/dev/null && break; sleep 0.1; done
+        # Record the host key once, so the deepspeed launcher's non-interactive ssh never prompts.
+        ssh-keygen -F "$n" >/dev/null 2>&1 && continue
         for _ in $(seq 50); do ssh-keyscan -T 2 "$n" >"$STATE/keyscan" 2>/dev/null && [[ -s $STATE/keyscan ]] && break; sleep 0.1; done
-        ssh-keygen -F "$n" >/dev/null 2>&1 || cat "$STATE/keyscan" >>"$HOME/.ssh/known_hosts"
+        cat "$STATE/keyscan" >>"$HOME/.ssh/known_hosts"
     done
-    ssh_ok node1 && ssh_ok node2 || die "ssh to node1/node2 does not work; see $STATE/sshd_config"
 }
 
 ssh_ok() { ssh -o BatchMode=yes -o ConnectTimeout=5 "$1" true 2>/dev/null; }
@@ -256,8 +258,11 @@ up() {
     shared_mount
     start_slurm
     setup_ssh
-    # pdsh is what `deepspeed --hostfile` runs; check it reaches both aliases.
-    [[ $(PDSH_RCMD_TYPE=ssh pdsh -w node1,node2 hostname 2>&1 | wc -l) == 2 ]] || die "pdsh cannot reach node1,node2"
+    # pdsh (over ssh) is what `deepspeed --hostfile` runs; check it reaches both aliases.
+    if [[ $(PDSH_RCMD_TYPE=ssh pdsh -w node1,node2 hostname 2>&1 | wc -l) != 2 ]]; then
+        ssh_ok node1 && ssh_ok node2 || die "ssh to node1/node2 does not work; see $STATE/sshd-node*.config"
+        die "pdsh cannot reach node1,node2"
+    fi
     say "up: $(sinfo -h -o '%D nodes %t' | tr '\n' ' ')(state in $STATE)"
 }
 
