@@ -187,7 +187,9 @@ def staged_run(mode: str, data_dir: Path, node_local: Path, where: Path) -> Job:
 
 # The signal tests: one job per launch mode, signalled once per test of that mode, each signal
 # once the (re)started run has trained a few iterations; the last requeued run trains to the end.
-SIGNAL_MAX_ITERS = 300  # long enough that a signal, relayed through pdsh, lands mid-run
+# Long enough that a signal lands mid-run: relayed through pdsh it stopped runs 21-54 iterations
+# after the test saw the third (srun: 5-19), loaded machine included. The requeued run trains the rest.
+SIGNAL_MAX_ITERS = 150
 
 
 def signalled_run(mode: str, signals: list[list[str]], data_dir: Path, where: Path) -> Job:

@@ -11,26 +11,24 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from cluster_jobs import (
+    ENDED,
     JOB_TIMEOUT_S,
-    POLL_S,
     SBATCH_TINY,
     SIGNAL_MAX_ITERS,
     TINY,
     Job,
+    Watch,
     assert_two_node_run,
     job_env,
-    job_info,
     runs_of,
     sbatch,
     signalled_run,
     tail,
     train_iters,
-    wait_job,
     wait_until_training,
 )
 from helpers import PYTHON, REPO_ROOT, VENV_BIN, read_jsonl
@@ -165,13 +163,12 @@ def test_scancel_saves_a_checkpoint_and_does_not_requeue(cluster, data_dir: Path
                  job_env(DATA_DIR=str(data_dir), OUT_DIR=str(out)))
     wait_until_training(job, out, log)
     subprocess.run(["scancel", str(job)], check=True)
-    wait_job(job, log)
-    deadline = time.monotonic() + 60
-    while "not requeueing" not in log.read_text():  # the batch script may still be finishing its log
-        assert time.monotonic() < deadline, tail(log)
-        time.sleep(POLL_S)
-    time.sleep(3)  # a requeue, if one were (wrongly) made, shows within moments
-    info = job_info(job)
+    # The job shows CANCELLED once it is no longer COMPLETING: its batch script has exited, so any
+    # requeue it made (`scontrol requeue` returns once slurmctld has it) shows already.
+    watch = Watch(job, log)
+    while (info := watch.poll()).get("JobState") not in ENDED and info.get("Restarts") == "0":
+        pass
+    assert "not requeueing" in log.read_text(), tail(log)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", tail(log)
     stopped_at = train_iters(out)[-1] + 1
     assert 3 <= stopped_at < SIGNAL_MAX_ITERS and (out / "latest").read_text().strip() == f"global_step{stopped_at}"
