@@ -3,22 +3,31 @@ fault, made real, gives its named line and exit 2.
 
 The faults: node2's sshd stopped; a hostfile naming a host outside the allocation; the master
 port bound by another process; data on node1's local disk only; an out_dir on a 1 MB tmpfs; an
-out_dir on node-local disks; an env file that leaves out a variable. Each is undone in a
-`finally`. One two-node allocation (salloc) serves every test in this file; the preflight runs
-with its variables, as it does inside a job. Assertions read the --json report.
+out_dir on node-local disks; an env file that leaves out a variable. One two-node allocation
+(salloc) serves every test in this file; the preflight runs with its variables, as it does inside
+a job. Assertions read the --json report.
+
+Every fault but the stopped sshd belongs to its own preflight run alone (its hostfile, master
+port, data, out_dir or env file), so those runs and the healthy one go side by side, each fault
+made before and undone after; a preflight mostly waits on its hosts and on its launcher. The
+stopped sshd would fail every run at once: its test runs alone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
-from cluster_jobs import CLUSTER_SH, NODE_LOCAL, SHARED_MNT, job_env, on_node
+from cluster_jobs import CLUSTER_SH, NODE_LOCAL, NODES, SHARED_MNT, job_env, on_node
 from helpers import PYTHON, REPO_ROOT, free_port
 
 TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--vocab_size", "512",
@@ -32,12 +41,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 # helpers
 
 
+class Outcome(NamedTuple):
+    rc: int
+    report: dict
+    stderr: str
+    where: Path  # the run's own directory (its env file, report, and out_dir unless a fault moved it)
+
+
 def write_env_file(path: Path, env: dict[str, str], names=CACHE_VARS) -> Path:
-    old = os.umask(0o077)
-    try:
-        path.write_text("".join(f"{k}={env[k]}\n" for k in names if k in env))
-    finally:
-        os.umask(old)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # owner-only from the start, as a job makes it
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{k}={env[k]}\n" for k in names if k in env))
     return path
 
 
@@ -79,21 +93,29 @@ def allocation(cluster, tmp_path_factory) -> dict[str, str]:
             holder.wait()
 
 
-def preflight(allocation: dict, tmp_path: Path, data_dir: Path, out_dir: Path, *args: str,
-              env_file_names=CACHE_VARS, env: dict | None = None) -> tuple[int, dict, str]:
-    """Run the preflight as a job would; (exit code, --json report, stderr)."""
-    env = {**job_env(), **allocation, "MASTER_PORT": str(free_port()), **(env or {})}
-    env["DS_ENV_FILE"] = str(write_env_file(tmp_path / "deepspeed_env", env, env_file_names))
-    report = tmp_path / "preflight.json"
-    proc = subprocess.run([PYTHON, "-m", "ds_gpt.preflight", "--data_dir", str(data_dir), "--out_dir", str(out_dir),
-                           "--json", str(report), *args, "--", *TINY_MODEL],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert report.exists(), proc.stderr
-    return proc.returncode, json.loads(report.read_text()), proc.stderr
+Run = Callable[[], Outcome]
 
 
-def assert_fails_with(result: tuple[int, dict, str], expected: dict[str, list[str]]) -> dict:
-    rc, report, stderr = result
+def preflight(allocation: dict, where: Path, data_dir: Path, out_dir: Path, *args: str,
+              env_file_names=CACHE_VARS, port: int | None = None) -> Run:
+    """The preflight as a job would run it, made ready here (its env file, its master port) and run
+    by the callable returned."""
+    env = {**job_env(), **allocation, "MASTER_PORT": str(port or free_port())}
+    env["DS_ENV_FILE"] = str(write_env_file(where / "deepspeed_env", env, env_file_names))
+    report = where / "preflight.json"
+    cmd = [PYTHON, "-m", "ds_gpt.preflight", "--data_dir", str(data_dir), "--out_dir", str(out_dir),
+           "--json", str(report), *args, "--", *TINY_MODEL]
+
+    def run() -> Outcome:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert report.exists(), proc.stderr
+        return Outcome(proc.returncode, json.loads(report.read_text()), proc.stderr, where)
+
+    return run
+
+
+def assert_fails_with(result: Outcome, expected: dict[str, list[str]]) -> dict:
+    rc, report, stderr, _ = result
     assert rc == 2 and not report["ok"], stderr
     assert failures(report) == expected, stderr
     lines = stderr.strip().splitlines()
@@ -103,11 +125,95 @@ def assert_fails_with(result: tuple[int, dict, str], expected: dict[str, list[st
 
 
 # -----------------------------------------------------------------------------
+# the runs side by side: the healthy one and one per fault, each fault made by its context manager
+
+
+@contextlib.contextmanager
+def healthy(allocation: dict, where: Path, data: Path, port: int) -> Iterator[Run]:
+    yield preflight(allocation, where, data, where / "out", port=port)
+
+
+@contextlib.contextmanager
+def host_outside_the_allocation(allocation: dict, where: Path, data: Path, port: int) -> Iterator[Run]:
+    hostfile = where / "hostfile"
+    hostfile.write_text("node1 slots=1\nnode2 slots=1\nnode3 slots=1\n")
+    yield preflight(allocation, where, data, where / "out", "--hostfile", str(hostfile), port=port)
+
+
+@contextlib.contextmanager
+def master_port_in_use(allocation: dict, where: Path, data: Path, port: int) -> Iterator[Run]:
+    with socket.socket() as squatter:  # a stale rank's rendezvous server, say
+        squatter.bind(("0.0.0.0", port))
+        squatter.listen()
+        yield preflight(allocation, where, data, where / "out", "--master_port", str(port))
+
+
+@contextlib.contextmanager
+def data_on_one_node_only(allocation: dict, where: Path, data: Path, port: int) -> Iterator[Run]:
+    local = NODE_LOCAL / f"preflight-{uuid.uuid4().hex[:8]}"
+    assert on_node("node1", "cp", "-r", str(data), str(local)).returncode == 0
+    try:
+        yield preflight(allocation, where, local, where / "out", port=port)
+    finally:
+        on_node("node1", "rm", "-rf", str(local))
+
+
+@contextlib.contextmanager
+def out_dir_too_small(allocation: dict, where: Path, data: Path, port: int) -> Iterator[Run]:
+    small = SHARED_MNT / f"preflight-{uuid.uuid4().hex[:8]}"  # mounts here reach every node
+    small.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        yield preflight(allocation, where, data, small, port=port)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+        small.rmdir()
+
+
+@contextlib.contextmanager
+def out_dir_on_node_local_disks(allocation: dict, where: Path, data: Path, port: int) -> Iterator[Run]:
+    local = NODE_LOCAL / f"preflight-{uuid.uuid4().hex[:8]}"
+    for node in NODES:
+        on_node(node, "mkdir", "-p", str(local))
+    try:
+        yield preflight(allocation, where, data, local, port=port)
+    finally:
+        for node in NODES:
+            on_node(node, "rm", "-rf", str(local))
+        subprocess.run(["rm", "-rf", str(local)])  # the token, in this host's view of that path
+
+
+@contextlib.contextmanager
+def env_file_without_a_variable(allocation: dict, where: Path, data: Path, port: int) -> Iterator[Run]:
+    names = [n for n in CACHE_VARS if n != "TORCH_EXTENSIONS_DIR"]
+    yield preflight(allocation, where, data, where / "out", env_file_names=names, port=port)
+
+
+SIDE_BY_SIDE = (healthy, host_outside_the_allocation, master_port_in_use, data_on_one_node_only, out_dir_too_small,
+                out_dir_on_node_local_disks, env_file_without_a_variable)
+
+
+@pytest.fixture(scope="module")
+def outcomes(allocation, meta_data: Path, tmp_path_factory) -> dict[str, Outcome]:
+    """Each SIDE_BY_SIDE run's outcome by its name, all run at once."""
+    ports: set[int] = set()
+    while len(ports) < len(SIDE_BY_SIDE):  # a master port of its own each: the healthy run's all-reduce binds its
+        ports.add(free_port())
+    with contextlib.ExitStack() as faults:
+        runs = {scenario.__name__: faults.enter_context(scenario(allocation, tmp_path_factory.mktemp(scenario.__name__),
+                                                                  meta_data, port))
+                for scenario, port in zip(SIDE_BY_SIDE, sorted(ports), strict=True)}
+        with ThreadPoolExecutor(len(runs)) as pool:
+            futures = {name: pool.submit(run) for name, run in runs.items()}
+            return {name: future.result() for name, future in futures.items()}
+
+
+# -----------------------------------------------------------------------------
 # healthy
 
 
-def test_healthy_cluster_passes(allocation, meta_data: Path, tmp_path: Path) -> None:
-    rc, report, stderr = preflight(allocation, tmp_path, meta_data, tmp_path / "out")
+def test_healthy_cluster_passes(outcomes) -> None:
+    rc, report, stderr, where = outcomes["healthy"]
     assert rc == 0 and report["ok"], stderr
     checks = {c["check"]: c for c in report["checks"]}
     assert set(checks) == {"hostfile", "env", "ssh", "python", "master", "data", "out_dir", "allreduce"}
@@ -117,7 +223,7 @@ def test_healthy_cluster_passes(allocation, meta_data: Path, tmp_path: Path) -> 
     ar = report["allreduce"]
     assert ar["world_size"] == 2 and ar["backend"] == "gloo" and ar["busbw_gbps"] > 0
     assert ar["link"].startswith("inter-node") and ar["assumed_gbps"] == 25.0
-    assert not list((tmp_path / "out").glob(".preflight*")), "the preflight leaves nothing in out_dir"
+    assert not list((where / "out").glob(".preflight*")), "the preflight leaves nothing in out_dir"
 
 
 # -----------------------------------------------------------------------------
@@ -127,68 +233,38 @@ def test_healthy_cluster_passes(allocation, meta_data: Path, tmp_path: Path) -> 
 def test_stopped_sshd_is_named(allocation, meta_data: Path, tmp_path: Path) -> None:
     subprocess.run(["bash", str(CLUSTER_SH), "stop-sshd", "node2"], check=True, capture_output=True)
     try:
-        result = preflight(allocation, tmp_path, meta_data, tmp_path / "out")
+        result = preflight(allocation, tmp_path, meta_data, tmp_path / "out")()
     finally:
         subprocess.run(["bash", str(CLUSTER_SH), "up"], check=True, capture_output=True, timeout=300)
     assert_fails_with(result, {"ssh": ["node2"]})
 
 
-def test_host_outside_the_allocation(allocation, meta_data: Path, tmp_path: Path) -> None:
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node1 slots=1\nnode2 slots=1\nnode3 slots=1\n")
-    assert_fails_with(preflight(allocation, tmp_path, meta_data, tmp_path / "out", "--hostfile", str(hostfile)),
-                      {"hostfile": ["node3"]})
+def test_host_outside_the_allocation(outcomes) -> None:
+    assert_fails_with(outcomes["host_outside_the_allocation"], {"hostfile": ["node3"]})
 
 
-def test_master_port_in_use(allocation, meta_data: Path, tmp_path: Path) -> None:
-    port = free_port()
-    with socket.socket() as squatter:  # a stale rank's rendezvous server, say
-        squatter.bind(("0.0.0.0", port))
-        squatter.listen()
-        result = preflight(allocation, tmp_path, meta_data, tmp_path / "out", "--master_port", str(port))
-    assert_fails_with(result, {"port": ["node1"]})
+def test_master_port_in_use(outcomes) -> None:
+    assert_fails_with(outcomes["master_port_in_use"], {"port": ["node1"]})
 
 
-def test_data_on_one_node_only(allocation, meta_data: Path, tmp_path: Path) -> None:
-    local = NODE_LOCAL / f"preflight-{uuid.uuid4().hex[:8]}"
-    assert on_node("node1", "cp", "-r", str(meta_data), str(local)).returncode == 0
-    try:
-        report = assert_fails_with(preflight(allocation, tmp_path, local, tmp_path / "out"), {"data": ["node2"]})
-    finally:
-        on_node("node1", "rm", "-rf", str(local))
+def test_data_on_one_node_only(outcomes) -> None:
+    report = assert_fails_with(outcomes["data_on_one_node_only"], {"data": ["node2"]})
     assert "not found" in next(c["message"] for c in report["checks"] if c["check"] == "data")
 
 
-def test_out_dir_too_small(allocation, meta_data: Path, tmp_path: Path) -> None:
-    small = SHARED_MNT / f"preflight-{uuid.uuid4().hex[:8]}"  # mounts here reach every node
-    small.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
-    try:
-        report = assert_fails_with(preflight(allocation, tmp_path, meta_data, small), {"out_dir": ["node1", "node2"]})
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
-        small.rmdir()
+def test_out_dir_too_small(outcomes) -> None:
+    report = assert_fails_with(outcomes["out_dir_too_small"], {"out_dir": ["node1", "node2"]})
     check = next(c for c in report["checks"] if c["check"] == "out_dir")
     assert check["free_bytes"] <= 1 << 20 < check["need_bytes"] == 3 * report["model"]["checkpoint_bytes"]
 
 
-def test_out_dir_on_node_local_disks(allocation, meta_data: Path, tmp_path: Path) -> None:
+def test_out_dir_on_node_local_disks(outcomes) -> None:
     """Checkpoint shards written to each node's own disk would never form one checkpoint."""
-    local = NODE_LOCAL / f"preflight-{uuid.uuid4().hex[:8]}"
-    for node in ("node1", "node2"):
-        on_node(node, "mkdir", "-p", str(local))
-    try:
-        report = assert_fails_with(preflight(allocation, tmp_path, meta_data, local), {"out_dir": ["node1", "node2"]})
-    finally:
-        for node in ("node1", "node2"):
-            on_node(node, "rm", "-rf", str(local))
-        subprocess.run(["rm", "-rf", str(local)])  # the token, in this host's view of that path
+    report = assert_fails_with(outcomes["out_dir_on_node_local_disks"], {"out_dir": ["node1", "node2"]})
     assert "not one filesystem" in next(c["message"] for c in report["checks"] if c["check"] == "out_dir")
 
 
-def test_env_file_without_a_variable(allocation, meta_data: Path, tmp_path: Path) -> None:
-    names = [n for n in CACHE_VARS if n != "TORCH_EXTENSIONS_DIR"]
-    report = assert_fails_with(preflight(allocation, tmp_path, meta_data, tmp_path / "out", env_file_names=names),
-                               {"env": []})
+def test_env_file_without_a_variable(outcomes) -> None:
+    report = assert_fails_with(outcomes["env_file_without_a_variable"], {"env": []})
     check = next(c for c in report["checks"] if c["check"] == "env")
     assert list(check["problems"]) == ["TORCH_EXTENSIONS_DIR"]
