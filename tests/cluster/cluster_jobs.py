@@ -29,6 +29,8 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64
 # One rank per node: each slurmd "node" has one CPU; a100:1 is the local cluster's stand-in GPU.
 SBATCH_TINY = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=a100:1", "--cpus-per-task=1",
                "--time=15"]
+# slurm/ds_train.sh's launch modes as a user picks them: mode A (the deepspeed launcher) is the default.
+LAUNCH = {"deepspeed": {}, "srun": {"DS_GPT_LAUNCH": "srun"}}
 JOB_TIMEOUT_S = 600
 POLL_S = 0.25  # scontrol is cheap; a job's end is seen this soon after it
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
@@ -180,8 +182,8 @@ def staged_run(mode: str, data_dir: Path, node_local: Path, where: Path) -> Job:
     out, log = where / "out", where / "job.out"
     stage = {"STAGE_DIR": str(node_local)} if mode == "deepspeed" else {"SLURM_TMPDIR": str(node_local)}
     job = sbatch([*SBATCH_TINY, f"--output={log}", "slurm/ds_train.sh", *TINY, *STAGED_ITERS],
-                 job_env(DS_GPT_LAUNCH=mode, DATA_DIR=str(data_dir), OUT_DIR=str(out), DS_GPT_PREFLIGHT="1",
-                         STAGE_DATA="1", **stage))
+                 job_env(DATA_DIR=str(data_dir), OUT_DIR=str(out), DS_GPT_PREFLIGHT="1", STAGE_DATA="1",
+                         **LAUNCH[mode], **stage))
     return Job(job, wait_job(job, log), out, log)
 
 
@@ -196,7 +198,7 @@ def signalled_run(mode: str, signals: list[list[str]], data_dir: Path, where: Pa
     out, log = where / "out", where / "job.out"
     job = sbatch([*SBATCH_TINY, f"--output={log}", "slurm/ds_train.sh", *TINY, "--max_iters", str(SIGNAL_MAX_ITERS),
                   "--eval_interval", "1000", "--checkpoint_interval", "1000", "--keep_last", str(len(signals) + 1)],
-                 job_env(DS_GPT_LAUNCH=mode, DATA_DIR=str(data_dir), OUT_DIR=str(out)))
+                 job_env(DATA_DIR=str(data_dir), OUT_DIR=str(out), **LAUNCH[mode]))
     for run, scancel in enumerate(signals):
         wait_until_training(job, out, log, run=run)
         subprocess.run(["scancel", *scancel, str(job)], check=True)
