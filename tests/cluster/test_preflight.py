@@ -1,16 +1,18 @@
 """`python -m ds_gpt.preflight` on the local two-node cluster: the healthy cluster passes, and each
 fault, made real, gives its named line and exit 2.
 
-The faults: node2's sshd stopped; a hostfile naming a host outside the allocation; the master
-port bound by another process; data on node1's local disk only; an out_dir on a 1 MB tmpfs; an
-out_dir on node-local disks; an env file that leaves out a variable. One two-node allocation
-(salloc) serves every test in this file; the preflight runs with its variables, as it does inside
-a job. Assertions read the --json report.
+The healthy run is the one slurm/ds_train.sh makes before the session's staged mode A job
+(conftest.py): the same checks and all-reduce, through the deepspeed launcher over ssh, with the
+hostfile and env file a job writes. The faults: node2's sshd stopped; a hostfile naming a host
+outside the allocation; the master port bound by another process; data on node1's local disk
+only; an out_dir on a 1 MB tmpfs; an out_dir on node-local disks; an env file that leaves out a
+variable. One two-node allocation (salloc) serves every fault; the preflight runs with its
+variables, as it does inside a job, with the hostfile it writes from them, so each fault's report
+shows every other check passing. Assertions read the --json report.
 
 Every fault but the stopped sshd belongs to its own preflight run alone (its hostfile, master
-port, data, out_dir or env file), so those runs and the healthy one go side by side, each fault
-made before and undone after; a preflight mostly waits on its hosts and on its launcher. The
-stopped sshd would fail every run at once: its test runs alone.
+port, data, out_dir or env file), so those runs go side by side, each fault made before and
+undone after. The stopped sshd would fail every run at once: its test runs alone.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from cluster_jobs import CLUSTER_SH, NODE_LOCAL, NODES, SHARED_MNT, job_env, on_node
+from cluster_jobs import CLUSTER_SH, NODE_LOCAL, NODES, SHARED_MNT, job_env, on_node, tail
 from helpers import PYTHON, REPO_ROOT, free_port
 
 TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--vocab_size", "512",
@@ -45,7 +47,6 @@ class Outcome(NamedTuple):
     rc: int
     report: dict
     stderr: str
-    where: Path  # the run's own directory (its env file, report, and out_dir unless a fault moved it)
 
 
 def write_env_file(path: Path, env: dict[str, str], names=CACHE_VARS) -> Path:
@@ -109,13 +110,13 @@ def preflight(allocation: dict, where: Path, data_dir: Path, out_dir: Path, *arg
     def run() -> Outcome:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert report.exists(), proc.stderr
-        return Outcome(proc.returncode, json.loads(report.read_text()), proc.stderr, where)
+        return Outcome(proc.returncode, json.loads(report.read_text()), proc.stderr)
 
     return run
 
 
 def assert_fails_with(result: Outcome, expected: dict[str, list[str]]) -> dict:
-    rc, report, stderr, _ = result
+    rc, report, stderr = result
     assert rc == 2 and not report["ok"], stderr
     assert failures(report) == expected, stderr
     lines = stderr.strip().splitlines()
@@ -126,11 +127,6 @@ def assert_fails_with(result: Outcome, expected: dict[str, list[str]]) -> dict:
 
 # -----------------------------------------------------------------------------
 # the runs side by side: the healthy one and one per fault, each fault made by its context manager
-
-
-@contextlib.contextmanager
-def healthy(allocation: dict, where: Path, data: Path, port: int) -> Iterator[Run]:
-    yield preflight(allocation, where, data, where / "out", port=port)
 
 
 @contextlib.contextmanager
@@ -189,7 +185,7 @@ def env_file_without_a_variable(allocation: dict, where: Path, data: Path, port:
     yield preflight(allocation, where, data, where / "out", env_file_names=names, port=port)
 
 
-SIDE_BY_SIDE = (healthy, host_outside_the_allocation, master_port_in_use, data_on_one_node_only, out_dir_too_small,
+SIDE_BY_SIDE = (host_outside_the_allocation, master_port_in_use, data_on_one_node_only, out_dir_too_small,
                 out_dir_on_node_local_disks, env_file_without_a_variable)
 
 
@@ -197,7 +193,7 @@ SIDE_BY_SIDE = (healthy, host_outside_the_allocation, master_port_in_use, data_o
 def outcomes(allocation, meta_data: Path, tmp_path_factory) -> dict[str, Outcome]:
     """Each SIDE_BY_SIDE run's outcome by its name, all run at once."""
     ports: set[int] = set()
-    while len(ports) < len(SIDE_BY_SIDE):  # a master port of its own each: the healthy run's all-reduce binds its
+    while len(ports) < len(SIDE_BY_SIDE):  # a master port of its own each, as runs at once take
         ports.add(free_port())
     with contextlib.ExitStack() as faults:
         runs = {scenario.__name__: faults.enter_context(scenario(allocation, tmp_path_factory.mktemp(scenario.__name__),
@@ -212,9 +208,12 @@ def outcomes(allocation, meta_data: Path, tmp_path_factory) -> dict[str, Outcome
 # healthy
 
 
-def test_healthy_cluster_passes(outcomes) -> None:
-    rc, report, stderr, where = outcomes["healthy"]
-    assert rc == 0 and report["ok"], stderr
+def test_healthy_cluster_passes(staged_runs) -> None:
+    """First in this file: the staged job takes both nodes, which the allocation holds once a fault test asks for it."""
+    (_, info, out, log), _ = staged_runs("deepspeed")
+    assert info["JobState"] == "COMPLETED", tail(log)  # a failed preflight ends the job with exit 2
+    report = json.loads((out / "preflight.json").read_text())
+    assert report["ok"], tail(log)
     checks = {c["check"]: c for c in report["checks"]}
     assert set(checks) == {"hostfile", "env", "ssh", "python", "master", "data", "out_dir", "allreduce"}
     assert report["hosts"] == {"node1": 1, "node2": 1} and report["transport"] == "ssh"
@@ -223,7 +222,7 @@ def test_healthy_cluster_passes(outcomes) -> None:
     ar = report["allreduce"]
     assert ar["world_size"] == 2 and ar["backend"] == "gloo" and ar["busbw_gbps"] > 0
     assert ar["link"].startswith("inter-node") and ar["assumed_gbps"] == 25.0
-    assert not list((where / "out").glob(".preflight*")), "the preflight leaves nothing in out_dir"
+    assert not list(out.glob(".preflight*")), "the preflight leaves nothing in out_dir"
 
 
 # -----------------------------------------------------------------------------
