@@ -187,17 +187,18 @@ def staged_run(mode: str, data_dir: Path, node_local: Path, where: Path) -> Job:
     return Job(job, wait_job(job, log), out, log)
 
 
-# The signal tests: one job per launch mode, signalled once per test of that mode, each signal
-# once the (re)started run has trained a few iterations; the last requeued run trains to the end.
-# Long enough that a signal lands mid-run: relayed through pdsh it stopped runs 21-54 iterations
-# after the test saw the third (srun: 5-19), loaded machine included. The requeued run trains the rest.
+# Long enough that a signal lands mid-run: relayed through pdsh, signals stopped runs 21-54
+# iterations after the test saw the third (srun: 5-19), on a loaded machine too.
 SIGNAL_MAX_ITERS = 150
 
 
 def signalled_run(mode: str, signals: list[list[str]], data_dir: Path, where: Path) -> Job:
+    """One job given each `scancel` option list in turn, each once the (re)started run has trained
+    3 iterations; the run the last signal requeued trains to the end."""
     out, log = where / "out", where / "job.out"
     job = sbatch([*SBATCH_TINY, f"--output={log}", "slurm/ds_train.sh", *TINY, "--max_iters", str(SIGNAL_MAX_ITERS),
-                  "--eval_interval", "1000", "--checkpoint_interval", "1000", "--keep_last", str(len(signals) + 1)],
+                  "--eval_interval", "1000", "--checkpoint_interval", "1000",
+                  "--keep_last", str(len(signals) + 1)],  # every signal's checkpoint stays, for its test to find
                  job_env(DATA_DIR=str(data_dir), OUT_DIR=str(out), **LAUNCH[mode]))
     for run, scancel in enumerate(signals):
         wait_until_training(job, out, log, run=run)

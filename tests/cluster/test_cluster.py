@@ -118,7 +118,7 @@ SIGNALS = [
 
 
 @pytest.fixture(scope="module")
-def signalled(cluster, data_dir: Path, tmp_path_factory):  # noqa: F811
+def signalled(cluster, data_dir: Path, tmp_path_factory):
     """signalled(mode) -> (job, its signals in order): one job per launch mode, given each of that
     mode's SIGNALS in turn, the next once the requeued run trains; submitted on first use."""
     jobs: dict[str, tuple[Job, list[list[str]]]] = {}
