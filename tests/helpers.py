@@ -65,11 +65,11 @@ def two_step_args(tmp_path: Path) -> list[str]:
             "1", "--max_iters", "2", "--eval_iters", "1"]
 
 
-def two_step_single_process_run(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`python -m ds_gpt.train` as one plain process (no launcher) with `two_step_args`; for tests
-    of what happens around DeepSpeed's start-up in a fresh process."""
-    return subprocess.run([PYTHON, "-m", "ds_gpt.train", *two_step_args(tmp_path)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, env=env)
+def two_step_run(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The trainer as one rank with no launcher (`python -m ds_gpt.train`, forked: see
+    forked_train) and exactly the environment `env`, with `two_step_args`; for tests of what
+    happens around DeepSpeed's start-up (its op build, PATH). Output, rank 0's, as stdout."""
+    return forked_train(1, *two_step_args(tmp_path), log_dir=tmp_path / "logs", expect=None, env=env)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, copy_of_the_op_build, two_step_single_process_run
+from helpers import REPO_ROOT, copy_of_the_op_build, two_step_run
 
 from ds_gpt import build_locks
 from ds_gpt.build_locks import StaleLockWatcher
@@ -86,9 +86,9 @@ def test_the_trainer_starts_past_a_lock_left_by_a_killed_build(tmp_path):
     ext = tmp_path / "torch_extensions"
     lock = copy_of_the_op_build(ext) / "lock"
     lock.touch()
-    proc = two_step_single_process_run(tmp_path, {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"removed stale build lock {lock}" in proc.stderr
+    proc = two_step_run(tmp_path, {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"removed stale build lock {lock}" in proc.stdout
     assert (tmp_path / "out" / "latest").read_text() == "global_step2"
 
 
