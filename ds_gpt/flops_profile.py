@@ -41,7 +41,6 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from ds_gpt.accounting import CommBytesCounter
 from ds_gpt.mfu import fwd_flops_per_token
 
 AGREE_TOLERANCE = 0.05  # analytic vs profiler forward FLOPs: |profiler/analytic - 1| <= 5%
@@ -84,6 +83,10 @@ class FlopsProfileCapture:
         self._profiler = None
         self._micro: list[dict] = []  # one entry per profiled training forward
         self._previous_step_time_s: float | None = None
+        # Imported here: run_config imports this module for its overrides, and the commands that
+        # only read configs (preflight on a login node, plan) should not pay torch's import.
+        from ds_gpt.accounting import CommBytesCounter
+
         self._comm = CommBytesCounter()
         self._counting_comm = False
 
