@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ds_gpt import atomic, elastic
+from ds_gpt.collectives import Collectives
 from ds_gpt.errors import UserError
 from ds_gpt.fileset import file_digest
 
@@ -208,15 +209,6 @@ def write_failed(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(
         Path(frame.f_code.co_filename).parts[-2:] == ("torch", "serialization.py")
         for frame, _ in traceback.walk_tb(err.__traceback__))
-
-
-@dataclass
-class Collectives:
-    """The few collectives a save needs (ds_gpt.engine's), passed in so this module stays testable."""
-
-    all_reduce_sum: Callable[[list[float]], list[float]]
-    barrier: Callable[[], None]
-    all_gather_object: Callable[[object], list]
 
 
 class Checkpointer:

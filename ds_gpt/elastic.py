@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ds_gpt import atomic
+from ds_gpt.collectives import all_reduce_sum
 from ds_gpt.errors import UserError
 
 DIRNAME = "layout_free"
@@ -404,8 +405,6 @@ def resume(engine, tag_dir: Path, marker: dict, *, rank: int) -> dict:
     Rank 0 converts the tag (once: a rerun finds the form in place) while the others wait; a
     failed conversion is reported on every rank.
     """
-    from ds_gpt.engine import all_reduce_sum
-
     error, t0 = None, time.perf_counter()
     if rank == 0:
         try:

@@ -1,4 +1,4 @@
-"""The DeepSpeed side of a run: the process group, the engine, and the few collectives the loop needs.
+"""The DeepSpeed side of a run: the process group, the engine, and the device it runs on.
 
 DeepSpeed is imported when a process group or an engine is built, not with this module: a run's
 inputs are checked first (ds_gpt.startup), and `--help` or a bad flag costs no DeepSpeed start-up.
@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from ds_gpt import build_locks, launch_env, ops
-from ds_gpt.checkpoint import Collectives
+from ds_gpt.collectives import all_gather_object
 from ds_gpt.launch_env import LaunchEnv
 from ds_gpt.model import GPT
 from ds_gpt.run_config import RunConfig
@@ -124,28 +124,6 @@ def set_lr(engine: DeepSpeedEngine, lr: float) -> None:
         group["lr"] = lr
 
 
-def all_reduce_sum(values: list[float] | torch.Tensor) -> list[float]:
-    """Sum a few numbers over all ranks in one collective (loss, counts, flags), read back to the host.
-
-    A tensor already on the device stays there for the collective: reading the result is the
-    one device-to-host sync of a training step.
-    """
-    comm_device = device() if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.as_tensor(values, dtype=torch.float64).to(comm_device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def all_gather_object(obj: object) -> list:
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def collectives() -> Collectives:
-    return Collectives(all_reduce_sum=all_reduce_sum, barrier=barrier, all_gather_object=all_gather_object)
-
-
 def is_peer_failure(err: BaseException) -> bool:
     """Did a collective fail because another rank died or stalled past the process-group timeout?
 
@@ -179,10 +157,6 @@ def shutdown() -> None:
         # mpi4py finalizes at interpreter exit, which the trainer skips (errors.run_cli), and
         # MPICH removes its /dev/shm segment only in MPI_Finalize.
         mpi.Finalize()
-
-
-def barrier() -> None:
-    dist.barrier()
 
 
 def peak_memory_mb() -> float:

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # started as a file by a launcher: import the pac
 import torch
 import torch.distributed as dist
 
-from ds_gpt import elastic, mfu, run_dir
+from ds_gpt import collectives, elastic, mfu, run_dir
 from ds_gpt import engine as ds_engine
 from ds_gpt.accounting import state_bytes_per_rank
 from ds_gpt.checkpoint import Checkpointer, TrainState, load
@@ -56,7 +56,7 @@ def evaluate(eng, samplers: dict[str, RandomWindowSampler], eval_iters: int) -> 
         for k in range(eval_iters):
             x, y = (t.to(ds_engine.device()) for t in sampler.eval_batch(k))
             total += eng(x, y)[1]
-        summed, ranks = ds_engine.all_reduce_sum(torch.stack([total / eval_iters, torch.ones_like(total)]))
+        summed, ranks = collectives.all_reduce_sum(torch.stack([total / eval_iters, torch.ones_like(total)]))
         out[split] = summed / ranks
     eng.train()
     return out
@@ -93,7 +93,7 @@ def train_step(eng, batches: BatchPrefetcher, step: int, guard: NonFiniteGuard, 
         eng.backward(loss)
         if micro < grad_accum - 1:
             eng.step()  # DeepSpeed counts micro-steps here; the optimizer steps at the boundary
-    total, n_bad, n_stop = ds_engine.all_reduce_sum(
+    total, n_bad, n_stop = collectives.all_reduce_sum(
         torch.stack([loss_sum, bad, torch.tensor(float(stop.requested), dtype=torch.float64, device=device)]))
     n_finite = guard.micro_batches_per_step - n_bad
     action = guard.decide(int(n_bad))
@@ -164,7 +164,7 @@ def train(start: Startup) -> int:
     profile = FlopsProfileCapture(eng, profile_step=run.profile_step, output_file=out_dir / PROFILE_FILE,
                                   n_params=n_params, n_layer=shape.n_layer, n_embd=shape.n_embd, peak_flops=peak)
     checkpointer = Checkpointer(
-        eng, out_dir, rank=rank, world_size=world_size, collectives=ds_engine.collectives(),
+        eng, out_dir, rank=rank, world_size=world_size, collectives=collectives.of_process_group(),
         interval=cfg.checkpoint_interval, keep_last=cfg.keep_last, milestones=cfg.milestone_set(),
         milestone_every=cfg.milestone_every, marker=run_dir.marker(run, world_size, out_dir),
         client_state=lambda: run_dir.client_state(run, state, samplers["train"]),
@@ -173,7 +173,7 @@ def train(start: Startup) -> int:
 
     def log_memory(step: int) -> None:
         if step == memory_at:  # every rank measures its own; rank 0 logs them all
-            metrics.memory(step, ds_engine.all_gather_object(state_bytes_per_rank(eng)))
+            metrics.memory(step, collectives.all_gather_object(state_bytes_per_rank(eng)))
 
     guard = NonFiniteGuard(cfg.on_nan, micro_batches_per_step=run.batch.grad_accum * world_size, model=eng.module)
     stop = GracefulStop().install()

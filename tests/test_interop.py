@@ -384,6 +384,7 @@ def test_export_cli_from_deepspeed_checkpoint(tmp_path, ds_env):
     """nanoGPT -> a ZeRO-2 DeepSpeed checkpoint -> `python -m ds_gpt.export` in every format."""
     from ds_gpt import checkpoint
     from ds_gpt import export as export_cmd
+    from ds_gpt.collectives import Collectives
 
     src = tiny_gpt()
     original = write_nanogpt_ckpt(tmp_path / "ng" / "ckpt.pt", src, nanogpt_adamw(src), iter_num=11)
@@ -392,8 +393,7 @@ def test_export_cli_from_deepspeed_checkpoint(tmp_path, ds_env):
     model.load_state_dict(init.state_dict)
     engine = ds_engine(model, stage=2)
     out = tmp_path / "run"
-    one_rank = checkpoint.Collectives(all_reduce_sum=lambda xs: xs, barrier=lambda: None,
-                                      all_gather_object=lambda obj: [obj])
+    one_rank = Collectives(all_reduce_sum=lambda xs: xs, barrier=lambda: None, all_gather_object=lambda obj: [obj])
     checkpoint.Checkpointer(
         engine, out, rank=0, world_size=1, collectives=one_rank, interval=1, keep_last=1, milestones=set(),
         milestone_every=0, client_state=lambda: {"model_args": init.model_args, "iter_num": 11, "best_val_loss": 3.25},

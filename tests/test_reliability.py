@@ -1,4 +1,4 @@
-"""What a run survives (issue 6), each shown with the real trainer in real processes.
+"""What a run survives, each shown with the real trainer in real processes.
 
 Bad inputs at the command line, a crash between shard writes, a full disk while saving, a NaN
 loss, SIGINT once and twice, a change of world size or ZeRO stage, a dead and a stalled rank.

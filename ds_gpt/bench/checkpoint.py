@@ -30,6 +30,7 @@ def add_checkpoint(sub: argparse._SubParsersAction) -> None:
 
 
 def bench_checkpoint(args: argparse.Namespace) -> None:
+    from ds_gpt import collectives
     from ds_gpt import engine as ds_engine
     from ds_gpt.checkpoint import Checkpointer, CheckpointInfo, damage, read_marker, tag_files
     from ds_gpt.config import parse_args
@@ -47,7 +48,7 @@ def bench_checkpoint(args: argparse.Namespace) -> None:
         model = GPT(GPTConfig(**run.model))
         n_params = model.num_params(non_embedding=False)
         eng = ds_engine.build_engine(model, run)
-        ckpt = Checkpointer(eng, out, rank=0, world_size=1, collectives=ds_engine.collectives(), interval=1,
+        ckpt = Checkpointer(eng, out, rank=0, world_size=1, collectives=collectives.of_process_group(), interval=1,
                             keep_last=10, milestones=set(), milestone_every=0, client_state=lambda: {},
                             marker={"model_args": run.model, "world_size": 1, "zero_stage": run.zero_stage,
                                     "dtype": run.dtype})
