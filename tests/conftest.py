@@ -36,6 +36,13 @@ def gpt2_ranks() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt2_files() -> list[Path]:
+    """GPT-2's vocab.bpe and encoder.json in the tiktoken cache (`python -m ds_gpt.assets`)."""
+    from ds_gpt.assets import ensure_gpt2_files
+    return ensure_gpt2_files()
+
+
+@pytest.fixture(scope="session")
 def shakespeare_data() -> Path:
     """<cache>/test-data/shakespeare as `make demo` prepares data/shakespeare (train.bin, val.bin,
     meta.json; 1.57 M tokens). Built once; later sessions reuse it (prepare's re-run is a no-op).

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -55,13 +56,18 @@ def test_same_tokens_as_tiktoken_on_mixed_unicode(reference):
     assert ours.encode_ordinary(big) == reference.encode_ordinary(big)
 
 
-def test_same_tokens_as_tiktoken_gpt2_when_reachable(gpt2_ranks):
-    try:
-        gpt2 = tiktoken.get_encoding("gpt2")  # downloads vocab.bpe + encoder.json: internet only
-    except Exception as err:
-        pytest.skip(f"tiktoken's own gpt2 files are not reachable here ({type(err).__name__})")
+def test_plain_tiktoken_gpt2_loads_offline(gpt2_files, monkeypatch):
+    """nanoGPT's `tiktoken.get_encoding("gpt2")` reads the provisioned vocab.bpe and encoder.json
+    with the network unreachable, and gives our tokens."""
+    def unreachable(*args, **kwargs):
+        raise OSError("network unreachable")
+    for name in ("getaddrinfo", "create_connection"):
+        monkeypatch.setattr(socket, name, unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    assert os.path.samefile(gpt2_files[0].parent, os.environ["TIKTOKEN_CACHE_DIR"])
+    gpt2 = tiktoken.get_encoding("gpt2")
     text = "\n".join(MIXED)
-    assert tokenizer.encode(text) == gpt2.encode_ordinary(text)
+    assert tokenizer.encode(text) == gpt2.encode_ordinary(text) and gpt2.decode(SEED_IDS) == SEED_TEXT
 
 
 def test_encode_documents_is_encode_ordinary_plus_eot(reference):
