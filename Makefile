@@ -10,6 +10,8 @@ export TORCH_EXTENSIONS_DIR ?= $(DS_GPT_CACHE)/torch_extensions
 export TIKTOKEN_CACHE_DIR ?= $(DS_GPT_CACHE)/tiktoken
 EXTRAS ?=
 DEMO_OUT ?= out/demo
+# Extra trainer flags for the demo, e.g. DEMO_ARGS="--max_iters 100" for a shorter run.
+DEMO_ARGS ?=
 
 .PHONY: setup demo test test-fast lint clean-cluster
 
@@ -31,7 +33,7 @@ $(VENV)/.installed-%: requirements-%.txt $(VENV)/.installed
 demo: setup
 	$(PY) -m ds_gpt.prepare --dataset shakespeare
 	deepspeed --num_gpus 2 ds_gpt/train.py --deepspeed_config ds_configs/zero1.json \
-		--config config/demo_cpu.toml --out_dir $(DEMO_OUT)
+		--config config/demo_cpu.toml --out_dir $(DEMO_OUT) $(DEMO_ARGS)
 	$(PY) -m ds_gpt.sample --out_dir $(DEMO_OUT) --start "ROMEO:" --num_samples 1 \
 		--max_new_tokens 60 --temperature 0.8 --top_k 200 --seed 1337
 	$(PY) -m ds_gpt.report $(DEMO_OUT)

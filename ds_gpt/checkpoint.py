@@ -348,7 +348,7 @@ def check_resumable(info: CheckpointInfo, world_size: int, run: RunConfig) -> No
     carries the state across); the global batch only with --allow_batch_change; the data's
     tokenizer never; the model's shape is the checkpoint's (run_config.adopt_model_args).
     """
-    elastic.check_resume(Path(run.train.out_dir) / info.tag, global_batch=run.batch.global_batch,
+    elastic.check_resume(Path(run.train.out_dir) / info.tag, batch=run.batch,
                          data_dir=run.train.data_dir, allow_batch_change=run.train.allow_batch_change)
 
 

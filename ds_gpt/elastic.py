@@ -37,6 +37,7 @@ import torch
 from ds_gpt import atomic
 from ds_gpt.collectives import all_reduce_sum
 from ds_gpt.errors import UserError
+from ds_gpt.run_config import BatchSizes, flags_for_global_batch
 
 DIRNAME = "layout_free"
 FORMAT = 1
@@ -361,7 +362,7 @@ def _tokenizer_of(data_dir: str | None) -> str | None:
     return f"{name} (sha256 {digest[:12]})" if name and digest else name
 
 
-def check_resume(tag_dir: Path, *, global_batch: int, data_dir: str, allow_batch_change: bool) -> None:
+def check_resume(tag_dir: Path, *, batch: BatchSizes, data_dir: str, allow_batch_change: bool) -> None:
     """Refuse, with one line, a resume that would not continue the run saved in `tag_dir`.
 
     The layout (world size, ZeRO stage, precision) and the split of the global batch into micro
@@ -372,11 +373,12 @@ def check_resume(tag_dir: Path, *, global_batch: int, data_dir: str, allow_batch
     saved_config = client_state_of(read_model_states(tag_dir)).get("config") or {}
     saved_batch = (saved_config.get("batch") or {}).get("global_batch")
     tag = tag_dir.name
-    if saved_batch is not None and saved_batch != global_batch and not allow_batch_change:
+    if saved_batch is not None and saved_batch != batch.global_batch and not allow_batch_change:
+        flags = flags_for_global_batch(saved_batch, batch)
+        keep = f"pass {flags}" if flags else f"resume on a number of ranks that divides {saved_batch}"
         raise UserError(f"checkpoint {tag} was trained with a global batch of {saved_batch} sequences; this run's is "
-                        f"{global_batch}, and resuming with it would not continue the same loss curve",
-                        hint=f"keep micro batch x accumulation x ranks = {saved_batch} (e.g. --global_batch_size "
-                             f"{saved_batch}), or pass --allow_batch_change to continue with the new batch")
+                        f"{batch.global_batch}, and resuming with it would not continue the same loss curve",
+                        hint=f"{keep} to keep it, or --allow_batch_change to continue with the new batch")
     saved_data = (saved_config.get("train") or {}).get("data_dir")
     before, now = _tokenizer_of(saved_data), _tokenizer_of(data_dir)
     if before and now and before != now:

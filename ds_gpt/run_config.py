@@ -49,6 +49,18 @@ class BatchSizes:
         return self.micro * self.grad_accum
 
 
+def flags_for_global_batch(global_batch: int, now: BatchSizes) -> str | None:
+    """Trainer flags that give `global_batch` on this run's world size, keeping its micro batch
+    where it divides (the largest smaller one otherwise). All three are named, so they win over
+    whatever the JSON or a TOML file says; None where the world size cannot reach the batch."""
+    if global_batch % now.world_size:
+        return None
+    per_rank = global_batch // now.world_size
+    micro = max(m for m in range(1, min(now.micro, per_rank) + 1) if per_rank % m == 0)
+    accum = per_rank // micro
+    return f"--micro_batch_size {micro} --gradient_accumulation_steps {accum} --global_batch_size {global_batch}"
+
+
 def resolve_batch(world_size: int, *, json_micro: int | None = None, json_accum: int | None = None,
                   json_global: int | None = None, micro: int | None = None, accum: int | None = None,
                   global_batch: int | None = None, json_name: str = "the DeepSpeed config") -> BatchSizes:

@@ -23,6 +23,7 @@ from helpers import PYTHON, REPO_ROOT, forked_train, free_port, losses, read_jso
 
 from ds_gpt import elastic
 from ds_gpt.errors import UserError
+from ds_gpt.run_config import BatchSizes
 
 MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--vocab_size", "512"]
 SEGMENT = 3  # iterations between checkpoints; a resume is checked over the next SEGMENT
@@ -333,11 +334,11 @@ def test_the_data_tokenizer_may_not_change(tmp_path):
     config = {"batch": {"global_batch": 8}, "train": {"data_dir": str(old)}}
     torch.save({"module": {}, "iter_num": 5, "config": config}, tag / "mp_rank_00_model_states.pt")
     with pytest.raises(UserError, match=f"{old} tokenized with gpt2; --data_dir {new} is tokenized with cl100k_base"):
-        elastic.check_resume(tag, global_batch=8, data_dir=str(new), allow_batch_change=False)
-    elastic.check_resume(tag, global_batch=8, data_dir=str(old), allow_batch_change=False)
+        elastic.check_resume(tag, batch=BatchSizes(8, 1, 1), data_dir=str(new), allow_batch_change=False)
+    elastic.check_resume(tag, batch=BatchSizes(8, 1, 1), data_dir=str(old), allow_batch_change=False)
     with pytest.raises(UserError, match="global batch of 8 sequences; this run's is 4"):
-        elastic.check_resume(tag, global_batch=4, data_dir=str(old), allow_batch_change=False)
-    elastic.check_resume(tag, global_batch=4, data_dir=str(old), allow_batch_change=True)
+        elastic.check_resume(tag, batch=BatchSizes(4, 1, 1), data_dir=str(old), allow_batch_change=False)
+    elastic.check_resume(tag, batch=BatchSizes(4, 1, 1), data_dir=str(old), allow_batch_change=True)
 
 
 def test_which_resumes_need_a_conversion():

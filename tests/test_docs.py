@@ -1,0 +1,166 @@
+"""Every command block in README.md and docs/ runs as written, in the order a reader meets it.
+
+A reader of the README on a fresh clone types the ```bash blocks top to bottom, then follows its
+links into docs/. This test does the same in a clean copy of the repository (tracked files only,
+the set-up's .venv and .cache beside them, no out/, data/ or export/), one block after another,
+each as one bash script (`set -eo pipefail`): a block that fails names its page and line.
+
+What is not run, and why, is written in the docs themselves, as a comment on the line or on the
+first line of a block, using one of the phrases of NOT_HERE (e.g. `# on a cluster: ...`); a
+command that needs SLURM, a GPU or the internet and is not marked fails here, so the marks stay
+true. Two changes are made to what runs, both for time: every training command trains TRAIN_CAP
+iterations (appended flags win over earlier ones and over the TOML), and `make demo` gets the same
+through the Makefile's DEMO_ARGS. `make test` is the suite itself and is not run from within it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import REPO_ROOT, VENV_BIN, free_port
+
+# The phrases that mark a command (or, on a block's first line, the whole block) as one that
+# cannot run on this 2-core CPU machine without the internet. Each says why.
+NOT_HERE = {
+    "on a cluster": "needs a SLURM allocation or the cluster's nodes",
+    "inside salloc/sbatch": "needs a SLURM allocation",
+    "on a gpu": "needs a CUDA device",
+    "needs the internet": "downloads from the Hugging Face Hub or wandb.ai",
+    "the suite itself": "is this test suite",
+}
+# What each training command runs instead of its own schedule: enough to start, step, evaluate,
+# checkpoint and end, so that the commands after it (sample, export, report) have a run to read.
+TRAIN_CAP = "--max_iters 4 --eval_interval 2 --eval_iters 1 --checkpoint_interval 4"
+TRAINER = re.compile(r"(ds_gpt/train\.py|-m ds_gpt\.train)\b")
+
+
+@dataclass
+class Block:
+    page: str
+    line: int
+    script: str
+    skipped: list[str]
+
+
+def reading_order() -> list[Path]:
+    """README.md, then the docs pages in the order the README first links them, then the rest."""
+    readme = REPO_ROOT / "README.md"
+    linked = dict.fromkeys(re.findall(r"\(docs/([\w-]+\.md)", readme.read_text()))
+    pages = [REPO_ROOT / "docs" / name for name in linked]
+    rest = sorted(p for p in (REPO_ROOT / "docs").glob("*.md") if p not in pages)
+    return [readme, *pages, *rest]
+
+
+def not_here(comment: str) -> str | None:
+    lowered = comment.lower()
+    return next((phrase for phrase in NOT_HERE if phrase in lowered), None)
+
+
+def command_lines(body: list[str]) -> list[str]:
+    """The block's lines with backslash continuations joined; heredoc bodies kept verbatim."""
+    lines: list[str] = []
+    heredoc_end = None
+    for raw in body:
+        if heredoc_end is not None:
+            lines.append(raw)
+            heredoc_end = None if raw.strip() == heredoc_end else heredoc_end
+            continue
+        if lines and lines[-1].endswith("\\") and not lines[-1].startswith("#"):
+            lines[-1] = lines[-1][:-1].rstrip() + " " + raw.strip()
+        else:
+            lines.append(raw)
+        match = re.search(r"<<-?'?(\w+)'?", lines[-1])
+        heredoc_end = match.group(1) if match else None
+    return lines
+
+
+def as_run_here(line: str) -> str:
+    """The line as this test runs it: training commands capped (see TRAIN_CAP)."""
+    code, _, comment = line.partition(" #")
+    if line.lstrip().startswith("make demo"):
+        return f"make demo DEMO_ARGS='{TRAIN_CAP}'"
+    if TRAINER.search(code) and "--help" not in code:
+        port = f" --master_port {free_port()}" if code.lstrip().startswith("deepspeed") else ""
+        code = code.replace("deepspeed ", f"deepspeed{port} ", 1) + " " + TRAIN_CAP
+    return code.rstrip()
+
+
+def blocks() -> list[Block]:
+    found = []
+    for page in reading_order():
+        text = page.read_text().splitlines()
+        i = 0
+        while i < len(text):
+            if text[i].strip() != "```bash":
+                i += 1
+                continue
+            start, i = i + 1, i + 1
+            body = []
+            while text[i].strip() != "```":
+                body.append(text[i])
+                i += 1
+            lines = command_lines(body)
+            name = str(page.relative_to(REPO_ROOT))
+            block_mark = not_here(lines[0]) if lines and lines[0].lstrip().startswith("#") else None
+            script, skipped = [], []
+            for line in lines:
+                comment = line.partition("#")[2] if "#" in line else ""
+                mark = block_mark or not_here(comment)
+                if line.lstrip().startswith("#") or not line.strip():
+                    continue
+                if mark:
+                    skipped.append(f"{line.strip()}  [{NOT_HERE[mark]}]")
+                else:
+                    script.append(as_run_here(line))
+            found.append(Block(name, start, "\n".join(script), skipped))
+    return found
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory, shakespeare_data) -> Path:
+    """The tracked files in a new directory, with the set-up's venv and caches beside them."""
+    work = tmp_path_factory.mktemp("reader") / "ds_gpt"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True,
+                             text=True).stdout.split("\0")
+    for name in filter(None, tracked):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, work / name)  # mtimes kept: make sees the venv up to date
+    for kept in (".venv", ".cache"):
+        (work / kept).symlink_to(REPO_ROOT / kept)
+    return work
+
+
+@pytest.mark.slow
+def test_every_command_block_runs_in_reading_order(fresh_clone: Path) -> None:
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "WANDB_MODE": "offline"}
+    env.pop("PYTHONPATH", None)
+    ran = 0
+    for block in blocks():
+        if not block.script:
+            continue
+        proc = subprocess.run(["bash", "-eo", "pipefail", "-c", block.script], cwd=fresh_clone, env=env,
+                              capture_output=True, text=True, timeout=600)
+        where = f"{block.page}:{block.line}"
+        assert proc.returncode == 0, f"{where} exited {proc.returncode}:\n{block.script}\n" \
+                                     f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+        assert "Traceback" not in proc.stdout + proc.stderr, f"{where} printed a traceback:\n{proc.stderr[-3000:]}"
+        ran += 1
+    assert ran >= 10, f"only {ran} blocks ran: the reading order or the parser lost the docs"
+
+
+def test_the_parser_joins_continuations_keeps_heredocs_and_honours_marks(tmp_path: Path) -> None:
+    lines = command_lines(["python -m ds_gpt.plan --model 124M \\", "    --gpus 8   # on a cluster: 8 GPUs",
+                           "python - <<'EOF'", "x = 1 \\", "EOF", "echo done"])
+    assert lines == ["python -m ds_gpt.plan --model 124M --gpus 8   # on a cluster: 8 GPUs",
+                     "python - <<'EOF'", "x = 1 \\", "EOF", "echo done"]
+    assert not_here(lines[0].partition("#")[2]) == "on a cluster"
+    assert not_here("# writes out/x") is None
+    capped = as_run_here("deepspeed --num_gpus 2 ds_gpt/train.py --max_iters 100  # two ranks")
+    assert capped.startswith("deepspeed --master_port ") and capped.endswith(TRAIN_CAP)
+    assert as_run_here("python -m ds_gpt.train --help") == "python -m ds_gpt.train --help"
+    assert as_run_here("python -m ds_gpt.sample --out_dir out/demo") == "python -m ds_gpt.sample --out_dir out/demo"
