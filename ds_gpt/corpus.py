@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ds_gpt import hub
-from ds_gpt.errors import UserError, not_utf8, os_error
+from ds_gpt.errors import FORK_ERRNOS, UserError, fork_failed, not_utf8, os_error
 from ds_gpt.paths import cache_dir
 from ds_gpt.tokenizer import SETUP_HINT
 
@@ -223,6 +223,9 @@ def explain(source: Source, err: Exception) -> UserError:
         return not_utf8(*bad)
     if source.builder == "json" and source.local and (problem := json_field_problem(source.files, source.text_field)):
         return problem  # datasets says "Couldn't cast" (or, from a worker, only "RemoteTraceback")
+    if (fork := next((e for e in chain if isinstance(e, OSError) and e.errno in FORK_ERRNOS and not e.filename),
+                     None)) is not None:
+        return fork_failed(fork, "the worker processes that read the corpus")
     if (os_err := next((e for e in chain if isinstance(e, OSError) and e.filename), None)) is not None:
         return os_error(os_err)  # the cache dir (--cache_dir, HF_DATASETS_CACHE) or an input: read-only, full ...
     cause = chain[-1]

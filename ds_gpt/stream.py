@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ds_gpt import atomic
-from ds_gpt.errors import UserError
+from ds_gpt.errors import UserError, fork_failed
 from ds_gpt.tokenizer import EOT_TOKEN, encode_documents, get_encoding
 
 DOCS_PER_BATCH = 512  # documents per worker task: ~2.5 MB of web text, enough to amortise the IPC
@@ -96,8 +96,7 @@ def start_pool(num_proc: int, initializer: Callable, initargs: tuple) -> multipr
     try:
         return multiprocessing.Pool(num_proc, initializer, initargs)
     except OSError as err:  # EAGAIN (process limit), ENOMEM: nothing to do with the out_dir
-        raise UserError(f"could not start {num_proc} worker processes: {err.strerror or err}",
-                        hint="lower --num_proc, or raise the process limit (ulimit -u)") from None
+        raise fork_failed(err, f"{num_proc} worker processes") from None
 
 
 # -----------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def run_prepare_script(argv: list[str], prelude: str = "") -> subprocess.Complet
     return subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
 
 
-def test_a_prepare_killed_mid_shard_resumes_from_its_last_checkpoint(tmp_path, reference):
+def test_a_prepare_killed_mid_shard_resumes_from_its_last_checkpoint(tmp_path, reference, monkeypatch, capsys):
     docs = documents(400, seed=2)
     shards = write_shards(tmp_path / "pq", docs, 4)
     out = tmp_path / "out"
@@ -160,9 +160,11 @@ def test_a_prepare_killed_mid_shard_resumes_from_its_last_checkpoint(tmp_path, r
     written = sum((out / name).stat().st_size // 2 for name in stream.STAGED.values())
     assert 0 < done < written  # killed after a checkpoint, with more written since
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
-    resumed = run_prepare_script(argv, "stream.DOCS_PER_BATCH, stream.SHARD_TOKENS = 16, 3000")
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from the checkpoint at {done:,} tokens" in resumed.stdout
+    monkeypatch.setattr(stream, "DOCS_PER_BATCH", 16)
+    monkeypatch.setattr(stream, "SHARD_TOKENS", 3000)
+    capsys.readouterr()
+    prepare.main(argv)
+    assert f"resuming from the checkpoint at {done:,} tokens" in capsys.readouterr().out
     assert bins(out) == expected_split(docs, reference, 1500)
     assert not (out / stream.CHECKPOINT).exists() and not (out / stream.STAGED["train"]).exists()
 
