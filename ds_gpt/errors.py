@@ -71,6 +71,15 @@ def not_utf8(path: str | os.PathLike, offset: int, what: str = "") -> UserError:
                      hint=f"convert it, e.g. iconv -f latin1 -t utf-8 {path}")
 
 
+FORK_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM})  # what a fork the system refuses raises
+
+
+def fork_failed(err: OSError, workers: str) -> UserError:
+    """A pool of worker processes (`workers`, e.g. "2 worker processes") the system would not start."""
+    return UserError(f"could not start {workers}: {err.strerror or err}",
+                     hint="lower --num_proc, or raise the process limit (ulimit -u)")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are reported like every other bad input: one line, exit 2."""
 

@@ -2,8 +2,10 @@
 output contract, re-runs, and its refusals of bad input."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -345,3 +347,47 @@ def test_an_unfinished_publish_on_a_read_only_mount_names_the_fix(tmp_path, moun
     assert fileset.pending(out)
     with pytest.raises(UserError, match="unfinished publish .* cannot be finished here: Read-only file system"):
         check_data_dir(out, block_size=2, vocab_size=512)
+
+
+# --- the console and the edges of the command ----------------------------------------------
+
+@pytest.mark.parametrize("num_proc", ["1", "2"])
+def test_jsonl_files_with_other_fields_name_the_file_and_the_field(tmp_path, num_proc):
+    (tmp_path / "a.jsonl").write_text('{"text": "one", "id": 1}\n{"text": "two", "id": 2}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "three", "id": 3}\n{"body": "four", "id": 4}\n')
+    (tmp_path / "c.jsonl").write_text('{"text": "five", "url": "x"}\n')
+    with pytest.raises(UserError, match=r"b\.jsonl, line 2: no field 'text' \(its fields: body, id\)"):
+        run(tmp_path, "--input", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"),
+            "--out_dir", str(tmp_path / "out"), "--num_proc", num_proc)
+    with pytest.raises(UserError, match=r"c\.jsonl, line 1: fields text, url differ from .*a\.jsonl's \(id, text\)"):
+        run(tmp_path, "--input", str(tmp_path / "a.jsonl"), str(tmp_path / "c.jsonl"),
+            "--out_dir", str(tmp_path / "out"), "--num_proc", num_proc)
+
+
+def test_num_proc_is_capped_at_the_cpus_and_a_failed_fork_is_not_the_out_dirs_fault(tmp_path, monkeypatch, capsys):
+    cpus = len(os.sched_getaffinity(0))
+    assert prepare.parse_args(["--dataset", "shakespeare", "--num_proc", str(cpus + 5)]).num_proc == cpus
+    assert "capped" in capsys.readouterr().out
+
+    def no_fork():
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+    monkeypatch.setattr(os, "fork", no_fork)
+    with pytest.raises(UserError, match=r"could not start the worker processes that read the corpus: "
+                                        r"Resource temporarily unavailable \(HINT: lower --num_proc"):
+        run(tmp_path, "--input", write_txt(tmp_path / "in", DOCS), "--out_dir", str(tmp_path / "out"),
+            "--num_proc", "2")  # datasets' own pool
+    pq.write_table(pa.table({"text": DOCS}), tmp_path / "c.parquet")
+    with pytest.raises(UserError, match=r"could not start 2 worker processes: Resource temporarily unavailable"
+                                        r" \(HINT: lower --num_proc"):
+        run(tmp_path, "--dataset", "fineweb-edu", "--data_files", str(tmp_path / "c.parquet"), "--val_tokens", "9",
+            "--out_dir", str(tmp_path / "out"), "--num_proc", "2")  # the streamed prepare's pool
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_split_whose_only_text_lands_in_val_warns(tmp_path, capsys):
+    (tmp_path / "c.jsonl").write_text('{"text": ""}\n{"text": "the only document with text"}\n')
+    seed = next(s for s in range(10) if corpus.split_indices(2, 0.0005, s)[1].tolist() == [1])
+    meta = run(tmp_path, "--input", str(tmp_path / "c.jsonl"), "--out_dir", str(tmp_path / "out"),
+               "--seed", str(seed), "--num_proc", "1")
+    assert meta["splits"]["train"]["tokens"] == 1  # one <|endoftext|>
+    assert "warning: every document with text landed in val" in capsys.readouterr().err
