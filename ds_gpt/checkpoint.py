@@ -31,7 +31,7 @@ import torch
 
 from ds_gpt import atomic, elastic
 from ds_gpt.collectives import Collectives
-from ds_gpt.errors import UserError
+from ds_gpt.errors import UserError, write_hint
 from ds_gpt.fileset import file_digest
 
 if TYPE_CHECKING:
@@ -101,14 +101,42 @@ def tag_files(tag_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER)
 
 
+def _is_count(value: object, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def marker_problem(marker: dict) -> str | None:
+    """What in a completion marker is not of the shape a save writes (what resume, sample and export
+    read from it), or None. Checked here once, so no reader meets a string where a number belongs."""
+    args = marker.get("model_args")
+    if not isinstance(args, dict):
+        return f"its model_args is {type(args).__name__}, not an object"
+    bad = [k for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd") if not _is_count(args.get(k), 1)]
+    if bad:
+        return f"its model_args lack a positive {', '.join(bad)}"
+    if not _is_count(marker.get("world_size"), 1):
+        return f"its world_size is {json.dumps(marker.get('world_size'))}, not a positive integer"
+    if marker.get("zero_stage") not in (0, 1, 2, 3) or isinstance(marker.get("zero_stage"), bool):
+        return f"its zero_stage is {json.dumps(marker.get('zero_stage'))}, not 0-3"
+    files = marker.get("files")
+    if files is not None and not (isinstance(files, dict) and all(
+            isinstance(f, dict) and _is_count(f.get("bytes")) and isinstance(f.get("sha256"), str)
+            for f in files.values())):
+        return "its files record lacks a size (bytes) or a sha256 for some file"
+    return None
+
+
 def damage(out_dir: Path, info: CheckpointInfo) -> str | None:
-    """What is wrong with the tag's files against its marker's record, or None if they match.
+    """What is wrong with the tag's marker or its files against the marker's record, or None if they match.
 
     Sizes first (cheap), then checksums. Markers written before files were recorded vouch only
     for completeness.
     """
+    problem = marker_problem(info.marker)
+    if problem is not None:
+        return f"its completion marker {out_dir / info.tag / MARKER} is malformed: {problem}"
     files = info.marker.get("files")
-    if not isinstance(files, dict):
+    if files is None:
         return None
     tag_dir = out_dir / info.tag
     for name, want in files.items():
@@ -296,10 +324,11 @@ class Checkpointer:
         self.comm.barrier()  # the partial tag is gone before any rank exits (a launcher then kills the rest)
         previous = complete_checkpoints(self.out_dir)
         cause = f"rank {self.rank}: {str(error).strip().splitlines()[0]}" if error else "see the failing rank's error"
-        free_gb = shutil.disk_usage(self.out_dir).free / 2**30
         kept = f"the previous checkpoint {previous[-1].tag} is intact" if previous else "no earlier checkpoint exists"
-        raise UserError(f"saving checkpoint {tag} failed on {int(failed)} rank(s): {cause}; {free_gb:.1f} GiB free "
-                        f"under {self.out_dir}; {kept}", hint=RESUME_HINT)
+        hint = RESUME_HINT if error is None else write_hint(error, RESUME_HINT)
+        if hint == RESUME_HINT:  # a full disk, or this rank cannot tell: how much room there is
+            kept = f"{shutil.disk_usage(self.out_dir).free / 2**30:.1f} GiB free under {self.out_dir}; {kept}"
+        raise UserError(f"saving checkpoint {tag} failed on {int(failed)} rank(s): {cause}; {kept}", hint=hint)
 
     def _prune(self, iter_num: int) -> None:
         complete = [c.iter_num for c in complete_checkpoints(self.out_dir)]

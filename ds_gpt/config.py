@@ -103,6 +103,9 @@ class TrainConfig:
 
 
 ZERO_STAGES = (0, 1, 2, 3)
+# A week: longer than any collective should wait for a dead rank. torch keeps the timeout in
+# nanoseconds (a value past ~292 years wraps to a negative one) and timedelta past ~2.7M years fails.
+MAX_PG_TIMEOUT = 7 * 24 * 3600
 DTYPES = ("float32", "bfloat16", "float16")
 
 # --- parsing -------------------------------------------------------------------------------
@@ -127,9 +130,14 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected True or False, got {text!r}")
 
 
-def _coerce(name: str, value: Any, tp: Any, origin: str) -> Any:
-    """Check/convert one value from a config file or the CLI to the field's type (and its choices)."""
-    value = _coerce_type(name, value, tp, origin)
+def _coerce(name: str, value: Any, tp: Any, origin: str, *, typed: bool = False) -> Any:
+    """Check/convert one value from a config file or the CLI to the field's type (and its choices).
+
+    CLI values are text and are parsed. A config file's values are `typed` (TOML has integers,
+    floats, booleans and strings) and must already be of the option's type: a quoted "3" for an
+    int, or a list, table or date for any option, is refused rather than guessed at.
+    """
+    value = (_check_toml_type if typed else _coerce_type)(name, value, tp, origin)
     choices = _fields()[name].metadata.get("choices")
     if choices and value not in choices:
         raise UserError(f"{origin} must be one of {', '.join(choices)} (got {value!r})")
@@ -140,28 +148,39 @@ def _fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+# What a TOML value may be for each option type. An integer is a fine float (learning_rate = 1)
+# and a fine text option (milestones = 10000); bool is never a number, though Python says it is.
+_TOML_TYPES: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str, int)}
+_TOML_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_toml_type(name: str, value: Any, tp: Any, origin: str) -> Any:
+    base = _base_type(tp)
+    if isinstance(value, _TOML_TYPES[base]) and not (base is not bool and isinstance(value, bool)):
+        return base(value)
+    kind = {str: "a quoted string", bool: "a boolean", list: "a list", dict: "a table"}.get(type(value))
+    kind = kind or ("a date or time" if hasattr(value, "isoformat") else type(value).__name__)
+    example = {bool: "true", int: "3", float: "3e-4", str: '"text"'}[base]
+    raise UserError(f"{origin} must be {_TOML_NAMES[base]}, not {kind} ({value!r})",
+                    hint=f"write it as {name} = {example} (TOML values keep their type)")
+
+
 def _coerce_type(name: str, value: Any, tp: Any, origin: str) -> Any:
     base = _base_type(tp)
     if value is None and type(None) in typing.get_args(tp):
         return None
     try:
         if base is bool:
-            return value if isinstance(value, bool) else parse_bool(value)
-        if isinstance(value, bool):  # True is an int in Python; never accept it as a number
-            raise ValueError
+            return parse_bool(value)
         if base is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(value, 10)
+            return int(value, 10)
         if base is float:
             return float(value)
-        if base is str:
-            if not isinstance(value, (str, int, float)):
-                raise ValueError
-            return str(value)
+        return str(value)
     except ValueError:
         pass
-    raise UserError(f"{origin} expects {base.__name__}, got {value!r}")
+    raise UserError(f"{origin} expects {base.__name__}, got {value!r}",
+                    hint="python -m ds_gpt.train --help lists every option and its type")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -207,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             if key not in types:
                 raise UserError(f"config file {path}: unknown option {key!r}",
                                 hint="python -m ds_gpt.train --help lists every option")
-            values[key] = _coerce(key, value, types[key], f"config file {path}: {key}")
+            values[key] = _coerce(key, value, types[key], f"config file {path}: {key}", typed=True)
     ns.pop("local_rank", None)
     for key, value in ns.items():
         values[key] = _coerce(key, value, types[key], f"--{key}")
@@ -242,6 +261,8 @@ def validate(cfg: TrainConfig) -> None:
                  "log_interval", "eval_interval", "checkpoint_interval", "pg_timeout"):
         if getattr(cfg, name) <= 0:
             problems.append(f"{name} must be positive (got {getattr(cfg, name)})")
+    if cfg.pg_timeout > MAX_PG_TIMEOUT:
+        problems.append(f"pg_timeout must be at most {MAX_PG_TIMEOUT} s, a week (got {cfg.pg_timeout})")
     if cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
     if known("dropout") and not 0.0 <= cfg.dropout < 1.0:
@@ -278,7 +299,7 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             problems.append(f"{name} must be positive (got {getattr(cfg, name)})")
     if problems:
-        raise UserError("; ".join(problems))
+        raise UserError("; ".join(problems), hint="python -m ds_gpt.train --help lists every option and its default")
 
 
 MODEL_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")

@@ -8,7 +8,6 @@ the next micro-batches on a background thread while the current ones train.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import threading
@@ -20,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ds_gpt import atomic, fileset
+from ds_gpt import fileset
 from ds_gpt.errors import UserError
+from ds_gpt.stage import read_meta
 
 TOKEN_DTYPE = np.uint16
 PREPARE_HINT = "python -m ds_gpt.prepare --dataset shakespeare (or --dataset openwebtext) writes them"
@@ -81,17 +81,11 @@ def check_data_dir(data_dir: str | Path, block_size: int, vocab_size: int) -> di
                         hint=PREPARE_HINT)
     fileset.recover(root, hint=PREPARE_HINT)
     meta_path = root / "meta.json"
-    meta = None
-    if meta_path.exists():
-        try:
-            meta = json.loads(atomic.read_text(meta_path))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{meta_path} is not valid JSON ({err.msg})", hint=PREPARE_HINT) from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("splits", {}), dict):
-            raise UserError(f"{meta_path} is not a ds_gpt meta.json", hint=PREPARE_HINT)
+    meta = read_meta(root)
+    if meta is not None:
         if meta.get("dtype", "uint16") != "uint16":
-            raise UserError(f"{meta_path} says dtype {meta.get('dtype')}; the loader reads uint16")
-        if int(meta.get("vocab_size", 0)) > vocab_size:
+            raise UserError(f"{meta_path} says dtype {meta.get('dtype')}; the loader reads uint16", hint=PREPARE_HINT)
+        if meta.get("vocab_size", 0) > vocab_size:
             raise UserError(f"{meta_path} has vocab_size {meta['vocab_size']} > the model's {vocab_size}",
                             hint="raise --vocab_size")
     itemsize = np.dtype(TOKEN_DTYPE).itemsize
@@ -104,9 +98,9 @@ def check_data_dir(data_dir: str | Path, block_size: int, vocab_size: int) -> di
         path = root / f"{split}.bin"
         recorded = (meta or {}).get("splits", {}).get(split) or {}
         expected = recorded.get("bytes", itemsize * recorded["tokens"] if "tokens" in recorded else None)
-        if expected is not None and path.is_file() and path.stat().st_size != int(expected):
+        if expected is not None and path.is_file() and path.stat().st_size != expected:
             raise UserError(f"{path} holds {path.stat().st_size // itemsize} tokens but meta.json says "
-                            f"{int(expected) // itemsize}: the file is truncated or from another run",
+                            f"{expected // itemsize}: the file is truncated or from another run",
                             hint=redo)
         files[split] = check_token_file(path, block_size, vocab_size)
     return files
@@ -166,9 +160,10 @@ class RandomWindowSampler:
         for row, offset in zip(mine.rows, offsets.tolist(), strict=True):
             got = os.preadv(self._fd, row, offset * windows.itemsize)
             if got != width:
-                raise UserError(f"{self.file.path} ended at token {offset + got // windows.itemsize}, short of the "
-                                f"{self.file.n_tokens} it held when the run started: was it replaced or truncated?",
-                                hint=PREPARE_HINT)
+                now = os.fstat(self._fd).st_size // windows.itemsize  # its length now, not where the read stopped
+                raise UserError(f"{self.file.path} now holds {now} tokens, short of the {self.file.n_tokens} it held "
+                                f"when the run started (a window at token {offset} ran past its end): was it replaced "
+                                "or truncated?", hint=PREPARE_HINT)
         return windows
 
     def _read(self, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

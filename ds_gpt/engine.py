@@ -68,12 +68,13 @@ def init_distributed(timeout_s: int, env: LaunchEnv | None = None) -> LaunchEnv:
         c10d.default_pg_nccl_timeout = timeout
     import deepspeed
 
-    deepspeed.init_distributed(
-        auto_mpi_discovery=env.launcher == "mpirun",  # mpi4py tells ranks and the master address
-        distributed_port=env.master_port,
-        timeout=timeout,
-        verbose=False,
-    )
+    with ops.build_errors_reported():  # on CPU it compiles its shared-memory all-reduce on first use
+        deepspeed.init_distributed(
+            auto_mpi_discovery=env.launcher == "mpirun",  # mpi4py tells ranks and the master address
+            distributed_port=env.master_port,
+            timeout=timeout,
+            verbose=False,
+        )
     if not torch.cuda.is_available():
         _unlink_shm_buffers(dist.get_rank())
     return env
@@ -114,7 +115,8 @@ def build_engine(model: GPT, run: RunConfig) -> DeepSpeedEngine:
     import deepspeed
 
     groups = model.optimizer_param_groups(run.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
+    with ops.build_errors_reported():  # the optimizer's op (CPU Adam with offload, fused Adam on GPUs)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
     _stop_lock_watcher()  # every op this run uses is loaded
     return engine
 

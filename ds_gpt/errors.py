@@ -53,6 +53,22 @@ OS_ERROR_HINTS = {
 ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO})
 
 
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def write_hint(err: BaseException, when_full: str, where: str = "--out_dir") -> str:
+    """The fix for a failed write: `when_full` for a full disk or quota (or an error that does not
+    say, such as torch's zip writer's RuntimeError), else what that errno calls for. A directory
+    where our file belongs is no matter of free space."""
+    code = getattr(err, "errno", None)
+    if code is None or code in FULL_ERRNOS:
+        return when_full
+    if code == errno.EISDIR:
+        path = getattr(err, "filename", None) or "the file"
+        return f"{path} is a directory where a file belongs: move it away, or pick another {where}"
+    return OS_ERROR_HINTS.get(code, f"check {where}: its filesystem refused the write")
+
+
 def os_error(err: OSError, doing: str | None = None) -> UserError:
     """One line for an OSError: what failed (`doing`, else the path), the OS's reason, and the fix."""
     where = None if err.filename is None else str(err.filename if err.filename2 is None

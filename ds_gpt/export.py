@@ -32,7 +32,7 @@ import torch
 
 from ds_gpt import tokenizer
 from ds_gpt.checkpoint import load_fp32_state_dict, write_failed  # the one place that consolidates ZeRO shards
-from ds_gpt.errors import ArgumentParser, UserError, run_cli
+from ds_gpt.errors import ArgumentParser, UserError, run_cli, write_hint
 from ds_gpt.hf_tokenizer import write_gpt2_tokenizer
 from ds_gpt.interop import GPT2_VOCAB_SIZE, check_state_dict, hf_config, nanogpt_checkpoint, to_hf_state_dict
 from ds_gpt.model import GPT, GPTConfig
@@ -74,7 +74,7 @@ def write_hf(dest: Path, state_dict: dict[str, torch.Tensor], client_state: dict
     from safetensors.torch import save_file
 
     model_args = client_state["model_args"]
-    vocab = hf_vocab_size or default_hf_vocab_size(model_args["vocab_size"])
+    vocab = default_hf_vocab_size(model_args["vocab_size"]) if hf_vocab_size is None else hf_vocab_size
     tensors = to_hf_state_dict(state_dict, model_args, vocab)
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     (dest / "config.json").write_text(json.dumps(hf_config(model_args, vocab), indent=2) + "\n")
@@ -133,8 +133,8 @@ def export(state_dict: dict[str, torch.Tensor], client_state: dict, fmt: str, de
                 raise
             reason = err.strerror if isinstance(err, OSError) else "the write failed (a full disk or quota?)"
             raise UserError(f"writing --dest {dest} failed: {reason}; nothing was replaced",
-                            hint="free some space there (`df -h` shows how much is left), "
-                                 "or pick another --dest") from None
+                            hint=write_hint(err, "free some space there (`df -h` shows how much is left), "
+                                                 "or pick another --dest", where="--dest")) from None
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from the rest of a shared group
         old = None
         if dest.exists():  # replace: move the old aside first, so a crash leaves one of the two
@@ -149,6 +149,17 @@ def export(state_dict: dict[str, torch.Tensor], client_state: dict, fmt: str, de
     return dest
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a count of rows, checked before the slow consolidation (argparse names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of rows (got {text!r})")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="ds_gpt.export", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step5000 (default: the newest)")
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write (see above)")
     p.add_argument("--dest", required=True, help="output directory")
-    p.add_argument("--hf_vocab_size", type=int, default=None,
+    p.add_argument("--hf_vocab_size", type=positive_int, default=None,
                    help="hf: rows of the embedding to keep (default 50257 for vocab 50304, else all)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --dest")
     args = p.parse_args(argv)

@@ -22,6 +22,7 @@ transformers is an optional extra (`make setup EXTRAS=hf`), imported only to rea
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -53,11 +54,21 @@ class StartWeights:
 # checks shared by every source
 
 
+MODEL_ARGS_HINT = ("model_args must give the GPT's shape (n_layer, n_head, n_embd, block_size, vocab_size, bias) "
+                   "of its weights, as the training script wrote it: use a whole, unedited checkpoint")
+
+
 def _config_from(model_args: dict, source: str) -> GPTConfig:
+    if not isinstance(model_args, dict):
+        raise UserError(f"{source}: model_args is {type(model_args).__name__}, not a dict", hint=MODEL_ARGS_HINT)
     names = {f.name for f in fields(GPTConfig)}
     missing = sorted(n for n in names - set(model_args) if n != "dropout")
     if missing:
-        raise UserError(f"{source}: model_args lacks {', '.join(missing)}")
+        raise UserError(f"{source}: model_args lacks {', '.join(missing)}", hint=MODEL_ARGS_HINT)
+    bad = [n for n in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+           if not isinstance(model_args[n], int) or isinstance(model_args[n], bool) or model_args[n] < 1]
+    if bad:
+        raise UserError(f"{source}: model_args has no positive integer {', '.join(bad)}", hint=MODEL_ARGS_HINT)
     return GPTConfig(**{k: v for k, v in model_args.items() if k in names})
 
 
@@ -72,7 +83,7 @@ def check_state_dict(model_args: dict, state_dict: dict[str, torch.Tensor], sour
     problems += [f"unexpected {k}" for k in have if k not in want]
     if problems:
         shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise UserError(f"{source}: weights do not fit model_args {model_args}: {shown}")
+        raise UserError(f"{source}: weights do not fit model_args {model_args}: {shown}", hint=MODEL_ARGS_HINT)
 
 
 def _fp32(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -93,6 +104,17 @@ def from_nanogpt_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+def load_failure(err: BaseException) -> str:
+    """What torch.load refused or could not read, in one line. A weights_only refusal spans
+    paragraphs of advice (some of it: load with weights_only=False, i.e. run the file's code);
+    the line that names what was refused is kept, to its first sentence."""
+    text = str(err)
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text) or re.search(r"^.*unsupported GLOBAL.*$", text, re.M)
+    reason = (found.group(found.lastindex or 0) if found else text.strip().split("\n")[0]).strip()
+    reason = reason.split(". ")[0].rstrip(".") or type(err).__name__
+    return f"not a file torch can read ({reason})" if reason.startswith("Unsupported operand") else reason
+
+
 def load_nanogpt(path: str | os.PathLike) -> StartWeights:
     """Read nanoGPT's ckpt.pt (model, optimizer, model_args, iter_num, best_val_loss, config)."""
     path = Path(path)
@@ -103,11 +125,15 @@ def load_nanogpt(path: str | os.PathLike) -> StartWeights:
     try:  # weights_only: a checkpoint is data, never code to run
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad input file
-        raise UserError(f"cannot read {path} as a nanoGPT checkpoint: {err}") from err
+        raise UserError(f"cannot read {path} as a nanoGPT checkpoint: {load_failure(err)}",
+                        hint="checkpoints are loaded as data only (torch.load weights_only=True): nanoGPT's "
+                             "ckpt.pt holds tensors, dicts and numbers and loads; re-save a file you trust "
+                             "with only those") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise UserError(f"{path} is not a nanoGPT checkpoint: it needs the keys 'model' and 'model_args'")
+        raise UserError(f"{path} is not a nanoGPT checkpoint: it needs the keys 'model' and 'model_args'",
+                        hint="give the ckpt.pt that nanoGPT's train.py wrote: --init_from nanogpt:OUT_DIR/ckpt.pt")
     source = f"{NANOGPT_PREFIX}{path}"
-    model_args = _config_from(dict(ckpt["model_args"]), source).to_dict()
+    model_args = _config_from(ckpt["model_args"], source).to_dict()
     state_dict = _fp32(from_nanogpt_state_dict(ckpt["model"]))
     check_state_dict(model_args, state_dict, source)
     best = ckpt.get("best_val_loss")
@@ -171,8 +197,10 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], model_args: dict,
     lm_head.weight is left out: HF ties it to transformer.wte.weight, as save_pretrained does.
     A bias=False model gets zero biases, which compute the same thing (HF GPT-2 always has them).
     """
-    if hf_vocab_size > model_args["vocab_size"]:
-        raise UserError(f"--hf_vocab_size {hf_vocab_size} exceeds the model's vocab_size {model_args['vocab_size']}")
+    if not 1 <= hf_vocab_size <= model_args["vocab_size"]:
+        raise UserError(f"--hf_vocab_size {hf_vocab_size} is not between 1 and the model's vocab_size "
+                        f"{model_args['vocab_size']}", hint=f"leave it out to keep {GPT2_VOCAB_SIZE} rows of a padded "
+                        "GPT-2 vocabulary (all rows of any other)")
     out = {}
     for k, v in state_dict.items():
         if k == "lm_head.weight":

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ds_gpt.errors import UserError
+from ds_gpt.errors import UserError, write_hint
 from ds_gpt.tracking import WandbRun
 
 # metrics.jsonl keys -> TensorBoard tags
@@ -148,7 +148,7 @@ class MetricsLogger:
 
     @staticmethod
     def _disk_error(err: OSError, what: str) -> UserError:
-        return UserError(f"cannot write {what}: {err.strerror or err}", hint=DISK_FULL_HINT)
+        return UserError(f"cannot write {what}: {err.strerror or err}", hint=write_hint(err, DISK_FULL_HINT))
 
     def close(self) -> None:
         if self._fd is not None:

@@ -22,10 +22,13 @@ and DeepSpeed compiles fused Adam at the first GPU run, which has the environmen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import shutil
 import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ds_gpt import build_locks
@@ -46,13 +49,46 @@ def put_venv_ninja_first() -> None:
         os.environ["PATH"] = os.pathsep.join([str(scripts), *entries])
 
 
+def compiler() -> tuple[str, str | None]:
+    """The C++ compiler torch builds ops with ($CXX, else c++), and where PATH finds it (None: nowhere)."""
+    cxx = os.environ.get("CXX") or "c++"
+    return cxx, shutil.which(cxx)
+
+
+def build_failure(err: BaseException, name: str, root: Path) -> UserError:
+    """One line for an op that did not compile: the compiler when it is missing, else the build's last words."""
+    cxx, found = compiler()
+    if found is None:
+        source = "$CXX" if os.environ.get("CXX") else "the default"
+        return UserError(f"compiling DeepSpeed's {name} op under {root} failed: the C++ compiler {cxx} ({source}) "
+                         "is not installed or not on PATH",
+                         hint="unset CXX or point it at an installed g++ (with OpenMP), then run "
+                              "python -m ds_gpt.ops once to build the op before a run")
+    lines = [line for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    # ninja's summary is the last line; the compiler's own error is the line before "ninja: build stopped".
+    cause = next((line for line in reversed(lines) if "error" in line.lower() and "ninja" not in line), lines[-1])
+    return UserError(f"compiling DeepSpeed's {name} op under {root} with {found} failed: {cause.strip()[:300]}",
+                     hint="install a C++ compiler with OpenMP (g++; CPU runs need this op), then run "
+                          "python -m ds_gpt.ops once to build it")
+
+
+@contextlib.contextmanager
+def build_errors_reported() -> Iterator[None]:
+    """Around DeepSpeed's calls that build ops on first use: a failed build becomes one line (UserError)."""
+    try:
+        yield
+    except (RuntimeError, OSError) as err:
+        match = re.search(r"Error building extension '([^']+)'", str(err))
+        if match is None:
+            raise
+        raise build_failure(err, match.group(1), build_locks.extension_root()) from None
+
+
 def _build(name: str, build, root: Path):
     try:
         return build()
     except (RuntimeError, OSError) as err:  # torch's "Error building extension", a missing compiler
-        last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        raise UserError(f"compiling DeepSpeed's {name} under {root} failed: {last}",
-                        hint="install a C++ compiler with OpenMP (g++); CPU runs need this op") from err
+        raise build_failure(err, name, root) from err
 
 
 def main(argv: list[str] | None = None) -> int:

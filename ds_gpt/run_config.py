@@ -34,6 +34,13 @@ KNOWN_FLOPS_PROFILER_KEYS = frozenset(
     "enabled recompute_fwd_factor profile_step module_depth top_modules detailed output_file".split())
 
 
+# The loader draws a global batch's window offsets at once (8 bytes each, every step), and
+# DeepSpeed counts micro-steps in Python. 2**24 sequences, 17 G tokens per step at T=1024, is
+# far beyond any recipe (GPT-3 used 3.2 M tokens) and still only 128 MB of offsets; a typo such
+# as --gradient_accumulation_steps 1000000000 would instead ask for 8 GB and be OOM-killed.
+MAX_GLOBAL_BATCH = 2**24
+
+
 @dataclass(frozen=True)
 class BatchSizes:
     micro: int  # sequences per rank per micro-step
@@ -108,8 +115,70 @@ def resolve_batch(world_size: int, *, json_micro: int | None = None, json_accum:
             f"x world_size={world_size} = {batch.global_batch}",
             hint="give two of micro batch, accumulation and global batch, and let the third follow")
     if batch.grad_accum < 1:
-        raise UserError(f"batch sizes disagree: {label('global')} is smaller than micro x world_size")
+        raise UserError(f"batch sizes disagree: {label('global')} is smaller than micro x world_size",
+                        hint="raise the global batch to at least micro x world size")
+    if batch.global_batch > MAX_GLOBAL_BATCH:
+        given = ", ".join(label(k) for k in (*cli, *json_used))
+        raise UserError(f"a global batch of {batch.global_batch:,} sequences ({given}, world_size={world_size}) "
+                        f"is beyond the {MAX_GLOBAL_BATCH:,} the loader can draw per step",
+                        hint="check --gradient_accumulation_steps and --micro_batch_size for a typo "
+                             "(the reference recipe: 480 sequences)")
     return batch
+
+
+# Top-level keys whose value is a number, a flag or a name; every other known key is a block
+# (a JSON object). DeepSpeed would fail on a block that is null or a list deep in its start-up,
+# after every node has joined the process group.
+SCALAR_DS_KEYS = frozenset("""
+train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps steps_per_print
+wall_clock_breakdown memory_breakdown dump_state gradient_clipping prescale_gradients
+gradient_predivide_factor sparse_gradients zero_allow_untested_optimizer zero_force_ds_cpu_optimizer
+communication_data_type disable_allgather dataloader_drop_last gradient_accumulation_dtype seed
+""".split())
+DS_EXAMPLE_HINT = "ds_configs/zero1.json is a working example"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def ds_shape_problems(ds: dict) -> list[str]:
+    """What is of the wrong shape among the settings ds_gpt and DeepSpeed read, each named by its path."""
+    problems = [f"{key} must be a JSON object (got {json.dumps(value)}); remove the key to take DeepSpeed's defaults"
+                for key, value in ds.items() if key not in SCALAR_DS_KEYS and not isinstance(value, dict)]
+
+    def block(*path: str) -> dict:
+        node = ds
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) else {}
+
+    def check(path: str, ok: Any, want: str) -> None:
+        *parents, key = path.split(".")
+        node = block(*parents)
+        if key in node and not ok(node[key]):
+            problems.append(f"{path} must be {want} (got {json.dumps(node[key])})")
+
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        check(key, _is_count, "a positive integer")
+    check("gradient_clipping", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: no clipping)")
+    check("zero_optimization.stage", lambda v: v in (0, 1, 2, 3) and not isinstance(v, bool), "one of 0, 1, 2, 3")
+    for name in ("offload_optimizer", "offload_param"):
+        check(f"zero_optimization.{name}", lambda v: isinstance(v, dict), 'an object such as {"device": "cpu"}')
+    for name in ("bf16", "fp16", "tensorboard", "flops_profiler"):
+        check(f"{name}.enabled", lambda v: isinstance(v, bool), "true or false")
+    check("flops_profiler.profile_step", _is_count, "a positive integer")
+    check("optimizer.type", lambda v: isinstance(v, str), 'a name such as "AdamW"')
+    check("optimizer.params", lambda v: isinstance(v, dict), "an object")
+    for name in ("lr", "weight_decay", "eps"):
+        check(f"optimizer.params.{name}", lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    check("optimizer.params.betas", lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)),
+          "two numbers, such as [0.9, 0.95]")
+    return problems
 
 
 def load_ds_config(path: str) -> dict:
@@ -122,21 +191,27 @@ def load_ds_config(path: str) -> dict:
         ds = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"DeepSpeed config {path} is not valid JSON: {err.msg} "
-                        f"at line {err.lineno} column {err.colno}") from None
+                        f"at line {err.lineno} column {err.colno}", hint=DS_EXAMPLE_HINT) from None
     if not isinstance(ds, dict):
-        raise UserError(f"DeepSpeed config {path} must hold a JSON object")
+        raise UserError(f"DeepSpeed config {path} must hold a JSON object", hint=DS_EXAMPLE_HINT)
     unknown = sorted(set(ds) - KNOWN_DS_KEYS)
     if unknown:
         raise UserError(f"DeepSpeed config {path}: unknown key(s) {', '.join(unknown)} "
-                        "(DeepSpeed would ignore them silently)")
+                        "(DeepSpeed would ignore them silently)", hint="check the spelling; " + DS_EXAMPLE_HINT)
+    problems = ds_shape_problems(ds)
+    if problems:
+        raise UserError(f"DeepSpeed config {path}: {'; '.join(problems)}", hint=DS_EXAMPLE_HINT)
     unknown = sorted(set(ds.get("flops_profiler", {})) - KNOWN_FLOPS_PROFILER_KEYS)
     if unknown:
-        raise UserError(f"DeepSpeed config {path}: unknown flops_profiler key(s) {', '.join(unknown)}")
+        raise UserError(f"DeepSpeed config {path}: unknown flops_profiler key(s) {', '.join(unknown)}",
+                        hint="check the spelling; " + DS_EXAMPLE_HINT)
     if "scheduler" in ds:
         raise UserError(f"DeepSpeed config {path}: remove the scheduler block; the learning rate follows "
-                        "--learning_rate/--min_lr/--warmup_iters/--lr_decay_iters (nanoGPT's schedule)")
+                        "--learning_rate/--min_lr/--warmup_iters/--lr_decay_iters (nanoGPT's schedule)",
+                        hint="delete the \"scheduler\" key")
     if ds.get("optimizer", {}).get("type", "AdamW").lower() not in ("adamw", "adam"):
-        raise UserError(f"DeepSpeed config {path}: optimizer.type must be AdamW (nanoGPT's recipe)")
+        raise UserError(f"DeepSpeed config {path}: optimizer.type must be AdamW (nanoGPT's recipe)",
+                        hint='set "type": "AdamW"')
     return ds
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 from ds_gpt import __version__, atomic, checkpoint
 from ds_gpt.checkpoint import CheckpointInfo, TrainState
-from ds_gpt.errors import UserError
+from ds_gpt.errors import UserError, write_hint
 from ds_gpt.launch_env import LaunchEnv
 from ds_gpt.run_config import RunConfig
 
@@ -77,7 +77,7 @@ def write_config(out_dir: Path, run: RunConfig, env: LaunchEnv, hosts: list[str]
         atomic.write_text(out_dir / "config.json", json.dumps(doc, indent=2, default=str))
     except OSError as err:
         raise UserError(f"cannot write {out_dir / 'config.json'}: {err.strerror}",
-                        hint="free space under --out_dir (or move it), then start again") from None
+                        hint=write_hint(err, "free space under --out_dir (or move it), then start again")) from None
 
 
 def client_state(run: RunConfig, state: TrainState, sampler) -> dict:

@@ -21,7 +21,7 @@ import socket
 from pathlib import Path
 
 from ds_gpt import atomic
-from ds_gpt.errors import ArgumentParser, UserError, run_cli
+from ds_gpt.errors import ArgumentParser, UserError, os_error, run_cli
 from ds_gpt.fileset import file_digest, staged_path
 from ds_gpt.preflight_checks import human
 
@@ -37,23 +37,63 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
+def _meta_shape_problems(meta: object) -> list[str]:
+    """What in a parsed meta.json is not of the shape prepare writes (what every reader relies on)."""
+    if not isinstance(meta, dict):
+        return [f"it holds {type(meta).__name__}, not a JSON object"]
+    problems = []
+    if "vocab_size" in meta and not (isinstance(meta["vocab_size"], int) and not isinstance(meta["vocab_size"], bool)
+                                     and meta["vocab_size"] > 0):
+        problems.append(f"vocab_size must be a positive integer (got {json.dumps(meta['vocab_size'])})")
+    for key in ("dtype", "dataset", "tokenizer", "tokenizer_sha256"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            problems.append(f"{key} must be a string (got {json.dumps(meta[key])})")
+    splits = meta.get("splits", {})
+    if not isinstance(splits, dict):
+        return [*problems, f"splits must be an object of train and val (got {json.dumps(splits)})"]
+    for name, split in splits.items():
+        if not isinstance(split, dict):
+            problems.append(f"splits.{name} must be an object (got {json.dumps(split)})")
+            continue
+        for key in ("tokens", "bytes"):
+            value = split.get(key)
+            if key in split and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                problems.append(f"splits.{name}.{key} must be a count (got {json.dumps(value)})")
+        if split.get("sha256") is not None and not isinstance(split["sha256"], str):
+            problems.append(f"splits.{name}.sha256 must be a string (got {json.dumps(split['sha256'])})")
+    return problems
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict | None:
+    """A data directory's meta.json, checked for shape once here for every reader; None when there is
+    none (nanoGPT's bins come without one)."""
+    meta_path = Path(data_dir) / META
+    try:
+        meta = json.loads(atomic.read_text(meta_path))
+    except FileNotFoundError:
+        return None
+    except OSError as err:  # unreadable, a directory: one line where the node probes catch UserErrors
+        raise os_error(err) from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{meta_path} is not valid JSON ({err.msg})", hint=PREPARE_HINT) from None
+    problems = _meta_shape_problems(meta)
+    if problems:
+        raise UserError(f"{meta_path} is not a ds_gpt meta.json: {'; '.join(problems)}", hint=PREPARE_HINT)
+    return meta
+
+
 def expected_files(data_dir: str | os.PathLike) -> dict[str, dict]:
     """{file name: {"bytes": size, "sha256": hex or None}} for train.bin and val.bin, from meta.json."""
     meta_path = Path(data_dir) / META
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{meta_path} not found: the data cannot be verified", hint=PREPARE_HINT) from None
-    except PermissionError:
-        raise UserError(f"{meta_path} is not readable (permission denied)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{meta_path} is not valid JSON", hint=PREPARE_HINT) from None
+    meta = read_meta(data_dir)
+    if meta is None:
+        raise UserError(f"{meta_path} not found: the data cannot be verified", hint=PREPARE_HINT)
     files = {}
     for name in BINS:
-        split = (meta.get("splits") or {}).get(name.removesuffix(".bin")) or {}
+        split = meta.get("splits", {}).get(name.removesuffix(".bin")) or {}
         if "tokens" not in split:
             raise UserError(f"{meta_path} gives no token count for {name}", hint=PREPARE_HINT)
-        files[name] = {"bytes": TOKEN_BYTES * int(split["tokens"]), "sha256": split.get("sha256")}
+        files[name] = {"bytes": TOKEN_BYTES * split["tokens"], "sha256": split.get("sha256")}
     return files
 
 

@@ -8,6 +8,7 @@ process group; the run directory is created only once every input has passed.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +39,14 @@ class Startup:
     data: dict[str, TokenFile]  # "train", "val"
     overrides: list[str]  # what the CLI changed in the DeepSpeed JSON, for the log and config.json
     lock: RunLock | None  # rank 0's hold on out_dir, released when the run ends
+    created_out_dir: bool = False  # this start made out_dir: a start that wrote nothing there removes it
 
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
+        if self.created_out_dir:
+            with contextlib.suppress(OSError):  # not empty (the run wrote something), or another rank's
+                self.out_dir.rmdir()
 
     @property
     def shape(self) -> GPTConfig:
@@ -70,6 +75,7 @@ def build_run(argv: list[str] | None = None) -> Startup:
         tracking.check_available()
     shape = GPTConfig(**run.model)
     data = check_data_dir(cfg.data_dir, shape.block_size, shape.vocab_size)
+    created = not out_dir.exists()
     run_dir.prepare(out_dir)
     lock = RunLock(out_dir, this_launch(env)).acquire(warn) if env.rank == 0 else None
-    return Startup(cfg, env, run, out_dir, resume_from, init, data, overrides, lock)
+    return Startup(cfg, env, run, out_dir, resume_from, init, data, overrides, lock, created)

@@ -291,6 +291,196 @@ def test_bad_place(name, tmp_path, mounts, capsys, gpt2_ranks, request):
     assert not list(work.rglob(".*.partial-*")) and not list(work.rglob(".*.tmp*"))  # no debris
 
 
+# --- inputs that parse but have the wrong shape --------------------------------------------
+#
+# A TOML value, a DeepSpeed JSON setting, a meta.json, a checkpoint's completion marker, a
+# metrics.jsonl line or a number that is well-formed text of the wrong kind. Each is checked once,
+# where its knowledge is (config, run_config, stage, checkpoint, report, export, ops), and ends
+# like a bad path: exit 2 with one line and a HINT, or exit 0 where the command can still do its
+# job; never a traceback, and no file of the user's changed, out_dir included (the trainer
+# refuses before it creates one).
+
+SHAPE_COMMANDS = {**COMMANDS, "train": ("ds_gpt.train", lambda argv: train_main(argv)),
+                  "ops": ("ds_gpt.ops", lambda argv: ops_main(argv))}
+
+
+def train_main(argv: list[str]) -> int:
+    from ds_gpt.train import main
+    return main(argv)
+
+
+def ops_main(argv: list[str]) -> int:
+    from ds_gpt.ops import main
+    return main(argv)
+
+
+def trainer_args(work: Path, *extra: str) -> list[str]:
+    data = work / "data"
+    if not data.exists():
+        write_token_bins(data, n_train=2000, n_val=500)
+    return ["--data_dir", str(data), "--out_dir", str(work / "run"), "--n_layer", "1", "--n_head", "1",
+            "--n_embd", "16", "--block_size", "32", "--vocab_size", "512", "--compile", "False", *extra]
+
+
+def toml(work: Path, text: str) -> list[str]:
+    (work / "c.toml").write_text(text + "\n")
+    return trainer_args(work, "--config", str(work / "c.toml"))
+
+
+def ds_json(work: Path, edit: Callable[[dict], None]) -> list[str]:
+    ds = json.loads((REPO_ROOT / "ds_configs" / "zero1.json").read_text())
+    edit(ds)
+    (work / "ds.json").write_text(json.dumps(ds))
+    return trainer_args(work, "--deepspeed_config", str(work / "ds.json"))
+
+
+def meta(work: Path, doc: dict) -> list[str]:
+    args = trainer_args(work)
+    (work / "data" / "meta.json").write_text(json.dumps({"dataset": "custom", "vocab_size": 512, **doc}))
+    return args
+
+
+MARKER = {"iter_num": 4, "model_args": {"block_size": 32, "vocab_size": 512, "n_layer": 1, "n_head": 1, "n_embd": 16,
+                                        "bias": False, "dropout": 0.0},
+          "world_size": 1, "zero_stage": 1, "dtype": "float32", "files": {"mp_rank_00_model_states.pt":
+                                                                          {"bytes": 5, "sha256": "0" * 64}}}
+
+
+def run_with_marker(work: Path, edit: Callable[[dict], None]) -> Path:
+    """A run directory whose one checkpoint has a marker of the wrong shape (nothing is loaded past it)."""
+    tag = work / "run" / "global_step4"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"12345")
+    doc = json.loads(json.dumps(MARKER))
+    edit(doc)
+    (tag / "ds_gpt_complete.json").write_text(json.dumps(doc))
+    return work / "run"
+
+
+def evil_pickle(work: Path) -> Path:
+    """A torch file whose unpickling would create `work/pwned`: loading it as data must refuse it."""
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (work / "pwned",))
+
+    torch.save({"model": {}, "model_args": {}, "payload": Payload()}, work / "ckpt.pt")
+    return work / "ckpt.pt"
+
+
+def report_run(work: Path, lines: list[str] = (), config: str | None = None) -> list[str]:
+    out = metrics_run(work / "run")
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.writelines(line + "\n" for line in lines)
+    if config is not None:
+        (out / "config.json").write_text(config)
+    return [str(out)]
+
+
+def drop(*path: str) -> Callable[[dict], None]:
+    def edit(doc: dict) -> None:
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return edit
+
+
+def put(value, *path: str) -> Callable[[dict], None]:
+    def edit(doc: dict) -> None:
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+SHAPES: dict[str, tuple[str, Callable[[Path], list[str]], int, str]] = {
+    # name: (command, argv from the work directory, exit code, what the error line must say)
+    "toml list for an int": ("train", lambda w: toml(w, "n_layer = [1, 2]"), 2,
+                             "n_layer must be an integer, not a list"),
+    "toml table": ("train", lambda w: toml(w, "out_dir = {a = 1}"), 2, "out_dir must be a string, not a table"),
+    "toml date": ("train", lambda w: toml(w, "dropout = 1979-05-27"), 2, "dropout must be a number, not a date"),
+    "toml quoted int": ("train", lambda w: toml(w, 'n_layer = "3"'), 2, "n_layer must be an integer, not a quoted"),
+    "pg_timeout past timedelta": ("train", lambda w: trainer_args(w, "--pg_timeout", str(10**17)), 2,
+                                  "pg_timeout must be at most 604800 s"),
+    "ds stage one": ("train", lambda w: ds_json(w, put("one", "zero_optimization", "stage")), 2,
+                     'zero_optimization.stage must be one of 0, 1, 2, 3 (got "one")'),
+    "ds stage 4": ("train", lambda w: ds_json(w, put(4, "zero_optimization", "stage")), 2,
+                   "zero_optimization.stage must be one of 0, 1, 2, 3 (got 4)"),
+    "ds zero_optimization null": ("train", lambda w: ds_json(w, put(None, "zero_optimization")), 2,
+                                  "zero_optimization must be a JSON object (got null)"),
+    "ds lr a string": ("train", lambda w: ds_json(w, put("6e-4", "optimizer", "params", "lr")), 2,
+                       'optimizer.params.lr must be a number >= 0 (got "6e-4")'),
+    "accumulation absurd": ("train", lambda w: trainer_args(w, "--gradient_accumulation_steps", "1000000000"), 2,
+                            "a global batch of 12,000,000,000 sequences"),
+    "meta vocab_size null": ("train", lambda w: meta(w, {"vocab_size": None}), 2,
+                             "vocab_size must be a positive integer (got null)"),
+    "meta splits a string": ("train", lambda w: meta(w, {"splits": "train,val"}), 2, "splits must be an object"),
+    "meta split a string": ("train", lambda w: meta(w, {"splits": {"train": "all"}}), 2,
+                            'splits.train must be an object (got "all")'),
+    "nanogpt pickle runs no code": ("train", lambda w: trainer_args(w, "--init_from", f"nanogpt:{evil_pickle(w)}"), 2,
+                                    "as a nanoGPT checkpoint: Unsupported global: GLOBAL getattr"),
+    "marker without world_size": ("sample", lambda w: sample_args(run_with_marker(w, drop("world_size"))), 2,
+                                  "no checkpoint in"),
+    "marker files without bytes": ("export", lambda w: export_args(run_with_marker(
+        w, drop("files", "mp_rank_00_model_states.pt", "bytes")), w / "exported", "--tag", "global_step4"), 2,
+        "its files record lacks a size (bytes)"),
+    "marker model_args a string": ("export", lambda w: export_args(run_with_marker(
+        w, put("124M", "model_args")), w / "exported", "--tag", "global_step4"), 2, "its model_args is str"),
+    "export hf_vocab_size -5": ("export", lambda w: export_args(w / "in", w / "exported", "--hf_vocab_size", "-5"), 2,
+                                "--hf_vocab_size: must be a positive number of rows (got '-5')"),
+    "report list and string lines": ("report", lambda w: report_run(w, ["[1, 2]", '"a string"', '{"iter": "x"}']),
+                                     0, ""),
+    "report config a list": ("report", lambda w: report_run(w, config="[1, 2]"), 0, ""),
+    "report --out_dir": ("report", lambda w: ["--out_dir", *report_run(w)], 0, ""),
+}
+SHAPE_CHANGES = {"report": {"report.md", "report.png"}}  # what a successful report replaces
+
+
+@pytest.mark.parametrize("name", list(SHAPES), ids=lambda name: name.replace(" ", "_"))
+def test_wrong_shape(name, tmp_path, capsys):
+    command, argv_of, code, message = SHAPES[name]
+    work = tmp_path / "work"
+    write_docs(work / "in")
+    argv = argv_of(work)
+    created_run = not (work / "run").exists()
+    before = fs_faults.snapshot(work, IGNORED)
+    prog, main = SHAPE_COMMANDS[command]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # any other exception escaping run_cli fails the test
+        run_cli(lambda: main(argv), prog=prog)
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if f"{prog}: error:" in line]
+    assert stop.value.code == code, stderr[-3000:]
+    if code == 2:
+        assert len(errors) == 1 and message in errors[0] and "(HINT: " in errors[0], stderr[-3000:]
+    else:
+        assert not errors, stderr[-3000:]
+    after = fs_faults.snapshot(work, IGNORED)
+    changed = {Path(p).name for p in set(before) | set(after) if after.get(p) != before.get(p)}
+    assert changed <= SHAPE_CHANGES.get(command, set()) if code == 0 else changed == set(), changed
+    assert not (created_run and (work / "run").exists()), "the trainer left an out_dir it created"
+    assert not (work / "pwned").exists()  # nothing loaded ran code
+
+
+def test_an_op_that_cannot_compile_is_one_line_naming_the_compiler(tmp_path, monkeypatch, capsys):
+    """CXX pointing nowhere, and no build of the op yet: one line naming the compiler, not ninja's log."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setattr(OpBuilder, "_loaded_ops", {})  # this process may have loaded the built op already
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: ops_main([]), prog="ds_gpt.ops")
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ds_gpt.ops: error:" in line]
+    assert stop.value.code == 2 and len(errors) == 1, errors
+    assert f"the C++ compiler {tmp_path / 'no-such-g++'} ($CXX) is not installed" in errors[0]
+    assert "(HINT: unset CXX or point it at an installed g++" in errors[0]
+
+
 # --- plan: numbers, not paths --------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [

@@ -10,6 +10,10 @@ from ds_gpt.atomic import write_text
 from ds_gpt.checkpoint import find_latest, tags_to_prune
 from ds_gpt.errors import UserError
 
+# What a save writes besides iter_num and files (ds_gpt.run_dir.marker)
+MARKER = {"model_args": {"block_size": 32, "vocab_size": 512, "n_layer": 1, "n_head": 1, "n_embd": 16},
+          "world_size": 1, "zero_stage": 1, "dtype": "float32"}
+
 
 def fake_tag(out, n, complete=True, files=None):
     """A tag directory; `files` (name -> bytes) are written and recorded in its marker, as a save does."""
@@ -19,7 +23,7 @@ def fake_tag(out, n, complete=True, files=None):
         (tag_dir / name).write_bytes(data)
     if complete:
         record = {name: checkpoint.file_digest(tag_dir / name) for name in files or {}}
-        (tag_dir / checkpoint.MARKER).write_text(json.dumps({"iter_num": n, "model_args": {}, "files": record}))
+        (tag_dir / checkpoint.MARKER).write_text(json.dumps({**MARKER, "iter_num": n, "files": record}))
 
 
 def warnings_of(out):
@@ -105,3 +109,25 @@ def test_write_text_leaves_no_temp_files(tmp_path):
     write_text(tmp_path / "latest", "a")
     write_text(tmp_path / "latest", "b")
     assert [p.name for p in tmp_path.iterdir()] == ["latest"] and (tmp_path / "latest").read_text() == "b"
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m.pop("world_size"), "its world_size is null, not a positive integer"),
+    (lambda m: m.update(model_args="124M"), "its model_args is str, not an object"),
+    (lambda m: m.update(zero_stage="one"), 'its zero_stage is "one", not 0-3'),
+    (lambda m: next(iter(m["files"].values())).pop("bytes"), "its files record lacks a size (bytes)"),
+])
+def test_a_marker_of_the_wrong_shape_is_damage_and_the_older_tag_is_taken(tmp_path, edit, problem):
+    fake_tag(tmp_path, 10, files=SHARDS)
+    fake_tag(tmp_path, 20, files=SHARDS)
+    path = tmp_path / "global_step20" / checkpoint.MARKER
+    marker = json.loads(path.read_text())
+    edit(marker)
+    path.write_text(json.dumps(marker))
+    seen, warn = warnings_of(tmp_path)
+    assert find_latest(tmp_path, warn).tag == "global_step10"
+    assert len(seen) == 1 and seen[0].startswith(
+        f"skipping checkpoint global_step20: its completion marker {path} is malformed: {problem}"), seen
+    with pytest.raises(UserError, match="checkpoint global_step20 is damaged: its completion marker") as err:
+        checkpoint.resolve_tag(tmp_path, "global_step20")
+    assert "pick an older tag" in err.value.hint

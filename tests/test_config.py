@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -163,9 +164,31 @@ def test_bad_config_file(tmp_path):
     (tmp_path / "bad.toml").write_text("n_layr = 4\n")
     with pytest.raises(UserError, match="unknown option 'n_layr'"):
         parse_args(["--config", str(tmp_path / "bad.toml")])
-    (tmp_path / "typed.toml").write_text('n_layer = "4"\nbias = 3\n')
-    with pytest.raises(UserError, match="n_layer expects int, got '4'|bias expects bool"):
+    (tmp_path / "typed.toml").write_text('n_layer = "4"\n')
+    with pytest.raises(UserError, match="n_layer must be an integer, not a quoted string") as err:
         parse_args(["--config", str(tmp_path / "typed.toml")])
+    assert err.value.hint == "write it as n_layer = 3 (TOML values keep their type)"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("bias = 3", "bias must be true or false, not int (3)"),
+    ("learning_rate = true", "learning_rate must be a number, not a boolean (True)"),
+    ("n_layer = 2.0", "n_layer must be an integer, not float (2.0)"),
+    ("milestones = [10, 20]", "milestones must be a string, not a list ([10, 20])"),
+])
+def test_config_file_values_keep_their_toml_type(tmp_path, line, message):
+    (tmp_path / "c.toml").write_text(line + "\n")
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_args(["--config", str(tmp_path / "c.toml")])
+
+
+@pytest.mark.parametrize("line, field, value", [
+    ("learning_rate = 1", "learning_rate", 1.0), ("milestones = 10000", "milestones", "10000"),
+    ("pg_timeout = 604800", "pg_timeout", 604800),  # a week: the longest wait a collective may be given
+])
+def test_config_file_values_that_widen_are_accepted(tmp_path, line, field, value):
+    (tmp_path / "c.toml").write_text(line + "\n")
+    assert getattr(parse_args(["--config", str(tmp_path / "c.toml")]), field) == value
 
 
 @pytest.mark.parametrize("content, message", [

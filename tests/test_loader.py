@@ -83,8 +83,10 @@ def test_a_file_truncated_under_the_run_is_a_user_error(token_file):
     s = make(token_file, micro=64, accum=1)
     with open(token_file.path, "r+b") as fh:
         fh.truncate(BLOCK * 4)
-    with pytest.raises(UserError, match="replaced or truncated"):
+    with pytest.raises(UserError, match="replaced or truncated") as err:
         s.micro_batch(0, 0)
+    # the file's length now, whichever window ran past it first
+    assert f"now holds {BLOCK * 4 // 2} tokens, short of the {token_file.n_tokens}" in str(err.value)
 
 
 def test_prefetcher_gives_the_samplers_micro_batches_in_any_order(token_file):

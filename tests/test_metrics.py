@@ -1,8 +1,12 @@
 """metrics.jsonl: one JSON object per line, also across a restart after a line was cut short."""
 from __future__ import annotations
 
+import errno
 import json
 
+import pytest
+
+from ds_gpt.errors import UserError, write_hint
 from ds_gpt.metrics import MetricsLogger
 
 
@@ -33,3 +37,14 @@ def test_only_the_writing_rank_touches_the_file(tmp_path):
     logger.log({"iter": 0, "loss": 1.0})
     logger.close()
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_directory_where_metrics_jsonl_belongs_is_not_a_full_disk(tmp_path):
+    """EISDIR names the directory in the way; only a full disk or quota asks for free space."""
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(UserError) as err:
+        MetricsLogger(tmp_path, True)
+    assert err.value.hint == f"{tmp_path / 'metrics.jsonl'} is a directory where a file belongs: move it away, " \
+                             "or pick another --out_dir"
+    assert write_hint(OSError(errno.ENOSPC, "No space left on device"), "free space") == "free space"
+    assert write_hint(RuntimeError("unexpected pos 64"), "free space") == "free space"  # torch's zip writer

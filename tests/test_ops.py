@@ -103,7 +103,7 @@ def test_a_failed_compile_is_one_error_naming_the_op_and_the_fix(monkeypatch):
         raise RuntimeError("ninja: build stopped: subcommand failed.\nError building extension 'deepspeed_shm_comm'")
 
     monkeypatch.setattr(ds_comm_backend(), "build_shm_op", compiler_fails)
-    with pytest.raises(UserError, match="compiling DeepSpeed's deepspeed_shm_comm under .* failed: Error building "
+    with pytest.raises(UserError, match="compiling DeepSpeed's deepspeed_shm_comm op under .* failed: Error building "
                                         "extension 'deepspeed_shm_comm'") as info:
         ops.main([])
     assert "C++ compiler" in info.value.hint

@@ -42,7 +42,8 @@ def write_run(out: Path, *, agree: bool = True, config: bool = True) -> Path:
         if it == 5:
             lines.append({"event": "flops_profile", "iter": 5, "zero_stage": 1, "agree": agree,
                           "flops_ratio": 0.998 if agree else 1.92, "mfu_profiler": 0.3502 if agree else 0.67,
-                          "mfu_analytic": 0.3509, "profiler_fwd_flops": 1.0, "analytic_fwd_flops": 1.0})
+                          "mfu_analytic": 0.3509, "profiler_fwd_flops": 1.0, "analytic_fwd_flops": 1.0,
+                          "step_time_s": 0.4799})
     # A resume from the iter-15 checkpoint logs 16..19 again: the later lines win.
     lines += [{**line, "loss": line["loss"] - 0.01} for line in lines if line.get("iter", 0) >= 16 and "loss" in line]
     (out / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n{\"iter\": 20, \"lo")
@@ -72,7 +73,8 @@ def test_report_files(tmp_path):
     """report.md shows every figure of the summary; report.png is a real picture."""
     md, png = R.write_report(write_run(tmp_path / "run"))
     text = md.read_text()
-    assert "| MFU (analytic, 6N + 12LTd) | 35.09% (peak: table:A100) |" in text and "DISAGREES" not in text
+    assert ("| MFU (analytic, 6N + 12LTd) | 35.09% (median of the steady iterations, each over its own time; "
+            "peak: table:A100) |") in text and "DISAGREES" not in text
     data = png.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000
 
@@ -127,3 +129,55 @@ def test_summary_reports_hfu_beside_mfu(tmp_path):
     s = summary_of(write_run(tmp_path / "run"))
     assert s["mfu_analytic"] == pytest.approx(0.350926, rel=1e-5)  # 1,024,000 x 855,383,040 / (8 x 312e12)
     assert s["hfu"] == pytest.approx(1.25 * s["mfu_analytic"]) and s["activation_checkpointing"] == "full"
+
+
+def test_each_loss_and_mfu_says_what_it_is(tmp_path):
+    """The last train line (one global batch) and the last eval (the console's closing `step N:` line)
+    are different numbers: each row names which; each MFU names the time it divides by."""
+    text = R.write_report(write_run(tmp_path / "run"))[0].read_text()
+    assert "| train loss, last logged iteration | 5.2900 (iter 19: that iteration's global batch) |" in text
+    assert "| last eval, train / val loss | 8.0000 / 8.1000 (the console's `step 10:` line) |" in text
+    assert ("| MFU (flops profiler) | 35.02% (iter 5: its FLOPs over one step time, 479.9 ms, the iteration before "
+            "it; the analytic count over that time: 35.09%; profiler/analytic FLOPs 0.998) |") in text
+
+
+def test_cpu_runs_are_not_drawn_against_the_a100_figures(tmp_path, monkeypatch):
+    out = write_run(tmp_path / "run")
+    config = json.loads((out / "config.json").read_text())
+    drawn = []
+    real_plot = R.plot
+    monkeypatch.setattr(R, "plot", lambda *a, gpu: drawn.append(gpu) or real_plot(*a, gpu=gpu))
+    R.write_report(out)
+    (out / "config.json").write_text(json.dumps({**config, "device": "cpu"}))
+    text = R.write_report(out)[0].read_text()
+    assert drawn == [True, False]
+    assert "Those are GPU figures: this run's MFU is not comparable with them" in text
+
+
+@pytest.mark.parametrize("losses, top", [
+    # the first 5% of the iterations (10.8 down to 6.5) are cut off, above the rest of the curve plus 5%
+    ([10.8, 9.0, 8.0, 7.0, 6.5] + [6.0 - 0.02 * i for i in range(95)], 6.0 + 0.05 * (6.0 - 4.12)),
+    ([5.0, 4.9, 4.8], None),  # nothing to cut: the whole curve is readable
+])
+def test_loss_axis_is_cut_above_the_curve_after_the_first_iterations(losses, top):
+    got = R.loss_axis_top(list(enumerate(losses)))
+    assert got == (None if top is None else pytest.approx(top))
+
+
+def test_out_dir_flag_or_positional(tmp_path, capsys):
+    out = write_run(tmp_path / "run")
+    assert R.main(["--out_dir", str(out)]) == 0 and R.main([str(out)]) == 0
+    for argv in ([], [str(out), "--out_dir", str(out)]):
+        with pytest.raises(UserError, match="give the run directory once"):
+            R.main(argv)
+
+
+def test_lines_and_config_of_the_wrong_shape_are_skipped(tmp_path):
+    """A list or a string appended to metrics.jsonl is no event; a config.json that is a list says nothing."""
+    out = write_run(tmp_path / "run")
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('\n[1, 2]\n"text"\n{"iter": "x", "loss": 1.0}\n{"iter": 21, "loss": "nan?"}\n')
+    (out / "config.json").write_text("[1, 2]")
+    s = summary_of(out)
+    assert s["final_loss"] == pytest.approx(5.29) and s["hardware"] is None
+    assert R.write_report(out)[0].read_text().startswith("# Run report")
