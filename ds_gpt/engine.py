@@ -118,6 +118,13 @@ def build_engine(model: GPT, run: RunConfig) -> DeepSpeedEngine:
     with ops.build_errors_reported():  # the optimizer's op (CPU Adam with offload, fused Adam on GPUs)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
     _stop_lock_watcher()  # every op this run uses is loaded
+    if dist.get_world_size() == 1 and not engine.zero_optimization():
+        # Alone, there is nothing to average, but ZeRO-0 would still copy every gradient into a
+        # flat buffer, "all-reduce" it with itself, and copy it back, each step: 3% of a CPU step
+        # at the benchmark's shape (docs/benchmarks.md). Dividing by one rank is exact, so the
+        # gradients are the same bits without it. (ZeRO-1/2 move gradients into their partitions
+        # in that reduction: they keep it.)
+        engine.enable_backward_allreduce = False
     return engine
 
 

@@ -359,4 +359,8 @@ def resolve(cfg: TrainConfig, world_size: int, *, cuda: bool, overrides_log: lis
     for block, values in profiler_ds_overrides(profile_step, ds_zero_stage(ds)).items():
         for key, value in values.items():
             override((block, key), value, "flops profiler (run by the training loop)")
+    # DeepSpeed's throughput timer (on unless the JSON says otherwise) synchronizes the device at every
+    # forward and every step() to time a line it logs at INFO, which ds_gpt silences: on a GPU two
+    # host syncs per micro-batch for nothing. The loop times its own steps.
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     return RunConfig(train=cfg, model=model_args(cfg), ds_config=ds, batch=batch, profile_step=profile_step)

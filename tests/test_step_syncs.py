@@ -77,3 +77,28 @@ def test_one_step_reads_the_device_once(one_rank_run, policy):
     assert result.action == "ok" and result.loss == result.loss
     assert sum(len(callers) for callers in counts.values()) == 1, counts
     assert counts == {"tolist": ["ds_gpt.collectives"]}  # the step's one all-reduce, read back once
+
+
+def test_deepspeed_does_not_synchronize_the_device_in_a_step(one_rank_run, monkeypatch):
+    """DeepSpeed's throughput timer would synchronize the device at every forward and step()
+    from the engine's third step on (two host waits per micro-batch on a GPU): the resolved
+    config turns it off. On CPU the call is a no-op, so it is counted, not timed."""
+    from deepspeed.accelerator import get_accelerator
+
+    from ds_gpt.data import BatchPrefetcher
+    from ds_gpt.flops_profile import FlopsProfileCapture
+    from ds_gpt.nonfinite import NonFiniteGuard
+    from ds_gpt.signals import GracefulStop
+    from ds_gpt.train import train_step
+
+    eng, sampler = one_rank_run
+    accelerator = get_accelerator()
+    calls = []
+    monkeypatch.setattr(accelerator, "synchronize", lambda *a, **k: calls.append(a))
+    guard = NonFiniteGuard("stop", micro_batches_per_step=4, model=eng.module)
+    profile = FlopsProfileCapture(eng, profile_step=None, output_file="unused", n_params=1, n_layer=2, n_embd=32,
+                                  peak_flops=1.0)
+    with BatchPrefetcher(sampler, "cpu") as batches:
+        for step in range(3):  # the timer starts timing (and synchronizing) at the engine's second step
+            train_step(eng, batches, step, guard, GracefulStop(), profile)
+    assert eng.global_steps >= 3 and calls == []

@@ -12,7 +12,16 @@ from pathlib import Path
 import torch
 
 from ds_gpt import mfu
-from ds_gpt.bench.common import add_json_arg, load, machine, positive_int, write_json, write_synthetic_bin
+from ds_gpt.bench.common import (
+    add_json_arg,
+    load,
+    machine,
+    median_with_spread,
+    positive_int,
+    write_json,
+    write_synthetic_bin,
+)
+from ds_gpt.bench.step_profile import marked_forward, marked_method, profile_steps
 from ds_gpt.data import BatchPrefetcher, RandomWindowSampler
 
 # A CPU-sized model by default; GPT-2's vocabulary (50304) would make its head dominate a CPU step.
@@ -34,6 +43,8 @@ def add_step(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile both: engine.compile() and torch.compile()")
     p.add_argument("--iters", type=positive_int, default=10, help="timed iterations of each")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations of each first (compilation included)")
+    p.add_argument("--profile_iters", type=int, default=3,
+                   help="iterations of each run under torch.profiler afterwards, for the split of a step (0: none)")
     p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: table, or measured on CPU)")
     add_json_arg(p)
     p.set_defaults(func=bench_step)
@@ -95,21 +106,29 @@ def bench_step(args: argparse.Namespace) -> None:
             ds_engine.set_lr(eng, run.lr_at(it))
             return train_step(eng, batches, it, guard, stop, no_profile).loss
 
-        def plain_iter(it: int) -> float:
-            for group in opt.param_groups:
-                group["lr"] = run.lr_at(it)
-            total = torch.zeros((), device=dev)
-            for micro in range(run.batch.grad_accum):
-                x, y = (t.to(dev) for t in sampler.micro_batch(it, micro))
-                with autocast:
-                    loss = plain_forward(x, y)[1]
-                total += loss.detach()  # on the device: like nanoGPT, no host sync per micro-batch
-                (loss / run.batch.grad_accum).backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(plain.parameters(), clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return total.item() / run.batch.grad_accum
+        class PlainLoop:
+            """nanoGPT's train.py step; `update` is its clipping, optimizer step and zero_grad."""
+
+            def update(self) -> None:
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(plain.parameters(), clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            def __call__(self, it: int) -> float:
+                for group in opt.param_groups:
+                    group["lr"] = run.lr_at(it)
+                total = torch.zeros((), device=dev)
+                for micro in range(run.batch.grad_accum):
+                    x, y = (t.to(dev) for t in sampler.micro_batch(it, micro))
+                    with autocast:
+                        loss = plain_forward(x, y)[1]
+                    total += loss.detach()  # on the device: like nanoGPT, no host sync per micro-batch
+                    (loss / run.batch.grad_accum).backward()
+                self.update()
+                return total.item() / run.batch.grad_accum
+
+        plain_iter = PlainLoop()
 
         steps = {"DeepSpeed (ds_gpt)": ds_iter, "plain PyTorch": plain_iter}
         times: dict[str, list[float]] = {name: [] for name in steps}
@@ -128,6 +147,12 @@ def bench_step(args: argparse.Namespace) -> None:
                     times[name].append(time.perf_counter() - t0)
                 if cuda:
                     peak_mem[name] = max(peak_mem[name], torch.cuda.max_memory_allocated() / 2**30)
+
+        # The same steps again under the profiler: how much of each is the model's own work.
+        profiled = range(args.warmup + args.iters, args.warmup + args.iters + args.profile_iters)
+        with (marked_forward(eng.module), marked_forward(plain), marked_method(eng, "_take_model_step"),
+              marked_method(plain_iter, "update")):
+            breakdown = profile_steps(steps, profiled, cuda=cuda) if args.profile_iters and not args.compile else {}
 
     peak, source = mfu.peak_flops_per_device(ds_engine.device_name(), run.dtype, args.peak_tflops)
     fpt = mfu.flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_embd, model_cfg.block_size)
@@ -154,12 +179,28 @@ def bench_step(args: argparse.Namespace) -> None:
         print("  (peak memory: allocated during that side's steps, with both models resident)")
     ds_t, plain_t = times.values()
     paired = statistics.median(a / b for a, b in zip(ds_t, plain_t, strict=True)) - 1
+    # ds_gpt's speed as a multiple of the plain loop's, one ratio per pair of back-to-back steps.
+    speed = median_with_spread([b / a for a, b in zip(ds_t, plain_t, strict=True)])
+    lo, hi = speed["ci95"]
+    verdict = ("ds_gpt faster" if lo > 1 else "ds_gpt slower" if hi < 1 else "no difference this run can resolve")
     drift = max(abs(a - b) for a, b in zip(*losses.values(), strict=True))
-    print(f"  DeepSpeed overhead {paired:+.1%} of the plain loop's time, median of per-iteration ratios "
-          f"(best vs best {min(ds_t) / min(plain_t) - 1:+.1%}; target <= 5%); "
-          f"largest loss difference between the two {drift:.2e}")
+    print(f"  ds_gpt speed / plain loop's: median {speed['median']:.3f}x over {speed['n']} pairs of back-to-back "
+          f"steps, IQR {speed['iqr'][0]:.3f}-{speed['iqr'][1]:.3f}, 95% CI {lo:.3f}-{hi:.3f}: {verdict} "
+          f"(target >= 1.0x); largest loss difference between the two {drift:.2e}")
+    for name, split in breakdown.items():
+        print(f"  {name:20s} profiled {split['step_ms']:8.1f} ms/step: forward {split['forward_ms']:.1f}, "
+              f"backward {split['backward_ms']:.1f}, optimizer {split['optimizer_ms']:.1f}, outside the model "
+              f"{split['overhead_ms']:.2f} ms = {split['overhead_fraction']:.2%} of the step"
+              + (f"; GPU idle {split['gpu_idle_fraction']:.2%}" if "gpu_idle_fraction" in split else ""))
+    if breakdown:
+        ds_split, plain_split = breakdown.values()
+        excess = (ds_split["overhead_ms"] - plain_split["overhead_ms"]) / ds_split["step_ms"]
+        print(f"  ds_gpt's overhead beyond the plain loop's: {excess:+.2%} of its step (target <= 2%)")
+    elif args.compile:
+        print("  (no split of the step under --compile: the profiler's markers would be compiled into the model)")
     write_json(args.json, "step", {
         "setting": setting, "device": ds_engine.device_name(), "peak_flops": peak, "peak_source": source,
         "tokens_per_iter": run.tokens_per_iter, "results": figures, "overhead_paired": paired,
-        "max_loss_difference": drift})
+        "speed_ratio_paired": speed, "verdict": verdict, "breakdown": breakdown,
+        "overhead_excess_fraction": excess if breakdown else None, "max_loss_difference": drift})
     ds_engine.shutdown()  # as the trainer does: the process group goes before the interpreter
