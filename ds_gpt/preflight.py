@@ -176,9 +176,9 @@ def run_allreduce(hostfile: str, hosts: list[str], master: str, port: int, args:
         env.update(MASTER_ADDR=master, MASTER_PORT=str(port))
         cmd = ["srun", "--kill-on-bad-exit=1", sys.executable, "-u", "-m", "ds_gpt.preflight_node", *rank_args]
     else:
-        deepspeed = shutil.which("deepspeed", path=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-        cmd = [deepspeed or "deepspeed", "--hostfile", hostfile, "--master_addr", master, "--master_port", str(port),
-               "--no_local_rank", "--module", "ds_gpt.preflight_node", *rank_args]
+        # deepspeed's launcher, behind the check that its command line reaches the nodes unchanged
+        cmd = [sys.executable, "-m", "ds_gpt.remote_shell", "launch", "--hostfile", hostfile, "--master_addr", master,
+               "--master_port", str(port), "--no_local_rank", "--module", "ds_gpt.preflight_node", *rank_args]
     # Its own session: on a timeout the launcher, pdsh and ssh go together (the ranks' alarm ends them).
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, stdin=subprocess.DEVNULL)

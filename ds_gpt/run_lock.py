@@ -10,10 +10,14 @@ A lock left behind (SIGKILL, a lost node) is taken over when any of these holds:
 - it names this job's SLURM id: the same job requeued, or restarted within its allocation;
 - it names a process on this host that no longer exists;
 - its SLURM job is no longer running (asked of squeue, where there is one);
-- its heartbeat is older than STALE_S: a holder on another host that stopped touching it.
-Otherwise the new start refuses with one line naming the holder. Takeover replaces the file
-and reads it back: of two starts that take over at once, the one whose record is not there
-exits with the same refusal.
+- its heartbeat is older than STALE_S: a holder on another host that stopped touching it;
+- it is unreadable (empty or half-written, as a node crash between create and write leaves it
+  on NFS; not JSON; a record with a pid no process can have; a directory) and its modification
+  time is older than STALE_S, the age a stopped heartbeat would have.
+Otherwise the new start refuses with one line naming the holder; a heartbeat stamped ahead of
+this node's clock is named as such. Takeover replaces the file (an empty directory in its place
+goes first) and reads it back: of two starts that take over at once, the one whose record is
+not there exits with the same refusal.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -34,6 +39,8 @@ from ds_gpt.launch_env import LaunchEnv
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0  # ten missed heartbeats: the holder's node is gone or hung
+PID_MAX = 4_194_304  # Linux's highest pid_max
+MAX_RECORD = 4096  # a record is ~150 bytes; more is not ours
 
 
 @dataclass(frozen=True)
@@ -53,15 +60,33 @@ def this_launch(env: LaunchEnv, environ=os.environ) -> Holder:
     return Holder(socket.gethostname(), os.getpid(), job_id, f"{job_id or '-'}:{env.master_addr}:{env.master_port}")
 
 
+def _holder(record: object) -> Holder | None:
+    """The holder a lock file's JSON names, or None when it is not one we wrote (fields, types, a real pid)."""
+    if not isinstance(record, dict) or set(record) != {"host", "pid", "job_id", "launch_id"}:
+        return None
+    host, pid, job_id, launch_id = record["host"], record["pid"], record["job_id"], record["launch_id"]
+    texts = [host, launch_id] + ([] if job_id is None else [job_id])
+    if not all(isinstance(t, str) and t.isprintable() for t in texts) or not host:
+        return None
+    if type(pid) is not int or not 0 < pid <= PID_MAX:  # os.kill(0 or -1, ...) would signal groups
+        return None
+    return Holder(host, pid, job_id, launch_id)
+
+
 def _read(path: Path) -> tuple[Holder | None, float]:
-    """The recorded holder (None if unreadable or half-written) and the age of its heartbeat."""
+    """The recorded holder (None if unreadable: empty, half-written, not ours, a directory) and the
+    age of its file's modification time, which the holder's heartbeat keeps fresh."""
+    st = path.stat()  # FileNotFoundError: released meanwhile; the caller retries
+    age = time.time() - st.st_mtime
+    if not stat.S_ISREG(st.st_mode):
+        return None, age
     try:
-        age = time.time() - path.stat().st_mtime
-        return Holder(**json.loads(path.read_text())), age
+        with open(path, "rb") as fh:
+            return _holder(json.loads(fh.read(MAX_RECORD))), age
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, TypeError):
-        return None, 0.0
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON, nested absurdly
+        return None, age
 
 
 def _squeue_running(job_id: str) -> bool | None:
@@ -80,8 +105,8 @@ def _squeue_running(job_id: str) -> bool | None:
 
 def stale_reason(holder: Holder | None, heartbeat_age_s: float, me: Holder) -> str | None:
     """Why a recorded holder may be taken over, or None while it may still be alive."""
-    if holder is None:
-        return "the lock file is unreadable" if heartbeat_age_s > HEARTBEAT_S else None
+    if holder is None:  # a start that died between create and write, or not our file: judged by its age
+        return f"it is unreadable and unchanged for {heartbeat_age_s:.0f} s" if heartbeat_age_s > STALE_S else None
     if holder.job_id and holder.job_id == me.job_id:
         return f"it is this job ({holder.job_id}), started again"
     if holder.host == me.host:
@@ -121,8 +146,12 @@ class RunLock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as fh:
-            fh.write(record)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(record)
+        except OSError:  # a full disk: leave no empty lock behind for the next start to wait out
+            self.path.unlink(missing_ok=True)
+            raise
         return True
 
     def _take_over(self, record: str, warn) -> None:
@@ -135,16 +164,31 @@ class RunLock:
         reason = stale_reason(holder, age, self.me)
         if reason is None:
             self._refuse(holder, age)
+        if self.path.is_dir() and not self.path.is_symlink():
+            self._remove_directory()
         atomic.write_text(self.path, record)
         if _read(self.path)[0] != self.me:  # another start took it over at the same moment
             self._refuse(*_read(self.path))
         warn(f"took over {self.path} from {holder.describe() if holder else 'an unknown holder'}: {reason}")
 
+    def _remove_directory(self) -> None:
+        """A stale directory in the lock's place (another tool's lock, a mkdir by hand): gone if empty."""
+        try:
+            self.path.rmdir()
+        except OSError as err:
+            raise UserError(f"{self.path} is a directory with files in it ({err.strerror}), not a lock this "
+                            "trainer wrote", hint=f"look inside, then remove it: rm -r {self.path}") from None
+
     def _refuse(self, holder: Holder | None, age: float) -> None:
-        who = holder.describe() if holder else "an unknown holder"
-        raise UserError(f"{self.path.parent} is in use by another run ({who}; heartbeat {age:.0f} s ago)",
-                        hint=f"wait for it to end, stop it, or pass another --out_dir; a holder that died is "
-                             f"taken over once its heartbeat is {STALE_S:.0f} s old")
+        who, beat = (holder.describe(), "heartbeat") if holder else (f"{LOCK_FILE} unreadable", "modified")
+        if age < -1.0:  # stamped by a clock ahead of ours: another node's, or the file server's
+            beat += f" {-age:.0f} s in the future: this node's clock is behind the one that stamped the file"
+            hint = f"fix the clocks (NTP); if its holder is gone, remove the lock: rm {self.path}"
+        else:
+            beat += f" {max(age, 0.0):.0f} s ago"
+            hint = (f"wait for it to end, stop it, or pass another --out_dir; a holder that died is "
+                    f"taken over once its heartbeat is {STALE_S:.0f} s old")
+        raise UserError(f"{self.path.parent} is in use by another run ({who}; {beat})", hint=hint)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -82,6 +82,10 @@ export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 EXIT_REQUEUE=$(python -c 'from ds_gpt.errors import EXIT_REQUEUE; print(EXIT_REQUEUE)')
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$(python -c 'import os; from ds_gpt.launch_env import slurm_port; print(slurm_port(os.environ))')}
+if [[ ! $MASTER_PORT =~ ^[0-9]{1,5}$ ]]; then  # it goes into command lines run on the nodes
+    echo "ds_train.sh: MASTER_PORT=$MASTER_PORT is not a port number" >&2
+    exit 2
+fi
 export MASTER_PORT  # mode B's ranks take it as they find it, so the preflight checks the port they use
 echo "ds_train.sh: job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} mode ${DS_GPT_LAUNCH}" \
      "nodes ${SLURM_JOB_NODELIST} master ${MASTER_ADDR}:${MASTER_PORT} out ${OUT_DIR} at $(date -Is)"
@@ -97,17 +101,10 @@ if [[ $DS_GPT_LAUNCH == deepspeed ]]; then
     echo "ds_train.sh: hostfile: $(paste -sd, "$HOSTFILE")"
     # Ranks started over ssh do not inherit this environment: deepspeed exports what the
     # file named by DS_ENV_FILE lists (a per-job file, so no one's ~/.deepspeed_env is touched).
+    # It is created owner-only (it may carry tokens), once every value it and the launcher export
+    # is known to reach the nodes unchanged: the remote shell would expand some (ds_gpt.remote_shell).
     export DS_ENV_FILE=$JOB_DIR/deepspeed_env
-    (
-        umask 077  # it may carry tokens: created owner-only, not chmod-ed after the fact
-        {
-            for var in PATH LD_LIBRARY_PATH DS_GPT_CACHE TORCH_EXTENSIONS_DIR TIKTOKEN_CACHE_DIR \
-                       HF_HOME HF_DATASETS_CACHE OMP_NUM_THREADS SLURM_JOB_NODELIST; do
-                if [[ -n ${!var:-} ]]; then echo "$var=${!var}"; fi
-            done
-            env | grep -E '^(NCCL|GLOO|TORCH_NCCL)_' || true
-        } >"$DS_ENV_FILE"
-    )
+    python -m ds_gpt.remote_shell env_file --out "$DS_ENV_FILE" || exit 2
 elif [[ $DS_GPT_LAUNCH != srun ]]; then
     echo "ds_train.sh: DS_GPT_LAUNCH=$DS_GPT_LAUNCH; expected deepspeed or srun" >&2
     exit 2
@@ -157,8 +154,13 @@ deepspeed)
     # launcher's own handler would kill the ranks before they checkpoint.
     # The shield blocks SIGTERM for the launcher and its transport; forward_signal below asks the
     # ranks to checkpoint and exit 75 instead.
-    python -m ds_gpt.signal_shield deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \
-        --master_port "$MASTER_PORT" ds_gpt/train.py "${TRAIN_ARGS[@]}" &
+    # DeepSpeed's pdsh runner puts the arguments, unquoted, into a shell's command line on every
+    # node: they travel as one word that no shell reads, and `remote_shell launch` (deepspeed's
+    # runner, in-process) refuses anything else on that line that a shell would change.
+    PACKED=$(python -m ds_gpt.remote_shell pack -- "${TRAIN_ARGS[@]}")
+    python -m ds_gpt.signal_shield python -m ds_gpt.remote_shell launch --hostfile "$HOSTFILE" \
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+        --no_local_rank --module ds_gpt.remote_shell train "$PACKED" &
     ;;
 srun)
     # Mode B: SLURM starts one task per GPU; ds_gpt.launch_env maps SLURM_* to torch's variables.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import asdict
@@ -100,3 +101,56 @@ def test_a_second_trainer_exits_2_before_anything_starts(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"ds_gpt.train: error: {out} is in use by another run")
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+
+
+def _record(**changes) -> bytes:
+    return json.dumps({**asdict(holder(host="node7", pid=1)), **changes}).encode()
+
+
+# What a node crash between create and write leaves (NFS: empty, or zeros), and records no run of ours wrote.
+UNREADABLE = {"empty": b"", "zeros": b"\0" * 16, "truncated": _record()[:20], "not JSON": b"run.lock\n",
+              "a list": b"[1, 2]", "pid a string": _record(pid="12"), "pid absurd": _record(pid=10**30),
+              "pid -1": _record(pid=-1), "pid 0": _record(pid=0), "pid true": _record(pid=True),
+              "an extra field": _record(extra=1), "host a line break": _record(host="a\nb"), "a directory": None}
+
+
+def unreadable_lock(out_dir, case: str, age_s: float) -> None:
+    path = out_dir / LOCK_FILE
+    if UNREADABLE[case] is None:
+        path.mkdir()
+    else:
+        path.write_bytes(UNREADABLE[case])
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_an_unreadable_lock_is_judged_by_its_age_like_a_heartbeat(tmp_path, no_squeue, case):
+    young, old = tmp_path / "young", tmp_path / "old"
+    for out_dir, age in ((young, 5.0), (old, run_lock.STALE_S + 5)):
+        out_dir.mkdir()
+        unreadable_lock(out_dir, case, age)
+    with pytest.raises(UserError, match=r"in use by another run \(run.lock unreadable; modified [4-6] s ago\)"):
+        take(young, holder(launch_id="new"))
+    assert (young / LOCK_FILE).exists()  # a start that may still be writing it keeps it
+    warnings = take(old, holder(launch_id="new"))
+    assert len(warnings) == 1 and re.search(r"unreadable and unchanged for 30[56] s", warnings[0])
+    assert not (old / LOCK_FILE).exists()  # taken, then released
+
+
+def test_a_directory_with_files_in_the_locks_place_is_named_not_deleted(tmp_path, no_squeue):
+    (tmp_path / LOCK_FILE).mkdir()
+    (tmp_path / LOCK_FILE / "keep").write_text("x")
+    then = time.time() - run_lock.STALE_S - 5
+    os.utime(tmp_path / LOCK_FILE, (then, then))
+    with pytest.raises(UserError, match="is a directory with files in it"):
+        take(tmp_path, holder(launch_id="new"))
+    assert (tmp_path / LOCK_FILE / "keep").read_text() == "x"
+
+
+def test_a_heartbeat_in_the_future_is_named_as_clock_skew(tmp_path, no_squeue):
+    recorded(tmp_path, holder(host="node7", pid=1), heartbeat_age_s=-7200)
+    with pytest.raises(UserError) as refused:
+        take(tmp_path, holder(launch_id="new"))
+    assert "heartbeat 7200 s in the future" in str(refused.value) and "-7" not in str(refused.value)
+    assert "NTP" in str(refused.value)

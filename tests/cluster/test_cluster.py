@@ -29,6 +29,7 @@ from cluster_jobs import (
     signalled_run,
     tail,
     train_iters,
+    wait_job,
     wait_until_training,
 )
 from helpers import PYTHON, REPO_ROOT, VENV_BIN, read_jsonl
@@ -108,6 +109,28 @@ def test_deepspeed_hostfile_through_pdsh(cluster, data_dir: Path, tmp_path: Path
     assert config["launch_env"]["master_addr"] == "node1" and config["launch_env"]["master_port"] == int(port)
     assert train_iters(out)[-1] == 3 and (out / "latest").read_text().strip() == "global_step4"
     assert "node1:" in proc.stdout + proc.stderr and "node2:" in proc.stdout + proc.stderr
+
+
+def test_arguments_reach_the_nodes_byte_for_byte(cluster, tmp_path: Path) -> None:
+    """Mode A through real pdsh: DS_CONFIG, DATA_DIR, OUT_DIR and a trainer argument full of what a
+    shell reads ($(...), backticks, ;, quotes, a line break) and what pdsh replaces (%h, %n), with
+    non-ASCII too. Nothing runs; the ranks get every byte (the config is found under its exact
+    name, the missing data directory is named exactly); the job ends with the trainer's exit 2."""
+    mark = f"pwned-{os.getpid()}"
+    weird = f"$(touch {mark}-1)`touch {mark}-2`;touch {mark}-3 'q\"ü%h%n"
+    ds_config = tmp_path / f"ds {weird}\nline two.json"
+    ds_config.write_text((REPO_ROOT / "ds_configs" / "zero1.json").read_text())
+    data, out, log = tmp_path / f"data {weird}", tmp_path / f"out {weird}", tmp_path / "job.out"
+    job = sbatch([*SBATCH_TINY, f"--output={log}", "slurm/ds_train.sh", *TINY, "--max_iters", "2",
+                  "--wandb_run_name", f"run;touch {mark}-4"],  # last: its `;` would give the line touch's status
+                 job_env(DATA_DIR=str(data), OUT_DIR=str(out), DS_CONFIG=str(ds_config)))
+    info = wait_job(job, log)
+    assert info["ExitCode"] == "2:0", tail(log)  # the trainer's refusal, not what ran last on the nodes' shell
+    text = log.read_text()
+    for node in ("node1", "node2"):
+        assert f"{node}: ds_gpt.train: error: data directory {data} not found" in text, tail(log)
+    assert not [p for d in (REPO_ROOT, Path.home(), tmp_path) for p in d.glob(f"{mark}*")]
+    assert not out.exists()
 
 
 SIGNALS = [
