@@ -98,6 +98,14 @@ def test_openwebtext_streaming_reads_the_same_way_and_reruns_are_no_ops(tmp_path
     with pytest.raises(UserError, match="ended inside the validation slice"):  # no train: refused, not published
         prepare.main([*argv[:-6], "--out_dir", str(tmp_path / "small"), "--val_tokens", "10000000"])
     assert not (tmp_path / "small" / "train.bin").exists()
+    # without --streaming: the cached path and nanoGPT's random split, on the same files
+    cached = ["--dataset", "openwebtext", "--data_files", argv[4], "--out_dir", str(tmp_path / "cached"),
+              "--val_fraction", "0.1", "--num_proc", "1", "--cache_dir", str(tmp_path / "hf")]
+    prepare.main(cached)
+    meta = json.loads((tmp_path / "cached" / "meta.json").read_text())
+    assert (meta["seed"], meta["splits"]["val"]["documents"], "streaming" in meta) == (2357, 4, False)
+    with pytest.raises(UserError, match="--max_tokens applies to a streamed prepare"):
+        prepare.main([*cached, "--max_tokens", "10"])
 
 
 def test_only_a_bounded_number_of_batches_is_read_ahead(gpt2_ranks):
