@@ -9,15 +9,15 @@
 Output, in nanoGPT's format so either project reads the other's bins:
     train.bin, val.bin  flat uint16 GPT-2 ids, <|endoftext|> (50256) after every document
     meta.json           tokenizer, vocab size, dtype, tokens/documents/sha256 per split,
-                        sources, seed, val fraction
+                        sources (a Hub dataset: its commit), and the split's options
 
 Streamed (fineweb-edu, or --streaming): ds_gpt/stream.py, val a fixed leading slice of the
 stream, resumable. Otherwise documents are split as nanoGPT splits them (ceil(n * val_fraction)
-val documents, seed 2357), then encoded in batches by --num_proc worker processes. Each batch comes back as one flat
-uint16 array (nanoGPT's datasets.map stores a token list per document, which costs more than
-the BPE itself) and is appended in order with ordinary file writes, so memory stays bounded and
-a full disk is an ENOSPC error (one line, exit 2), not the SIGBUS that writing through a memmap
-of a sparse file gets. The three files are written under hidden names, fsynced, read back
+val documents, seed 2357), then encoded in batches by --num_proc worker processes. Each batch
+comes back as one flat uint16 array (nanoGPT's datasets.map stores a token list per document,
+which costs more than the BPE itself) and is appended in order with ordinary file writes, so
+memory stays bounded and a full disk is an ENOSPC error (one line, exit 2), not the SIGBUS that
+writing through a memmap of a sparse file gets. The three files are written under hidden names, fsynced, read back
 against their sha256, and published as one unit (ds_gpt/fileset.py): a run that fails or is
 killed at any instant leaves the previous set or the new one, never a mix. A re-run whose
 inputs and options match meta.json does nothing.
