@@ -66,9 +66,10 @@ def bins(out: Path) -> tuple[list[int], list[int]]:
     return tuple(np.fromfile(out / f"{s}.bin", dtype=np.uint16).tolist() for s in ("train", "val"))
 
 
-def test_streamed_shards_give_tiktoken_ids_with_a_leading_val_slice(tmp_path, reference, capsys):
+def test_streamed_shards_give_tiktoken_ids_with_a_leading_val_slice(tmp_path, reference, capsys, monkeypatch):
     docs = documents(300)
     out = tmp_path / "out"
+    monkeypatch.setattr(stream, "DOCS_PER_BATCH", 16)  # 19 batches, several in flight on 2 workers
     prepare.main(["--dataset", "fineweb-edu", "--data_files", write_shards(tmp_path / "pq", docs),
                   "--out_dir", str(out), "--val_tokens", "2000", "--num_proc", "2"])
     train, val = expected_split(docs, reference, 2000)
