@@ -17,10 +17,10 @@ val documents, seed 2357), then encoded in batches by --num_proc worker processe
 comes back as one flat uint16 array (nanoGPT's datasets.map stores a token list per document,
 which costs more than the BPE itself) and is appended in order with ordinary file writes, so
 memory stays bounded and a full disk is an ENOSPC error (one line, exit 2), not the SIGBUS that
-writing through a memmap of a sparse file gets. The three files are written under hidden names, fsynced, read back
-against their sha256, and published as one unit (ds_gpt/fileset.py): a run that fails or is
-killed at any instant leaves the previous set or the new one, never a mix. A re-run whose
-inputs and options match meta.json does nothing.
+writing through a memmap of a sparse file gets. The three files are written under hidden names,
+fsynced, read back against their sha256, and published as one unit (ds_gpt/fileset.py): a run
+that fails or is killed at any instant leaves the previous set or the new one, never a mix. A
+re-run whose inputs and options match meta.json does nothing.
 """
 from __future__ import annotations
 
