@@ -107,6 +107,13 @@ def test_openwebtext_streaming_reads_the_same_way_and_reruns_are_no_ops(tmp_path
     assert (meta["seed"], meta["splits"]["val"]["documents"], "streaming" in meta) == (2357, 4, False)
     with pytest.raises(UserError, match="--max_tokens applies to a streamed prepare"):
         prepare.main([*cached, "--max_tokens", "10"])
+    # a record without text, met while streaming: the file and the line
+    write_shards(tmp_path / "jl", docs, 2, kind="jsonl")
+    with (tmp_path / "jl" / "train-00001-of-00002.jsonl").open("a") as f:
+        f.write('{"id": "x"}\n')
+    with pytest.raises(UserError, match=r"train-00001-of-00002\.jsonl, line 21: no field 'text'"):
+        prepare.main(["--dataset", "openwebtext", "--streaming", "--data_files", str(tmp_path / "jl" / "*.jsonl"),
+                      "--out_dir", str(tmp_path / "bad"), "--val_tokens", "300", "--num_proc", "1"])
 
 
 def test_only_a_bounded_number_of_batches_is_read_ahead(gpt2_ranks):
