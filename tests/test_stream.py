@@ -146,6 +146,7 @@ def run_prepare_script(argv: list[str], prelude: str = "") -> subprocess.Complet
     return subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
 
 
+@pytest.mark.slow  # an interpreter of its own to kill, and three prepares
 def test_a_prepare_killed_mid_shard_resumes_from_its_last_checkpoint(tmp_path, reference, monkeypatch, capsys):
     docs = documents(400, seed=2)
     shards = write_shards(tmp_path / "pq", docs, 4)
