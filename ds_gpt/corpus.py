@@ -233,7 +233,8 @@ def explain(source: Source, err: Exception) -> UserError:
         return UserError(f"could not load {source.repo} from the Hugging Face Hub: "
                          f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}",
                          hint=hub.OFFLINE_HINT)
-    return UserError(f"could not read the --input files: {type(cause).__name__}: "
+    flag = "--input" if source.name == "custom" else "--data_files"
+    return UserError(f"could not read the {flag} files: {type(cause).__name__}: "
                      f"{str(cause).splitlines()[0] if str(cause) else 'no records'}")
 
 

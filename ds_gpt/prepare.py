@@ -9,18 +9,18 @@
 Output, in nanoGPT's format so either project reads the other's bins:
     train.bin, val.bin  flat uint16 GPT-2 ids, <|endoftext|> (50256) after every document
     meta.json           tokenizer, vocab size, dtype, tokens/documents/sha256 per split,
-                        sources, seed, val fraction
+                        sources (a Hub dataset: its commit), and the split's options
 
 Streamed (fineweb-edu, or --streaming): ds_gpt/stream.py, val a fixed leading slice of the
 stream, resumable. Otherwise documents are split as nanoGPT splits them (ceil(n * val_fraction)
-val documents, seed 2357), then encoded in batches by --num_proc worker processes. Each batch comes back as one flat
-uint16 array (nanoGPT's datasets.map stores a token list per document, which costs more than
-the BPE itself) and is appended in order with ordinary file writes, so memory stays bounded and
-a full disk is an ENOSPC error (one line, exit 2), not the SIGBUS that writing through a memmap
-of a sparse file gets. The three files are written under hidden names, fsynced, read back
-against their sha256, and published as one unit (ds_gpt/fileset.py): a run that fails or is
-killed at any instant leaves the previous set or the new one, never a mix. A re-run whose
-inputs and options match meta.json does nothing.
+val documents, seed 2357), then encoded in batches by --num_proc worker processes. Each batch
+comes back as one flat uint16 array (nanoGPT's datasets.map stores a token list per document,
+which costs more than the BPE itself) and is appended in order with ordinary file writes, so
+memory stays bounded and a full disk is an ENOSPC error (one line, exit 2), not the SIGBUS that
+writing through a memmap of a sparse file gets. The three files are written under hidden names,
+fsynced, read back against their sha256, and published as one unit (ds_gpt/fileset.py): a run
+that fails or is killed at any instant leaves the previous set or the new one, never a mix. A
+re-run whose inputs and options match meta.json does nothing.
 """
 from __future__ import annotations
 
@@ -92,9 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         print(f"--num_proc {args.num_proc}: capped at the {cpus} CPU(s) this process may use")
         args.num_proc = cpus
     hub = args.dataset in HUB_CORPORA
-    if (args.data_files or args.subset) and not hub:
-        raise UserError("--data_files and --subset go with --dataset " + " or ".join(HUB_CORPORA),
-                        hint="use --input for other local files")
+    if args.data_files and args.dataset in (None, "shakespeare"):
+        raise UserError("--data_files is a local copy of a Hub --dataset", hint="use --input for other local files")
+    if args.subset and not hub:
+        raise UserError("--subset goes with --dataset " + " or ".join(HUB_CORPORA))
     args.streaming = args.streaming or (hub and HUB_CORPORA[args.dataset].streamed)
     if args.streaming and not hub:
         raise UserError("--streaming reads a --dataset " + " or ".join(HUB_CORPORA),
@@ -159,14 +160,15 @@ def write_split(imap: Callable, idx: np.ndarray, nbytes: np.ndarray, path: Path,
 # -----------------------------------------------------------------------------
 # the output directory: no-op check, lock, publish as a unit
 
-def wanted_meta(source: corpus.Source, args: argparse.Namespace) -> dict:
+def wanted_meta(source: corpus.Source, seed: int = 2357, val_fraction: float = 0.0005, streaming: bool = False,
+                val_tokens: int | None = None, max_tokens: int | None = None) -> dict:
     """The meta.json fields that decide whether a re-run has anything to do (or a streamed one
-    can resume)."""
+    can resume): the split is seed and val_fraction, or streamed, val_tokens and max_tokens."""
     wanted = {"format": FORMAT, "tokenizer": "gpt2", "tokenizer_sha256": RANKS_SHA256,
               "dataset": source.name, "sources": source.describe(), "text_field": source.text_field}
-    if args.streaming:
-        return {**wanted, "streaming": True, "val_tokens": args.val_tokens, "max_tokens": args.max_tokens}
-    return {**wanted, "seed": args.seed, "val_fraction": args.val_fraction}
+    if streaming:
+        return {**wanted, "streaming": True, "val_tokens": val_tokens, "max_tokens": max_tokens}
+    return {**wanted, "seed": seed, "val_fraction": val_fraction}
 
 
 def up_to_date(out_dir: Path, wanted: dict) -> bool:
@@ -299,7 +301,7 @@ def prepare_corpus(args: argparse.Namespace) -> int:
             pass
     source = corpus.resolve_source(args.dataset, args.input, args.text_field, args.data_files, args.subset)
     get_encoding(args.tokenizer_cache)  # no ranks: fail now, not after loading the corpus
-    wanted = wanted_meta(source, args)
+    wanted = wanted_meta(source, args.seed, args.val_fraction, args.streaming, args.val_tokens, args.max_tokens)
     if up_to_date(args.out_dir, wanted):
         print(f"{args.out_dir}: up to date (meta.json matches the inputs); nothing to do")
         return 0

@@ -203,9 +203,8 @@ def read_batches(ds, field: str, explain: Callable[[Exception], UserError]) -> I
         except Exception as err:  # a file that cannot be read or cast, the network: one line
             raise explain(err) from None
         texts = batch.get(field)
-        if texts is None or any(t is None for t in texts):
-            raise UserError(f"a record of the corpus has no {field!r}",
-                            hint="every record needs its text in --text_field")
+        if texts is None or any(t is None for t in texts):  # explain names the file where it can
+            raise explain(ValueError(f"a record has no {field!r}"))
         yield texts, ds.state_dict()
 
 

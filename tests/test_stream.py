@@ -66,9 +66,10 @@ def bins(out: Path) -> tuple[list[int], list[int]]:
     return tuple(np.fromfile(out / f"{s}.bin", dtype=np.uint16).tolist() for s in ("train", "val"))
 
 
-def test_streamed_shards_give_tiktoken_ids_with_a_leading_val_slice(tmp_path, reference, capsys):
+def test_streamed_shards_give_tiktoken_ids_with_a_leading_val_slice(tmp_path, reference, capsys, monkeypatch):
     docs = documents(300)
     out = tmp_path / "out"
+    monkeypatch.setattr(stream, "DOCS_PER_BATCH", 16)  # 19 batches, several in flight on 2 workers
     prepare.main(["--dataset", "fineweb-edu", "--data_files", write_shards(tmp_path / "pq", docs),
                   "--out_dir", str(out), "--val_tokens", "2000", "--num_proc", "2"])
     train, val = expected_split(docs, reference, 2000)
@@ -98,6 +99,21 @@ def test_openwebtext_streaming_reads_the_same_way_and_reruns_are_no_ops(tmp_path
     with pytest.raises(UserError, match="ended inside the validation slice"):  # no train: refused, not published
         prepare.main([*argv[:-6], "--out_dir", str(tmp_path / "small"), "--val_tokens", "10000000"])
     assert not (tmp_path / "small" / "train.bin").exists()
+    # without --streaming: the cached path and nanoGPT's random split, on the same files
+    cached = ["--dataset", "openwebtext", "--data_files", argv[4], "--out_dir", str(tmp_path / "cached"),
+              "--val_fraction", "0.1", "--num_proc", "1", "--cache_dir", str(tmp_path / "hf")]
+    prepare.main(cached)
+    meta = json.loads((tmp_path / "cached" / "meta.json").read_text())
+    assert (meta["seed"], meta["splits"]["val"]["documents"], "streaming" in meta) == (2357, 4, False)
+    with pytest.raises(UserError, match="--max_tokens applies to a streamed prepare"):
+        prepare.main([*cached, "--max_tokens", "10"])
+    # a record without text, met while streaming: the file and the line
+    write_shards(tmp_path / "jl", docs, 2, kind="jsonl")
+    with (tmp_path / "jl" / "train-00001-of-00002.jsonl").open("a") as f:
+        f.write('{"id": "x"}\n')
+    with pytest.raises(UserError, match=r"train-00001-of-00002\.jsonl, line 21: no field 'text'"):
+        prepare.main(["--dataset", "openwebtext", "--streaming", "--data_files", str(tmp_path / "jl" / "*.jsonl"),
+                      "--out_dir", str(tmp_path / "bad"), "--val_tokens", "300", "--num_proc", "1"])
 
 
 def test_only_a_bounded_number_of_batches_is_read_ahead(gpt2_ranks):
@@ -130,6 +146,7 @@ def run_prepare_script(argv: list[str], prelude: str = "") -> subprocess.Complet
     return subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
 
 
+@pytest.mark.slow  # an interpreter of its own to kill, and three prepares
 def test_a_prepare_killed_mid_shard_resumes_from_its_last_checkpoint(tmp_path, reference, monkeypatch, capsys):
     docs = documents(400, seed=2)
     shards = write_shards(tmp_path / "pq", docs, 4)
