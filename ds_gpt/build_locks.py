@@ -12,6 +12,11 @@ Certain means: no process on this node has the file open, seen twice `interval_s
 holder keeps it open from creation to removal). On a filesystem shared between nodes (NFS, Lustre,
 GPFS, ...) a holder on another node is invisible from here, so there the lock must also be older
 than `shared_max_age_s`, longer than any op build takes.
+
+The same watch says what is compiling. Loading a built op holds its lock for well under a second;
+a lock that this process still holds a poll later is a compile, which torch does silently for
+minutes on a few cores. The process that compiles names the op and says that it happens once,
+then how long it has taken every `progress_s`, and when it is done.
 """
 from __future__ import annotations
 
@@ -24,6 +29,10 @@ from pathlib import Path
 
 import psutil
 
+# What the ops DeepSpeed compiles on first use are for, to say so while one compiles.
+OP_PURPOSES = {"deepspeed_shm_comm": "its shared-memory all-reduce for CPU ranks",
+               "cpu_adam": "its CPU Adam, for ZeRO-Offload and CPU runs",
+               "fused_adam": "its fused Adam for GPUs"}
 # Filesystems that live on this node alone; anything else may be shared with other nodes.
 LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmpfs", "ramfs", "overlay"}
 
@@ -63,10 +72,13 @@ def filesystem_type(path: Path) -> str:
 class StaleLockWatcher(threading.Thread):
     """Daemon thread: every `interval_s`, remove build locks that no process holds (see module doc)."""
 
-    def __init__(self, root: Path, interval_s: float = 5.0, shared_max_age_s: float = 600.0):
+    def __init__(self, root: Path, interval_s: float = 5.0, shared_max_age_s: float = 600.0,
+                 progress_s: float = 30.0):
         super().__init__(name="ds_gpt-build-locks", daemon=True)
         self.root, self.interval_s, self.shared_max_age_s = root, interval_s, shared_max_age_s
+        self.progress_s = progress_s
         self.unheld: dict[Path, int] = {}  # lock -> consecutive polls that found no holder
+        self.compiling: dict[Path, list[float]] = {}  # lock this process holds -> [first seen, last said]
         self.removed: list[Path] = []
         self._stopped = threading.Event()
 
@@ -81,12 +93,19 @@ class StaleLockWatcher(threading.Thread):
         self._stopped.set()
         if self.is_alive():
             self.join()
+        for lock in [lock for lock in self.compiling if not lock.exists()]:  # finished since the last poll
+            self._say_compiled(lock)
 
     def poll(self) -> None:
         locks = build_locks(self.root)
         self.unheld = {lock: n for lock, n in self.unheld.items() if lock in locks}
+        for lock in [lock for lock in self.compiling if lock not in locks]:
+            self._say_compiled(lock)
         for lock in locks:
-            if holders(lock):
+            pids = holders(lock)
+            if os.getpid() in pids:
+                self._say_compiling(lock)
+            if pids:
                 self.unheld.pop(lock, None)
                 continue
             self.unheld[lock] = self.unheld.get(lock, 0) + 1
@@ -103,6 +122,30 @@ class StaleLockWatcher(threading.Thread):
                     print(f"ds_gpt: removed stale build lock {lock} ({age:.0f} s old, held by no process on this "
                           f"node): a build was killed while holding it", file=sys.stderr, flush=True)
                 self.unheld.pop(lock, None)
+
+
+    def _say_compiling(self, lock: Path) -> None:
+        op, now = lock.parent.name, time.monotonic()
+        if lock not in self.compiling:
+            self.compiling[lock] = [now, 0.0]  # seen once: perhaps only a load
+            return
+        first, said = self.compiling[lock]
+        if not said:
+            purpose = OP_PURPOSES.get(op, "an op it needs")
+            print(f"ds_gpt: DeepSpeed is compiling {op} ({purpose}) into {lock.parent}: once per cache "
+                  f"(TORCH_EXTENSIONS_DIR), minutes on a few CPU cores; later runs load it in seconds",
+                  file=sys.stderr, flush=True)
+        elif now - said >= self.progress_s:
+            print(f"ds_gpt: still compiling {op} ({now - first:.0f} s)", file=sys.stderr, flush=True)
+        else:
+            return
+        self.compiling[lock][1] = now
+
+    def _say_compiled(self, lock: Path) -> None:
+        first, said = self.compiling.pop(lock)
+        if said:
+            print(f"ds_gpt: compiled {lock.parent.name} in {time.monotonic() - first:.0f} s", file=sys.stderr,
+                  flush=True)
 
 
 def watch() -> StaleLockWatcher:

@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
               f"DeepSpeed compiles what GPU runs need at the first run")
         return 0
     root = build_locks.extension_root()
+    print(f"ds_gpt.ops: DeepSpeed's CPU ops ({OP}, cpu_adam) under {root}: loaded when built, else compiled "
+          f"now, once for this cache (about 4 minutes on 2 cores; each compile says so)", flush=True)
     t0 = time.perf_counter()
     watcher = build_locks.watch()  # a build killed earlier must not leave this command waiting forever
     try:

@@ -97,3 +97,22 @@ def test_the_watcher_stops_when_asked(tmp_path):
     watcher.start()
     watcher.stop()  # wakes it from its wait at once
     assert not watcher.is_alive()
+
+
+def test_a_compile_in_this_process_is_named_once_then_timed_then_done(tmp_path, capsys):
+    """Loading a built op holds its lock for a moment; holding it a poll later is a compile."""
+    lock = tmp_path / "cpu_adam" / "lock"
+    lock.parent.mkdir()
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # as torch's FileBaton holds it while it builds
+    watcher = StaleLockWatcher(tmp_path, progress_s=0)
+    watcher.poll()
+    assert capsys.readouterr().err == ""  # one look: perhaps only a load
+    watcher.poll()
+    said = capsys.readouterr().err
+    assert "DeepSpeed is compiling cpu_adam (its CPU Adam" in said and "once per cache" in said
+    watcher.poll()
+    assert "still compiling cpu_adam" in capsys.readouterr().err
+    os.close(fd)
+    lock.unlink()
+    watcher.stop()  # finished between two polls: said at the stop
+    assert "compiled cpu_adam in" in capsys.readouterr().err
