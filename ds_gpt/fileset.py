@@ -66,7 +66,7 @@ def locked(root: Path) -> Iterator[bool]:
     The lock is a regular file: NFS emulates flock with byte-range locks, which an O_RDONLY
     directory descriptor cannot take.
     """
-    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -51,7 +51,7 @@ class MetricsLogger:
         self.hfu_per_mfu = hfu_per_mfu
         self._fd: int | None = None
         if enabled:
-            self._fd = self._guarded(lambda: os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+            self._fd = self._guarded(lambda: os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666))
             if self._last_byte() not in (b"", b"\n"):
                 # A line cut short (a crashed node): end it, or the resumed run's first event
                 # would be glued to it and lost with it.

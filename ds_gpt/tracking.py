@@ -16,7 +16,7 @@ import os
 import uuid
 from pathlib import Path
 
-from ds_gpt import atomic
+from ds_gpt import atomic, file_modes
 from ds_gpt.errors import UserError
 
 RUN_ID_FILE = "wandb_run_id"
@@ -39,7 +39,8 @@ class WandbRun:
         os.environ.setdefault("WANDB_MODE", "offline")
         id_path = Path(out_dir) / RUN_ID_FILE
         run_id = id_path.read_text().strip() if id_path.exists() else uuid.uuid4().hex[:8]  # W&B's id length
-        atomic.write_text(id_path, run_id + "\n")
+        atomic.write_with(id_path, lambda tmp: file_modes.write_private(tmp, run_id + "\n"))
+        file_modes.private_dir(Path(out_dir) / "wandb")  # W&B's files (config, host, args) stay the owner's
         self.run = wandb.init(project=project, name=name or Path(out_dir).resolve().name, id=run_id,
                               resume="allow", dir=str(out_dir), config=config)
         self.run.define_metric("iter")

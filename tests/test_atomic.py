@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import fs_faults
 import pytest
@@ -38,3 +39,21 @@ def test_read_text_names_the_first_bad_byte(tmp_path):
         atomic.read_text(tmp_path / "a.txt", "--start")
     (tmp_path / "a.txt").write_bytes("line 1\r\nline 2\rnaïve\n".encode())
     assert atomic.read_text(tmp_path / "a.txt") == "line 1\nline 2\nnaïve\n"  # open()'s universal newlines
+
+
+def test_the_file_mode_rule_reads_the_umask_and_keeps_private_files_private(tmp_path):
+    from ds_gpt import file_modes
+
+    old = os.umask(0o027)
+    try:
+        assert file_modes.umask() == 0o027
+        (tmp_path / "run" / "sub").mkdir(parents=True, mode=0o700)
+        (tmp_path / "run" / "sub" / "f").write_text("x")
+        (tmp_path / "run" / "sub" / "f").chmod(0o600)
+        file_modes.as_created(tmp_path / "run")
+        file_modes.write_private(tmp_path / "run" / "secret", "token")
+        file_modes.private_dir(tmp_path / "run" / "wandb")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").rglob("*")}
+    assert modes == {"sub": 0o750, "f": 0o640, "secret": 0o600, "wandb": 0o700}

@@ -58,6 +58,7 @@ def offline_runs(out: Path) -> list[tuple[str, list[dict]]]:
 
 @pytest.mark.slow
 def test_offline_wandb_run_matches_metrics_and_survives_a_resume(tmp_path):
+    from ds_gpt import file_modes
     from ds_gpt.metrics import TB_TAGS
 
     out = tmp_path / "out"
@@ -79,3 +80,7 @@ def test_offline_wandb_run_matches_metrics_and_survives_a_resume(tmp_path):
     assert logged == expected and len(expected) >= 8
     leaked = [str(p) for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert not leaked
+    # W&B's files stay the owner's whatever the umask; the run's own files follow it (docs/training.md)
+    assert (out / "wandb").stat().st_mode & 0o777 == 0o700
+    assert (out / "wandb_run_id").stat().st_mode & 0o777 == 0o600
+    assert (out / "metrics.jsonl").stat().st_mode & 0o777 == 0o666 & ~file_modes.umask()
