@@ -1,5 +1,5 @@
-# Two commands do everything on a fresh machine: `make demo` and `make test`.
-# Every target is idempotent; demo and test run setup first.
+# On a fresh machine `make demo` and `make test` each set everything up first (`make setup`);
+# `make lint` and `make test-fast` are the quick checks. Every target is idempotent.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,10 +13,10 @@ DEMO_OUT ?= out/demo
 # Extra trainer flags for the demo, e.g. DEMO_ARGS="--max_iters 100" for a shorter run.
 DEMO_ARGS ?=
 
-.PHONY: setup demo test test-fast lint clean-cluster
+.PHONY: setup demo test test-fast lint
 
 # `make setup EXTRAS=hf` also installs requirements-hf.txt (transformers, for Hugging Face interop).
-setup: $(VENV)/.installed $(foreach e,$(EXTRAS),$(VENV)/.installed-$(e))
+setup: $(VENV)/.installed $(foreach e,$(EXTRAS),$(VENV)/.installed-$(e)) $(VENV)/.installed-ds_gpt
 	$(PY) -m ds_gpt.assets
 	$(PY) -m ds_gpt.ops
 
@@ -24,6 +24,12 @@ $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# ds_gpt itself, editable: `python -m ds_gpt.*` and `import ds_gpt` work from any directory.
+# --no-deps: the pins above are the whole stack; pip must not resolve them a second time.
+$(VENV)/.installed-ds_gpt: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.installed-%: requirements-%.txt $(VENV)/.installed

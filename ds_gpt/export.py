@@ -14,27 +14,38 @@ ds_gpt.checkpoint. What DEST receives:
            GPT-2's vocabulary also gets GPT-2's tokenizer (vocab.json, merges.txt and their
            configs, built offline by ds_gpt.hf_tokenizer), so AutoTokenizer, pipeline() and
            lm-evaluation-harness load DEST as they load openai-community/gpt2.
-  fp32     model.pt: our GPT's plain state_dict (torch.load + GPT.load_state_dict), and
-           model_args.json beside it.
+  fp32     model.pt: our GPT's plain state_dict (torch.load + GPT.load_state_dict);
+           model_args.json: GPTConfig's fields, so GPT(GPTConfig(**json.load(f))) builds the
+           model; train_state.json: the iteration and best val loss it was saved at.
 DEST is written as a temporary sibling and renamed into place: an interrupted export leaves
 no half-written DEST. A non-empty DEST is replaced only with --force.
+
+From a script of your own, `load_export(DEST)` returns a ready GPT from an fp32 or nanogpt export.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from ds_gpt import tokenizer
+from ds_gpt import file_modes, tokenizer
 from ds_gpt.checkpoint import load_fp32_state_dict, write_failed  # the one place that consolidates ZeRO shards
 from ds_gpt.errors import ArgumentParser, UserError, run_cli, write_hint
 from ds_gpt.hf_tokenizer import write_gpt2_tokenizer
-from ds_gpt.interop import GPT2_VOCAB_SIZE, check_state_dict, hf_config, nanogpt_checkpoint, to_hf_state_dict
+from ds_gpt.interop import (
+    GPT2_VOCAB_SIZE,
+    check_state_dict,
+    hf_config,
+    load_nanogpt,
+    nanogpt_checkpoint,
+    to_hf_state_dict,
+)
 from ds_gpt.model import GPT, GPTConfig
 from ds_gpt.optimizer_state import nanogpt_optimizer_state_from
 
@@ -91,8 +102,39 @@ def carries_gpt2_tokenizer(hf_vocab_size: int) -> bool:
 
 def write_fp32(dest: Path, state_dict: dict[str, torch.Tensor], client_state: dict) -> None:
     torch.save({k: v.detach().to("cpu", torch.float32) for k, v in state_dict.items()}, dest / "model.pt")
-    meta = {k: client_state.get(k) for k in ("model_args", "iter_num", "best_val_loss")}
-    (dest / "model_args.json").write_text(json.dumps(_plain(meta), indent=2) + "\n")
+    (dest / "model_args.json").write_text(json.dumps(_plain(client_state["model_args"]), indent=2) + "\n")
+    trained = {k: client_state.get(k) for k in ("iter_num", "best_val_loss")}
+    (dest / "train_state.json").write_text(json.dumps(_plain(trained), indent=2) + "\n")
+
+
+def load_export(dest: str | os.PathLike, *, device: str | torch.device = "cpu") -> GPT:
+    """A ready GPT (fp32, eval mode) from an fp32 or nanogpt export directory:
+
+        from ds_gpt.export import load_export
+        model = load_export("export/demo-fp32")
+        ids = model.generate(idx, max_new_tokens=50)
+
+    Nothing is unpickled but tensors (weights_only). An hf export loads with transformers'
+    GPT2LMHeadModel.from_pretrained(DEST) instead.
+    """
+    dest = Path(dest)
+    if (dest / "ckpt.pt").is_file():
+        weights = load_nanogpt(dest / "ckpt.pt")
+        model_args, state_dict = weights.model_args, weights.state_dict
+    elif (dest / "model.pt").is_file() and (dest / "model_args.json").is_file():
+        try:
+            model_args = json.loads((dest / "model_args.json").read_text())
+            state_dict = torch.load(dest / "model.pt", map_location="cpu", weights_only=True)
+        except (ValueError, RuntimeError, pickle.UnpicklingError) as err:
+            raise UserError(f"cannot read the fp32 export in {dest}: {err}") from None
+        model_args = model_args.get("model_args", model_args)  # exports written before the file was flat
+        check_state_dict(model_args, state_dict, str(dest))
+    else:
+        raise UserError(f"{dest} holds no fp32 export (model.pt, model_args.json) and no nanogpt one (ckpt.pt)",
+                        hint="python -m ds_gpt.export --out_dir OUT --format fp32 --dest DIR writes one")
+    model = GPT(GPTConfig(**model_args))
+    model.load_state_dict(state_dict)
+    return model.to(device).eval()
 
 
 def _check_dest(dest: Path, force: bool) -> None:
@@ -135,7 +177,7 @@ def export(state_dict: dict[str, torch.Tensor], client_state: dict, fmt: str, de
             raise UserError(f"writing --dest {dest} failed: {reason}; nothing was replaced",
                             hint=write_hint(err, "free some space there (`df -h` shows how much is left), "
                                                  "or pick another --dest", where="--dest")) from None
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from the rest of a shared group
+        file_modes.as_created(tmp)  # mkdtemp's 0700 and safetensors' 0600 would hide it from a shared group
         old = None
         if dest.exists():  # replace: move the old aside first, so a crash leaves one of the two
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")

@@ -5,6 +5,7 @@ requirements-hf.txt) and nanoGPT's loading code, reproduced below as its sample.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from helpers import forked_background_train, forked_train, free_port
 
 from ds_gpt import hf_tokenizer, tokenizer
 from ds_gpt.errors import UserError
-from ds_gpt.export import export
+from ds_gpt.export import export, load_export
 from ds_gpt.interop import load_init_weights
 from ds_gpt.model import GPT, GPTConfig
 from ds_gpt.optimizer_state import apply_nanogpt_optimizer_state, nanogpt_param_names
@@ -302,12 +303,27 @@ def test_export_never_clobbers_without_force(tmp_path):
         export(model.state_dict(), client_state(model), "fp32", dest)
     assert (dest / "keep.txt").read_text() == "mine"
     export(model.state_dict(), client_state(model), "fp32", dest, force=True)
-    assert sorted(p.name for p in dest.iterdir()) == ["model.pt", "model_args.json"]
+    assert sorted(p.name for p in dest.iterdir()) == ["model.pt", "model_args.json", "train_state.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
-    loaded = GPT(GPTConfig(**TINY))
+    loaded = GPT(GPTConfig(**json.loads((dest / "model_args.json").read_text())))  # the file is GPTConfig's
     loaded.load_state_dict(torch.load(dest / "model.pt", weights_only=True))
     idx = batch(128)
     assert torch.equal(our_logits(loaded, idx), our_logits(model, idx))
+    assert json.loads((dest / "train_state.json").read_text()) == {"iter_num": 7, "best_val_loss": 2.5}
+
+
+def test_load_export_gives_a_ready_gpt_from_fp32_and_nanogpt_exports(tmp_path):
+    model, idx = tiny_gpt(seed=3), batch(128)
+    for fmt in ("fp32", "nanogpt"):
+        export(model.state_dict(), client_state(model), fmt, tmp_path / fmt)
+        loaded = load_export(tmp_path / fmt)
+        assert not loaded.training and torch.equal(our_logits(loaded, idx), our_logits(model, idx)), fmt
+    nested = tmp_path / "fp32" / "model_args.json"  # the layout fp32 exports had before
+    nested.write_text(json.dumps({"model_args": TINY, "iter_num": 7}))
+    assert torch.equal(our_logits(load_export(tmp_path / "fp32"), idx), our_logits(model, idx))
+    with pytest.raises(UserError, match="holds no fp32 export") as err:
+        load_export(tmp_path)
+    assert "--format fp32" in err.value.hint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,3 +504,20 @@ def test_hf_export_generates_as_our_sampler(tmp_path, shakespeare_data, capsys):
     text = pipe(REFERENCE_TEXT, max_new_tokens=20, do_sample=False)[0]["generated_text"]
     assert ids[:10] == REFERENCE_IDS and len(ids) == 30
     assert tokenizer.decode(ids) == ours and text == ours
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_exports_follow_the_umask_like_every_written_file(tmp_path, mask):
+    """A lab shares an export by its umask: every format's directory and files get what mkdir and
+    touch would give them, safetensors' own 0600 included."""
+    model = tiny_gpt()
+    old = os.umask(mask)
+    try:
+        for fmt in ("fp32", "hf", "nanogpt"):
+            export(model.state_dict(), client_state(model), fmt, tmp_path / fmt)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes == {**{d: 0o777 & ~mask for d in ("fp32", "hf", "nanogpt")},
+                     **{f: 0o666 & ~mask for f in ("fp32/model.pt", "fp32/model_args.json", "fp32/train_state.json",
+                                                   "hf/config.json", "hf/model.safetensors", "nanogpt/ckpt.pt")}}
