@@ -14,6 +14,8 @@
 #   DATA_DIR       directory with train.bin/val.bin             (default: data/openwebtext)
 #   OUT_DIR        run directory; a requeued or resubmitted job resumes from its newest
 #                  checkpoint                                   (default: out/gpt2-124m)
+#   TRAIN_CONFIG   training options, TOML; empty: the trainer's defaults
+#                                                               (default: config/train_gpt2.toml)
 #   DS_CONFIG      DeepSpeed JSON config                        (default: ds_configs/zero1.json)
 #   MASTER_PORT    rendezvous port                              (default: derived from the job id)
 #   MAX_REQUEUES   stop requeueing after this many restarts     (default: 20)
@@ -65,6 +67,7 @@ DS_GPT_LAUNCH=${DS_GPT_LAUNCH:-deepspeed}
 VENV=${VENV:-$ROOT/.venv}
 DATA_DIR=${DATA_DIR:-data/openwebtext}
 OUT_DIR=${OUT_DIR:-out/gpt2-124m}
+TRAIN_CONFIG=${TRAIN_CONFIG-config/train_gpt2.toml}  # the recommended 124M run (README), with DS_CONFIG's JSON
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero1.json}
 MAX_REQUEUES=${MAX_REQUEUES:-20}
 if [[ -n ${MODULES:-} ]]; then
@@ -110,6 +113,7 @@ elif [[ $DS_GPT_LAUNCH != srun ]]; then
     exit 2
 fi
 TRAIN_ARGS=(--deepspeed_config "$DS_CONFIG" --data_dir "$DATA_DIR" --out_dir "$OUT_DIR" --init_from auto "$@")
+if [[ -n $TRAIN_CONFIG ]]; then TRAIN_ARGS=(--config "$TRAIN_CONFIG" "${TRAIN_ARGS[@]}"); fi  # a later --config wins
 
 # -----------------------------------------------------------------------------
 # preflight: every node, the data, out_dir and one all-reduce, before any GPU-hour is spent

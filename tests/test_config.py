@@ -245,3 +245,25 @@ def test_the_docs_document_every_training_option():
     missing = [f.name for f in dataclasses.fields(TrainConfig)
                if f.metadata.get("cli") is not False and f"`--{f.name}`" not in table]
     assert not missing, f"docs/training.md lacks {missing}"
+
+
+def test_the_recommended_124m_run_is_one_set_up():
+    """`sbatch slurm/ds_train.sh` trains config/train_gpt2.toml with the JSON that file names: the
+    reference run's model, schedule and batch (the README's recommended path)."""
+    import tomllib
+
+    script = (REPO_ROOT / "slurm" / "ds_train.sh").read_text()
+    toml = tomllib.loads((REPO_ROOT / "config" / "train_gpt2.toml").read_text())
+    assert "TRAIN_CONFIG=${TRAIN_CONFIG-config/train_gpt2.toml}" in script
+    assert f"DS_CONFIG=${{DS_CONFIG:-{toml['deepspeed_config']}}}" in script
+    # the job's arguments as ds_train.sh puts them, with a user's override after them
+    cfg = parse_args(["--config", "config/train_gpt2.toml", "--deepspeed_config", toml["deepspeed_config"],
+                      "--data_dir", "data/openwebtext", "--out_dir", "out/gpt2-124m", "--init_from", "auto",
+                      "--eval_interval", "500"])
+    assert (cfg.eval_interval, cfg.log_interval, cfg.checkpoint_interval) == (500, 10, 1000)
+    defaults = parse_args([])
+    assert all(getattr(cfg, k) == getattr(defaults, k) for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                                                 "max_iters", "learning_rate", "min_lr"))
+    run = resolve(cfg, world_size=8, cuda=True)
+    assert (run.zero_stage, run.dtype, run.batch.micro, run.batch.grad_accum) == (1, "bfloat16", 12, 5)
+    assert run.batch.global_batch * cfg.block_size == 491_520
