@@ -48,3 +48,22 @@ def test_a_directory_where_metrics_jsonl_belongs_is_not_a_full_disk(tmp_path):
                              "or pick another --out_dir"
     assert write_hint(OSError(errno.ENOSPC, "No space left on device"), "free space") == "free space"
     assert write_hint(RuntimeError("unexpected pos 64"), "free space") == "free space"  # torch's zip writer
+
+
+def test_the_run_directory_docs_name_every_scalar_and_event():
+    """docs/training.md's TensorBoard list and metrics.jsonl table keep up with what the code writes."""
+    import re
+
+    from helpers import REPO_ROOT
+
+    from ds_gpt.metrics import TB_TAGS
+
+    docs = (REPO_ROOT / "docs" / "training.md").read_text()
+    tb_row = next(line for line in docs.splitlines() if line.startswith("| `OUT/tb/train/`"))
+    assert [tag for tag in TB_TAGS.values() if f"`{tag}`" not in tb_row] == []
+    source = "".join(p.read_text() for p in (REPO_ROOT / "ds_gpt").glob("*.py"))
+    events = set(re.findall(r'"event": "([a-z_]+)"', source))
+    assert {"memory", "start", "stopped"} <= events
+    assert sorted(e for e in events if f'`"event": "{e}"`' not in docs) == []
+    training_row = next(line for line in docs.splitlines() if line.startswith("| training |"))
+    assert "`hfu`" in training_row and "`mfu`" in training_row
