@@ -123,7 +123,6 @@ class StaleLockWatcher(threading.Thread):
                           f"node): a build was killed while holding it", file=sys.stderr, flush=True)
                 self.unheld.pop(lock, None)
 
-
     def _say_compiling(self, lock: Path) -> None:
         op, now = lock.parent.name, time.monotonic()
         if lock not in self.compiling:

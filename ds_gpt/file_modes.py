@@ -47,7 +47,8 @@ def private_dir(path: Path) -> Path:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write `text` to a new file `path` that only its owner can read, from its creation on."""
+    """Write `text` to `path`, readable by its owner only before any byte is written."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)  # a file that was already there keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
