@@ -130,6 +130,8 @@ def run_config_toml(p: dict, model: str, ds_path: str | None) -> str:
              f"#   {command}",
              f"# ZeRO-{p['zero_stage']}, micro-batch {p['micro_batch']} x accumulation {p['grad_accum']}, predicted "
              f"{p['peak_bytes_per_gpu'] / 1e9:.1f} GB per GPU and {p['iter_time_s'] * 1e3:.0f} ms per iteration.",
+             "# A plan, not a measurement: the activation memory is the planner's estimate. Check the peak",
+             "# on one GPU first (docs/training.md, \"Shipped configurations\").",
              f'model = "{model}"', f'activation_checkpointing = "{p["activation_checkpointing"]}"',
              f'out_dir = "out/gpt2-{model.lower()}"']
     if ds_path:
