@@ -13,10 +13,11 @@ holder keeps it open from creation to removal). On a filesystem shared between n
 GPFS, ...) a holder on another node is invisible from here, so there the lock must also be older
 than `shared_max_age_s`, longer than any op build takes.
 
-The same watch says what is compiling. Loading a built op holds its lock for well under a second;
-a lock that this process still holds a poll later is a compile, which torch does silently for
-minutes on a few cores. The process that compiles names the op and says that it happens once,
-then how long it has taken every `progress_s`, and when it is done.
+The same watch says what is compiling, which torch does silently for minutes on a few cores.
+Loading a built op holds its lock for well under a second; a lock that this process still holds
+a poll later, while a compiler runs under it, is a compile. The process that compiles names the
+op and says that it happens once, then how long it has taken every `progress_s`, and when it is
+done.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ import psutil
 OP_PURPOSES = {"deepspeed_shm_comm": "its shared-memory all-reduce for CPU ranks",
                "cpu_adam": "its CPU Adam, for ZeRO-Offload and CPU runs",
                "fused_adam": "its fused Adam for GPUs"}
+# What torch's ninja runs while it builds an op (host compilers and linkers, CUDA's toolchain).
+COMPILERS = {"cc1plus", "cc1", "c++", "g++", "gcc", "clang", "clang++", "ld", "nvcc", "cicc", "ptxas", "fatbinary"}
 # Filesystems that live on this node alone; anything else may be shared with other nodes.
 LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmpfs", "ramfs", "overlay"}
 
@@ -129,6 +132,8 @@ class StaleLockWatcher(threading.Thread):
             self.compiling[lock] = [now, 0.0]  # seen once: perhaps only a load
             return
         first, said = self.compiling[lock]
+        if not said and not compiler_running():
+            return  # a slow load on a busy machine, or ninja finding the build up to date
         if not said:
             purpose = OP_PURPOSES.get(op, "an op it needs")
             print(f"ds_gpt: DeepSpeed is compiling {op} ({purpose}) into {lock.parent}: once per cache "
@@ -145,6 +150,13 @@ class StaleLockWatcher(threading.Thread):
         if said:
             print(f"ds_gpt: compiled {lock.parent.name} in {time.monotonic() - first:.0f} s", file=sys.stderr,
                   flush=True)
+
+
+def compiler_running() -> bool:
+    """Whether a compiler or linker runs among this process's descendants."""
+    with contextlib.suppress(psutil.Error):
+        return any(child.name() in COMPILERS for child in psutil.Process().children(recursive=True))
+    return False
 
 
 def watch() -> StaleLockWatcher:

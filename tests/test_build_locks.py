@@ -92,6 +92,14 @@ def test_the_trainer_starts_past_a_lock_left_by_a_killed_build(tmp_path):
     assert (tmp_path / "out" / "latest").read_text() == "global_step2"
 
 
+def fake_compiler(tmp_path: Path) -> Path:
+    """This interpreter under the name of GCC's compiler proper, as psutil reports a process's name."""
+    path = tmp_path / "bin" / "cc1plus"
+    path.parent.mkdir()
+    path.symlink_to(sys.executable)
+    return path
+
+
 def test_the_watcher_stops_when_asked(tmp_path):
     watcher = StaleLockWatcher(tmp_path, interval_s=60)
     watcher.start()
@@ -100,14 +108,20 @@ def test_the_watcher_stops_when_asked(tmp_path):
 
 
 def test_a_compile_in_this_process_is_named_once_then_timed_then_done(tmp_path, capsys):
-    """Loading a built op holds its lock for a moment; holding it a poll later is a compile."""
+    """Loading a built op holds its lock for a moment; holding it a poll later, a compiler running, is a compile."""
     lock = tmp_path / "cpu_adam" / "lock"
     lock.parent.mkdir()
     fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # as torch's FileBaton holds it while it builds
     watcher = StaleLockWatcher(tmp_path, progress_s=0)
     watcher.poll()
-    assert capsys.readouterr().err == ""  # one look: perhaps only a load
     watcher.poll()
+    assert capsys.readouterr().err == ""  # held, but no compiler runs: a slow load, not a compile
+    compiler = subprocess.Popen([str(fake_compiler(tmp_path)), "-c", "import time; time.sleep(60)"])
+    try:
+        watcher.poll()
+    finally:
+        compiler.kill()
+        compiler.wait()
     said = capsys.readouterr().err
     assert "DeepSpeed is compiling cpu_adam (its CPU Adam" in said and "once per cache" in said
     watcher.poll()
