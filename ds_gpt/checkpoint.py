@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from ds_gpt import atomic, elastic
+from ds_gpt import atomic, elastic, safe_load
 from ds_gpt.errors import UserError
 from ds_gpt.fileset import file_digest
 
@@ -345,7 +345,7 @@ def load(engine, out_dir: Path, info: CheckpointInfo, *, rank: int) -> dict:
                         hint="check the run's log; resume from an older tag")
     rng_path = out_dir / info.tag / f"rng_rank{rank}.pt"
     if rng_path.exists():  # a rank the saving run did not have keeps its seeded state
-        set_rng_state(torch.load(rng_path, weights_only=False))
+        set_rng_state(safe_load.load(rng_path))
     return client_state
 
 
@@ -391,11 +391,7 @@ def load_fp32_state_dict(out_dir: str | Path, tag: str | None = None) -> tuple[d
                                     out_dir / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt") if p.exists()), None)
     if states_file is None:
         raise UserError(f"{out_dir / tag} has no model-states file: not a complete DeepSpeed checkpoint")
-    try:
-        states = torch.load(states_file, map_location="cpu", weights_only=False)
-    except (RuntimeError, OSError, EOFError) as err:  # a tag from before files were checksummed
-        raise UserError(f"{states_file} cannot be read ({str(err).splitlines()[0]})",
-                        hint="pick an older tag") from None
+    states = safe_load.load(states_file)
     skip = {"module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
             "frozen_param_fragments", "shared_params", "ds_config", "ds_version", "csr_tensor_module_names",
             "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "data_sampler",
@@ -403,7 +399,8 @@ def load_fp32_state_dict(out_dir: str | Path, tag: str | None = None) -> tuple[d
     client_state = {k: v for k, v in states.items() if k not in skip}
     has_zero_shards = any((out_dir / tag).glob("*zero_pp_rank_*optim_states.pt"))
     if has_zero_shards:
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(out_dir), tag=tag)
+        with elastic.zero_to_fp32_calls(out_dir / tag):
+            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(out_dir), tag=tag)
     else:
         state_dict = {k: v.float() for k, v in states["module"].items()}
     return {k: v.float() for k, v in state_dict.items()}, client_state

@@ -31,10 +31,11 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from ds_gpt import atomic
+from ds_gpt import atomic, safe_load
 from ds_gpt.errors import UserError
 
 DIRNAME = "layout_free"
@@ -81,7 +82,7 @@ def read_model_states(tag_dir: Path) -> dict:
     memory-mapped: reading the client state copies no weights."""
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if (tag_dir / name).exists():
-            return torch.load(tag_dir / name, map_location="cpu", mmap=True, weights_only=False)
+            return safe_load.load(tag_dir / name, mmap=True)
     raise UserError(f"{tag_dir} has no model-states file: not a complete DeepSpeed checkpoint")
 
 
@@ -95,6 +96,15 @@ def client_state_of(states: dict) -> dict:
 
 def _natural(path: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+@contextlib.contextmanager
+def zero_to_fp32_calls(tag_dir: Path) -> Iterator[None]:
+    """Around calls into DeepSpeed's zero_to_fp32: its progress reports (stdout, stderr: the
+    command's console) are dropped, and its torch.load(weights_only=False) is made weights-only."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            safe_load.weights_only_loads(f"a file of {tag_dir}"):
+        yield
 
 
 class SavedTag:
@@ -112,7 +122,7 @@ class SavedTag:
         self.states = read_model_states(tag_dir)
         optim_files = sorted(glob.glob(str(tag_dir / "*_optim_states.pt")), key=_natural)
         # Memory-mapped: a state's merge reads only its own flat partitions.
-        self.shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+        self.shards = [safe_load.load(f, mmap=True)["optimizer_state_dict"]
                        for f in optim_files]
         self.stage = int(self.shards[0]["zero_stage"]) if self.shards else 0
         with torch.device("meta"):  # names, shapes and groups of the parameters, in no memory
@@ -149,8 +159,7 @@ class SavedTag:
         if world_size != len(self.shards):
             raise UserError(f"{self.tag_dir} holds {len(self.shards)} optimizer shard(s) for {world_size} rank(s)")
         model_files = sorted(glob.glob(str(self.tag_dir / "*_model_states.pt")), key=_natural)
-        # zero_to_fp32 reports its progress on stdout and stderr, which are the trainer's console
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with zero_to_fp32_calls(self.tag_dir):
             model_states = zero_to_fp32.parse_model_states(model_files)
             if self.stage == 3:
                 flats = [s["fp32_flat_groups"] if key == "fp32" else
@@ -263,8 +272,7 @@ def load_into(engine, tag_dir: Path) -> None:
     Every rank calls it: under ZeRO-3 the weights are set through collectives.
     """
     meta = json.loads((tag_dir / DIRNAME / "meta.json").read_text())
-    states = {key: torch.load(tag_dir / DIRNAME / f"{key}.pt", map_location="cpu", mmap=True, weights_only=True)
-              for key in STATES}
+    states = {key: safe_load.load(tag_dir / DIRNAME / f"{key}.pt", mmap=True) for key in STATES}
     set_state(engine, states, meta["step"], source=str(tag_dir))
 
 

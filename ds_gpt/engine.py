@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from ds_gpt import build_locks, launch_env, ops
+from ds_gpt import build_locks, launch_env, ops, safe_load
 from ds_gpt.checkpoint import Collectives
 from ds_gpt.launch_env import LaunchEnv
 from ds_gpt.model import GPT
@@ -115,6 +115,7 @@ def build_engine(model: GPT, run: RunConfig) -> DeepSpeedEngine:
 
     groups = model.optimizer_param_groups(run.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
+    safe_load.install(engine)  # load_checkpoint reads weights only
     _stop_lock_watcher()  # every op this run uses is loaded
     return engine
 

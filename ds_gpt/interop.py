@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ds_gpt import safe_load
 from ds_gpt.errors import UserError
 from ds_gpt.model import GPT, GPTConfig
 from ds_gpt.presets import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
@@ -100,10 +101,7 @@ def load_nanogpt(path: str | os.PathLike) -> StartWeights:
         path = path / "ckpt.pt"
     if not path.is_file():
         raise UserError(f"no nanoGPT checkpoint at {path}", hint="--init_from nanogpt:OUT_DIR/ckpt.pt")
-    try:  # weights_only: a checkpoint is data, never code to run
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad input file
-        raise UserError(f"cannot read {path} as a nanoGPT checkpoint: {err}") from err
+    ckpt = safe_load.load(path)  # a checkpoint is data, never code to run
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path} is not a nanoGPT checkpoint: it needs the keys 'model' and 'model_args'")
     source = f"{NANOGPT_PREFIX}{path}"
@@ -254,9 +252,10 @@ def load_hf(name_or_dir: str, *, vocab_size: int = PADDED_VOCAB_SIZE) -> StartWe
     attempts = [True] if local or is_offline_mode() else [True, False]
     err: Exception | None = None
     for local_only in attempts:  # the cache first: no network round trip when it is there
-        try:
-            hf = transformers.GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32,
-                                                              local_files_only=local_only)
+        try:  # a pytorch_model.bin is a pickle: read as data only, whatever transformers' defaults
+            with safe_load.weights_only_loads(f"a weights file of {source}"):
+                hf = transformers.GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32,
+                                                                  local_files_only=local_only)
             break
         except (OSError, ValueError) as e:  # not cached / no network / not a model dir
             err = e
