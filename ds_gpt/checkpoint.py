@@ -236,9 +236,12 @@ class Checkpointer:
         self.client_state, self.marker = client_state, marker
         self.saved_at = saved_at  # the iteration whose state is on disk (the resumed one, at first)
 
-    def maybe_save(self, iter_num: int, stopping: bool = False) -> str | None:
-        """Save if `iter_num` is on the interval or the run is stopping on a signal."""
-        if iter_num % self.interval == 0 or stopping:
+    def maybe_save(self, iter_num: int) -> str | None:
+        """Save if `iter_num` is on the interval, trained (not the first) and not on disk already.
+
+        The loop calls it after the iteration's eval, so the checkpoint's best_val_loss counts it.
+        """
+        if iter_num % self.interval == 0 and iter_num > 0 and iter_num != self.saved_at:
             return self.save(iter_num)
         return None
 
@@ -356,7 +359,7 @@ def check_resumable(info: CheckpointInfo, world_size: int, run: RunConfig) -> No
     carries the state across); the global batch only with --allow_batch_change; the data's
     tokenizer never; the model's shape is the checkpoint's (run_config.adopt_model_args).
     """
-    elastic.check_resume(Path(run.train.out_dir) / info.tag, global_batch=run.batch.global_batch,
+    elastic.check_resume(Path(run.train.out_dir) / info.tag, info.marker, global_batch=run.batch.global_batch,
                          data_dir=run.train.data_dir, allow_batch_change=run.train.allow_batch_change)
 
 

@@ -358,8 +358,10 @@ def _set_whole(optimizer, params: dict, states: dict, device: torch.device) -> N
 # the resume: what may change, checked before anything is built; the load, on every rank
 
 
-def _tokenizer_of(data_dir: str | None) -> str | None:
-    """The tokenizer a prepared data directory's meta.json names (None: no meta.json, e.g. nanoGPT's bins)."""
+def tokenizer_of(data_dir: str | None) -> str | None:
+    """The tokenizer a prepared data directory's meta.json names (None: no meta.json, e.g. nanoGPT's bins).
+
+    A run records it in every checkpoint's marker ("tokenizer"): what the weights were trained on."""
     try:
         meta = json.loads((Path(data_dir) / "meta.json").read_text())
     except (OSError, ValueError, TypeError):
@@ -368,13 +370,15 @@ def _tokenizer_of(data_dir: str | None) -> str | None:
     return f"{name} (sha256 {digest[:12]})" if name and digest else name
 
 
-def check_resume(tag_dir: Path, *, global_batch: int, data_dir: str, allow_batch_change: bool) -> None:
+def check_resume(tag_dir: Path, marker: dict, *, global_batch: int, data_dir: str, allow_batch_change: bool) -> None:
     """Refuse, with one line, a resume that would not continue the run saved in `tag_dir`.
 
     The layout (world size, ZeRO stage, precision) and the split of the global batch into micro
     batches and accumulation may change; the global batch only with --allow_batch_change (the
-    curve would no longer be the saved run's); the data's tokenizer never. The model's shape is
-    the checkpoint's (run_config.adopt_model_args refuses flags that contradict it).
+    curve would no longer be the saved run's); the data's tokenizer never: the one the marker
+    recorded at save time, not the one the saved data directory's meta.json names today (data
+    re-prepared in place with another tokenizer). The model's shape is the checkpoint's
+    (run_config.adopt_model_args refuses flags that contradict it).
     """
     saved_config = client_state_of(read_model_states(tag_dir)).get("config") or {}
     saved_batch = (saved_config.get("batch") or {}).get("global_batch")
@@ -385,7 +389,9 @@ def check_resume(tag_dir: Path, *, global_batch: int, data_dir: str, allow_batch
                         hint=f"keep micro batch x accumulation x ranks = {saved_batch} (e.g. --global_batch_size "
                              f"{saved_batch}), or pass --allow_batch_change to continue with the new batch")
     saved_data = (saved_config.get("train") or {}).get("data_dir")
-    before, now = _tokenizer_of(saved_data), _tokenizer_of(data_dir)
+    # tags saved before the tokenizer was recorded: the saved data directory as it is now
+    before = marker["tokenizer"] if "tokenizer" in marker else tokenizer_of(saved_data)
+    now = tokenizer_of(data_dir)
     if before and now and before != now:
         raise UserError(f"checkpoint {tag} was trained on {saved_data} tokenized with {before}; --data_dir {data_dir} "
                         f"is tokenized with {now}", hint="resume on data prepared with the checkpoint's tokenizer, "

@@ -323,7 +323,8 @@ def test_refusals_and_an_allowed_batch_change(runs, data_dir, tmp_path):
 
 
 def test_the_data_tokenizer_may_not_change(tmp_path):
-    """Checked on the tag's own record of the run (its client state), before anything is built."""
+    """Checked on the tag's own record of the run (its client state), before anything is built; a tag
+    whose marker records no tokenizer (saved before it did) is checked on its data directory."""
     tag = tmp_path / "out" / "global_step5"
     tag.mkdir(parents=True)
     old, new = tmp_path / "old", tmp_path / "new"
@@ -333,11 +334,11 @@ def test_the_data_tokenizer_may_not_change(tmp_path):
     config = {"batch": {"global_batch": 8}, "train": {"data_dir": str(old)}}
     torch.save({"module": {}, "iter_num": 5, "config": config}, tag / "mp_rank_00_model_states.pt")
     with pytest.raises(UserError, match=f"{old} tokenized with gpt2; --data_dir {new} is tokenized with cl100k_base"):
-        elastic.check_resume(tag, global_batch=8, data_dir=str(new), allow_batch_change=False)
-    elastic.check_resume(tag, global_batch=8, data_dir=str(old), allow_batch_change=False)
+        elastic.check_resume(tag, {}, global_batch=8, data_dir=str(new), allow_batch_change=False)
+    elastic.check_resume(tag, {}, global_batch=8, data_dir=str(old), allow_batch_change=False)
     with pytest.raises(UserError, match="global batch of 8 sequences; this run's is 4"):
-        elastic.check_resume(tag, global_batch=4, data_dir=str(old), allow_batch_change=False)
-    elastic.check_resume(tag, global_batch=4, data_dir=str(old), allow_batch_change=True)
+        elastic.check_resume(tag, {}, global_batch=4, data_dir=str(old), allow_batch_change=False)
+    elastic.check_resume(tag, {}, global_batch=4, data_dir=str(old), allow_batch_change=True)
 
 
 def test_which_resumes_need_a_conversion():
