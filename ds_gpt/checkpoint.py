@@ -21,7 +21,6 @@ import random
 import re
 import shutil
 import sys
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -197,19 +196,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_failed(err: BaseException) -> bool:
-    """Did `err` come from writing a file (a full disk, a quota, an I/O error), not from a collective?
-
-    Plain writes raise OSError; torch.save's zip writer, which DeepSpeed uses for every shard,
-    turns ENOSPC into a RuntimeError ("unexpected pos ..."), recognised by where it was raised.
-    """
-    if isinstance(err, OSError):
-        return True
-    return isinstance(err, RuntimeError) and any(
-        Path(frame.f_code.co_filename).parts[-2:] == ("torch", "serialization.py")
-        for frame, _ in traceback.walk_tb(err.__traceback__))
-
-
 @dataclass
 class Collectives:
     """The few collectives a save needs (ds_gpt.engine's), passed in so this module stays testable."""
@@ -265,7 +251,7 @@ class Checkpointer:
             # per-rank RNG: DeepSpeed's client_state is written by rank 0 only
             torch.save(rng_state(), out_dir / tag / f"rng_rank{rank}.pt")
         except Exception as err:
-            if not write_failed(err):
+            if not atomic.write_failed(err):
                 raise
             error = err
             if not shards_saved:
@@ -331,6 +317,8 @@ def load(engine, out_dir: Path, info: CheckpointInfo, *, rank: int) -> dict:
     The layout that wrote the tag (and any world size, for ZeRO-0) loads through DeepSpeed's own
     load_checkpoint; another world size, ZeRO stage or precision through ds_gpt.elastic.
     """
+    if rank == 0:  # left by a killed conversion; this resume may not convert and remove them itself
+        elastic.remove_stale_conversions(out_dir)
     saved, new = elastic.Layout.of_marker(info.marker), elastic.Layout.of_engine(engine)
     if elastic.needs_conversion(saved, new):
         client_state = elastic.resume(engine, out_dir / info.tag, info.marker, rank=rank)

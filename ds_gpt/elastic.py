@@ -233,6 +233,7 @@ def convert(tag_dir: Path, marker: dict) -> dict:
     final, tmp = tag_dir / DIRNAME, tag_dir / f".{DIRNAME}.tmp-{os.getpid()}"
     for stale in [*tag_dir.glob(f".{DIRNAME}.tmp-*"), final]:  # a killed conversion; one of an older save
         shutil.rmtree(stale, ignore_errors=True)
+    saved = None
     try:
         tmp.mkdir()
         t0 = time.perf_counter()
@@ -245,14 +246,28 @@ def convert(tag_dir: Path, marker: dict) -> dict:
         atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=1))
         tmp.rename(final)
         atomic.fsync_dir(tag_dir)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"converting {tag_dir} for another layout failed ({err.strerror or err}); the checkpoint "
-                        "itself is intact", hint=f"free disk space under {tag_dir.parent} and resume again") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not atomic.write_failed(err):
+            raise
+        # torch.save's zip writer turns a full disk into a RuntimeError ("unexpected pos ...")
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "a write failed: a full disk or quota?"
+        need = "" if saved is None else \
+            f", it needs {len(STATES) * 4 * sum(s.numel() for s in saved.shapes.values()) / 2**20:.0f} MiB"
+        raise UserError(f"converting {tag_dir} for another layout failed ({reason}; "
+                        f"{shutil.disk_usage(tag_dir).free / 2**20:.0f} MiB free there{need}); the checkpoint itself "
+                        "is intact", hint=f"free disk space under {tag_dir.parent} and resume again") from None
     return meta
+
+
+def remove_stale_conversions(out_dir: Path) -> None:
+    """The temporary directories of conversions killed half-way, in every tag of `out_dir`.
+
+    A resume on the saving layout never converts, so nothing else would remove them. Call only
+    where no conversion in `out_dir` can be under way (rank 0, holding the run's lock, before it
+    converts)."""
+    for stale in out_dir.glob(f"*/.{DIRNAME}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _save_durably(obj, path: Path) -> None:

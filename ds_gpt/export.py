@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from ds_gpt import tokenizer
-from ds_gpt.checkpoint import load_fp32_state_dict, write_failed  # the one place that consolidates ZeRO shards
+from ds_gpt.atomic import write_failed
+from ds_gpt.checkpoint import load_fp32_state_dict  # the one place that consolidates ZeRO shards
 from ds_gpt.errors import ArgumentParser, UserError, run_cli
 from ds_gpt.hf_tokenizer import write_gpt2_tokenizer
 from ds_gpt.interop import GPT2_VOCAB_SIZE, check_state_dict, hf_config, nanogpt_checkpoint, to_hf_state_dict
