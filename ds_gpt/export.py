@@ -17,7 +17,8 @@ ds_gpt.checkpoint. What DEST receives:
   fp32     model.pt: our GPT's plain state_dict (torch.load + GPT.load_state_dict), and
            model_args.json beside it.
 DEST is written as a temporary sibling and renamed into place: an interrupted export leaves
-no half-written DEST. A non-empty DEST is replaced only with --force.
+no half-written DEST. A non-empty DEST is replaced only with --force. DEST may not be the run
+directory, lie inside it (a tag) or hold it, with or without --force.
 """
 from __future__ import annotations
 
@@ -96,7 +97,13 @@ def write_fp32(dest: Path, state_dict: dict[str, torch.Tensor], client_state: di
     (dest / "model_args.json").write_text(json.dumps(_plain(meta), indent=2) + "\n")
 
 
-def _check_dest(dest: Path, force: bool) -> None:
+def _check_dest(dest: Path, force: bool, out_dir: Path | None = None) -> None:
+    if out_dir is not None:  # --force replaces DEST whole: never the run, a tag, or a directory holding them
+        run, target = out_dir.resolve(), dest.resolve()
+        if target == run or run in target.parents or target in run.parents:
+            where = "is" if target == run else "is inside" if run in target.parents else "holds"
+            raise UserError(f"--dest {dest} {where} the run directory {out_dir}: an export there could replace "
+                            "its checkpoints", hint=f"pick a --dest outside {out_dir} that does not hold it either")
     if dest.exists() and not dest.is_dir():
         raise UserError(f"--dest {dest} exists and is not a directory", hint="pick a directory path for --dest")
     if dest.is_dir() and any(dest.iterdir()) and not force:
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         what = "is not a directory" if Path(args.out_dir).exists() else "does not exist"
         raise UserError(f"--out_dir {args.out_dir} {what}",
                         hint="pass the run directory, the one holding global_step* checkpoints")
-    _check_dest(Path(args.dest), args.force)  # fail before the (slow) consolidation
+    _check_dest(Path(args.dest), args.force, Path(args.out_dir))  # fail before the (slow) consolidation
     state_dict, client_state = load_fp32_state_dict(args.out_dir, tag=args.tag)
     dest = export(state_dict, client_state, args.format, args.dest,
                   hf_vocab_size=args.hf_vocab_size, force=args.force)

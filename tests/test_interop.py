@@ -6,6 +6,7 @@ requirements-hf.txt) and nanoGPT's loading code, reproduced below as its sample.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -488,3 +489,21 @@ def test_hf_export_generates_as_our_sampler(tmp_path, shakespeare_data, capsys):
     text = pipe(REFERENCE_TEXT, max_new_tokens=20, do_sample=False)[0]["generated_text"]
     assert ids[:10] == REFERENCE_IDS and len(ids) == 30
     assert tokenizer.decode(ids) == ours and text == ours
+
+
+@pytest.mark.parametrize("dest", ["out", "out/global_step4", "out/exports/hf", "."])
+def test_export_force_never_replaces_the_run(tiny_run, tmp_path, capsys, dest):
+    """--dest the run directory, a tag, anything inside it or above it: refused, --force or not."""
+    from fs_faults import snapshot
+
+    from ds_gpt import export as export_cmd
+    from ds_gpt.errors import run_cli
+
+    shutil.copytree(tiny_run / "out", tmp_path / "out")
+    before = snapshot(tmp_path)
+    argv = ["--out_dir", str(tmp_path / "out"), "--format", "fp32", "--dest", str(tmp_path / dest), "--force"]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: export_cmd.main(argv), prog="ds_gpt.export")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "the run directory" in err[0] and "HINT:" in err[0], err
+    assert snapshot(tmp_path) == before
