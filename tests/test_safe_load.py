@@ -167,6 +167,7 @@ def test_resume_on_the_same_layout_refuses_a_planted_pickle(run, tmp_path, plant
     assert planted in lines[0]  # refused where it is read: DeepSpeed's load_checkpoint; the RNG restore
 
 
+@pytest.mark.slow  # converts first
 @pytest.mark.parametrize("planted", [OPTIM_STATES, f"{elastic.DIRNAME}/fp32.pt"])  # the shards; the converted form
 def test_resume_on_another_layout_refuses_a_planted_pickle(run, tmp_path, planted):
     """ZeRO-1 -> ZeRO-2: converted to the layout-free form, which is then loaded."""
