@@ -271,7 +271,7 @@ def remove_stale_conversions(out_dir: Path) -> None:
 
 
 def _save_durably(obj, path: Path) -> None:
-    with open(path, "wb") as fh:  # through a Python file, a full disk is an OSError (not torch's RuntimeError)
+    with open(path, "wb") as fh:  # fsynced: on disk before the rename publishes it
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())

@@ -32,8 +32,8 @@ from ds_gpt.errors import UserError
 
 FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # read by torch.load at every call
 FORCE_OFF = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # set together with FORCE, torch.load refuses to run
-REFUSED_HINT = ("the file was not written by ds_gpt/DeepSpeed, or was altered after: restore the run directory "
-                "from a copy you trust, or resume from an older tag")
+REFUSED_HINT = ("do not load it with other tools either; take the file again from a source you trust (in a run "
+                "directory: restore the tag from a copy, or use an older tag)")
 
 
 @functools.cache
