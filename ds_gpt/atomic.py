@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -70,3 +71,16 @@ def read_text(path: str | os.PathLike, what: str = "") -> str:
     except UnicodeDecodeError as err:
         raise not_utf8(path, err.start, what) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def write_failed(err: BaseException) -> bool:
+    """Did `err` come from writing a file (a full disk, a quota, an I/O error), not from a collective?
+
+    Plain writes raise OSError; torch.save's zip writer, which DeepSpeed uses for every shard,
+    turns ENOSPC into a RuntimeError ("unexpected pos ..."), recognised by where it was raised.
+    """
+    if isinstance(err, OSError):
+        return True
+    return isinstance(err, RuntimeError) and any(
+        Path(frame.f_code.co_filename).parts[-2:] == ("torch", "serialization.py")
+        for frame, _ in traceback.walk_tb(err.__traceback__))

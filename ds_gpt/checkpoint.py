@@ -21,7 +21,6 @@ import random
 import re
 import shutil
 import sys
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from ds_gpt import atomic, elastic
+from ds_gpt import atomic, elastic, safe_load
 from ds_gpt.collectives import Collectives
 from ds_gpt.errors import UserError, write_hint
 from ds_gpt.fileset import file_digest
@@ -226,19 +225,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_failed(err: BaseException) -> bool:
-    """Did `err` come from writing a file (a full disk, a quota, an I/O error), not from a collective?
-
-    Plain writes raise OSError; torch.save's zip writer, which DeepSpeed uses for every shard,
-    turns ENOSPC into a RuntimeError ("unexpected pos ..."), recognised by where it was raised.
-    """
-    if isinstance(err, OSError):
-        return True
-    return isinstance(err, RuntimeError) and any(
-        Path(frame.f_code.co_filename).parts[-2:] == ("torch", "serialization.py")
-        for frame, _ in traceback.walk_tb(err.__traceback__))
-
-
 class Checkpointer:
     """Saves the run's checkpoints and decides when: every `interval` iterations, on a stop, at the end.
 
@@ -256,9 +242,12 @@ class Checkpointer:
         self.client_state, self.marker = client_state, marker
         self.saved_at = saved_at  # the iteration whose state is on disk (the resumed one, at first)
 
-    def maybe_save(self, iter_num: int, stopping: bool = False) -> str | None:
-        """Save if `iter_num` is on the interval or the run is stopping on a signal."""
-        if iter_num % self.interval == 0 or stopping:
+    def maybe_save(self, iter_num: int) -> str | None:
+        """Save if `iter_num` is on the interval, trained (not the first) and not on disk already.
+
+        The loop calls it after the iteration's eval, so the checkpoint's best_val_loss counts it.
+        """
+        if iter_num % self.interval == 0 and iter_num > 0 and iter_num != self.saved_at:
             return self.save(iter_num)
         return None
 
@@ -282,7 +271,7 @@ class Checkpointer:
             # per-rank RNG: DeepSpeed's client_state is written by rank 0 only
             torch.save(rng_state(), out_dir / tag / f"rng_rank{rank}.pt")
         except Exception as err:
-            if not write_failed(err):
+            if not atomic.write_failed(err):
                 raise
             error = err
             if not shards_saved:
@@ -349,6 +338,8 @@ def load(engine, out_dir: Path, info: CheckpointInfo, *, rank: int) -> dict:
     The layout that wrote the tag (and any world size, for ZeRO-0) loads through DeepSpeed's own
     load_checkpoint; another world size, ZeRO stage or precision through ds_gpt.elastic.
     """
+    if rank == 0:  # left by a killed conversion; this resume may not convert and remove them itself
+        elastic.remove_stale_conversions(out_dir)
     saved, new = elastic.Layout.of_marker(info.marker), elastic.Layout.of_engine(engine)
     if elastic.needs_conversion(saved, new):
         client_state = elastic.resume(engine, out_dir / info.tag, info.marker, rank=rank)
@@ -366,7 +357,7 @@ def load(engine, out_dir: Path, info: CheckpointInfo, *, rank: int) -> dict:
                         hint="check the run's log; resume from an older tag")
     rng_path = out_dir / info.tag / f"rng_rank{rank}.pt"
     if rng_path.exists():  # a rank the saving run did not have keeps its seeded state
-        set_rng_state(torch.load(rng_path, weights_only=False))
+        set_rng_state(safe_load.load(rng_path))
     return client_state
 
 
@@ -377,7 +368,7 @@ def check_resumable(info: CheckpointInfo, world_size: int, run: RunConfig) -> No
     carries the state across); the global batch only with --allow_batch_change; the data's
     tokenizer never; the model's shape is the checkpoint's (run_config.adopt_model_args).
     """
-    elastic.check_resume(Path(run.train.out_dir) / info.tag, batch=run.batch,
+    elastic.check_resume(Path(run.train.out_dir) / info.tag, info.marker, batch=run.batch,
                          data_dir=run.train.data_dir, allow_batch_change=run.train.allow_batch_change)
 
 
@@ -412,11 +403,7 @@ def load_fp32_state_dict(out_dir: str | Path, tag: str | None = None) -> tuple[d
                                     out_dir / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt") if p.exists()), None)
     if states_file is None:
         raise UserError(f"{out_dir / tag} has no model-states file: not a complete DeepSpeed checkpoint")
-    try:
-        states = torch.load(states_file, map_location="cpu", weights_only=False)
-    except (RuntimeError, OSError, EOFError) as err:  # a tag from before files were checksummed
-        raise UserError(f"{states_file} cannot be read ({str(err).splitlines()[0]})",
-                        hint="pick an older tag") from None
+    states = safe_load.load(states_file)
     skip = {"module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
             "frozen_param_fragments", "shared_params", "ds_config", "ds_version", "csr_tensor_module_names",
             "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "data_sampler",
@@ -424,7 +411,8 @@ def load_fp32_state_dict(out_dir: str | Path, tag: str | None = None) -> tuple[d
     client_state = {k: v for k, v in states.items() if k not in skip}
     has_zero_shards = any((out_dir / tag).glob("*zero_pp_rank_*optim_states.pt"))
     if has_zero_shards:
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(out_dir), tag=tag)
+        with elastic.zero_to_fp32_calls(out_dir / tag):
+            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(out_dir), tag=tag)
     else:
         state_dict = {k: v.float() for k, v in states["module"].items()}
     return {k: v.float() for k, v in state_dict.items()}, client_state

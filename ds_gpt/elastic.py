@@ -31,10 +31,11 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from ds_gpt import atomic
+from ds_gpt import atomic, safe_load
 from ds_gpt.collectives import all_reduce_sum
 from ds_gpt.errors import UserError
 from ds_gpt.run_config import BatchSizes, flags_for_global_batch
@@ -83,7 +84,7 @@ def read_model_states(tag_dir: Path) -> dict:
     memory-mapped: reading the client state copies no weights."""
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if (tag_dir / name).exists():
-            return torch.load(tag_dir / name, map_location="cpu", mmap=True, weights_only=False)
+            return safe_load.load(tag_dir / name, mmap=True)
     raise UserError(f"{tag_dir} has no model-states file: not a complete DeepSpeed checkpoint")
 
 
@@ -97,6 +98,15 @@ def client_state_of(states: dict) -> dict:
 
 def _natural(path: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+@contextlib.contextmanager
+def zero_to_fp32_calls(tag_dir: Path) -> Iterator[None]:
+    """Around calls into DeepSpeed's zero_to_fp32: its progress reports (stdout, stderr: the
+    command's console) are dropped, and its torch.load(weights_only=False) is made weights-only."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            safe_load.weights_only_loads(f"a file of {tag_dir}"):
+        yield
 
 
 class SavedTag:
@@ -114,7 +124,7 @@ class SavedTag:
         self.states = read_model_states(tag_dir)
         optim_files = sorted(glob.glob(str(tag_dir / "*_optim_states.pt")), key=_natural)
         # Memory-mapped: a state's merge reads only its own flat partitions.
-        self.shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+        self.shards = [safe_load.load(f, mmap=True)["optimizer_state_dict"]
                        for f in optim_files]
         self.stage = int(self.shards[0]["zero_stage"]) if self.shards else 0
         with torch.device("meta"):  # names, shapes and groups of the parameters, in no memory
@@ -151,8 +161,7 @@ class SavedTag:
         if world_size != len(self.shards):
             raise UserError(f"{self.tag_dir} holds {len(self.shards)} optimizer shard(s) for {world_size} rank(s)")
         model_files = sorted(glob.glob(str(self.tag_dir / "*_model_states.pt")), key=_natural)
-        # zero_to_fp32 reports its progress on stdout and stderr, which are the trainer's console
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with zero_to_fp32_calls(self.tag_dir):
             model_states = zero_to_fp32.parse_model_states(model_files)
             if self.stage == 3:
                 flats = [s["fp32_flat_groups"] if key == "fp32" else
@@ -226,6 +235,7 @@ def convert(tag_dir: Path, marker: dict) -> dict:
     final, tmp = tag_dir / DIRNAME, tag_dir / f".{DIRNAME}.tmp-{os.getpid()}"
     for stale in [*tag_dir.glob(f".{DIRNAME}.tmp-*"), final]:  # a killed conversion; one of an older save
         shutil.rmtree(stale, ignore_errors=True)
+    saved = None
     try:
         tmp.mkdir()
         t0 = time.perf_counter()
@@ -238,18 +248,32 @@ def convert(tag_dir: Path, marker: dict) -> dict:
         atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=1))
         tmp.rename(final)
         atomic.fsync_dir(tag_dir)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"converting {tag_dir} for another layout failed ({err.strerror or err}); the checkpoint "
-                        "itself is intact", hint=f"free disk space under {tag_dir.parent} and resume again") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not atomic.write_failed(err):
+            raise
+        # torch.save's zip writer turns a full disk into a RuntimeError ("unexpected pos ...")
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "a write failed: a full disk or quota?"
+        need = "" if saved is None else \
+            f", it needs {len(STATES) * 4 * sum(s.numel() for s in saved.shapes.values()) / 2**20:.0f} MiB"
+        raise UserError(f"converting {tag_dir} for another layout failed ({reason}; "
+                        f"{shutil.disk_usage(tag_dir).free / 2**20:.0f} MiB free there{need}); the checkpoint itself "
+                        "is intact", hint=f"free disk space under {tag_dir.parent} and resume again") from None
     return meta
 
 
+def remove_stale_conversions(out_dir: Path) -> None:
+    """The temporary directories of conversions killed half-way, in every tag of `out_dir`.
+
+    A resume on the saving layout never converts, so nothing else would remove them. Call only
+    where no conversion in `out_dir` can be under way (rank 0, holding the run's lock, before it
+    converts)."""
+    for stale in out_dir.glob(f"*/.{DIRNAME}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _save_durably(obj, path: Path) -> None:
-    with open(path, "wb") as fh:  # through a Python file, a full disk is an OSError (not torch's RuntimeError)
+    with open(path, "wb") as fh:  # fsynced: on disk before the rename publishes it
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
@@ -265,8 +289,7 @@ def load_into(engine, tag_dir: Path) -> None:
     Every rank calls it: under ZeRO-3 the weights are set through collectives.
     """
     meta = json.loads((tag_dir / DIRNAME / "meta.json").read_text())
-    states = {key: torch.load(tag_dir / DIRNAME / f"{key}.pt", map_location="cpu", mmap=True, weights_only=True)
-              for key in STATES}
+    states = {key: safe_load.load(tag_dir / DIRNAME / f"{key}.pt", mmap=True) for key in STATES}
     set_state(engine, states, meta["step"], source=str(tag_dir))
 
 
@@ -352,8 +375,10 @@ def _set_whole(optimizer, params: dict, states: dict, device: torch.device) -> N
 # the resume: what may change, checked before anything is built; the load, on every rank
 
 
-def _tokenizer_of(data_dir: str | None) -> str | None:
-    """The tokenizer a prepared data directory's meta.json names (None: no meta.json, e.g. nanoGPT's bins)."""
+def tokenizer_of(data_dir: str | None) -> str | None:
+    """The tokenizer a prepared data directory's meta.json names (None: no meta.json, e.g. nanoGPT's bins).
+
+    A run records it in every checkpoint's marker ("tokenizer"): what the weights were trained on."""
     try:
         meta = json.loads((Path(data_dir) / "meta.json").read_text())
     except (OSError, ValueError, TypeError):
@@ -362,13 +387,15 @@ def _tokenizer_of(data_dir: str | None) -> str | None:
     return f"{name} (sha256 {digest[:12]})" if name and digest else name
 
 
-def check_resume(tag_dir: Path, *, batch: BatchSizes, data_dir: str, allow_batch_change: bool) -> None:
+def check_resume(tag_dir: Path, marker: dict, *, batch: BatchSizes, data_dir: str, allow_batch_change: bool) -> None:
     """Refuse, with one line, a resume that would not continue the run saved in `tag_dir`.
 
     The layout (world size, ZeRO stage, precision) and the split of the global batch into micro
     batches and accumulation may change; the global batch only with --allow_batch_change (the
-    curve would no longer be the saved run's); the data's tokenizer never. The model's shape is
-    the checkpoint's (run_config.adopt_model_args refuses flags that contradict it).
+    curve would no longer be the saved run's); the data's tokenizer never: the one the marker
+    recorded at save time, not the one the saved data directory's meta.json names today (data
+    re-prepared in place with another tokenizer). The model's shape is the checkpoint's
+    (run_config.adopt_model_args refuses flags that contradict it).
     """
     saved_config = client_state_of(read_model_states(tag_dir)).get("config") or {}
     saved_batch = (saved_config.get("batch") or {}).get("global_batch")
@@ -380,7 +407,9 @@ def check_resume(tag_dir: Path, *, batch: BatchSizes, data_dir: str, allow_batch
                         f"{batch.global_batch}, and resuming with it would not continue the same loss curve",
                         hint=f"{keep} to keep it, or --allow_batch_change to continue with the new batch")
     saved_data = (saved_config.get("train") or {}).get("data_dir")
-    before, now = _tokenizer_of(saved_data), _tokenizer_of(data_dir)
+    # tags saved before the tokenizer was recorded: the saved data directory as it is now
+    before = marker["tokenizer"] if "tokenizer" in marker else tokenizer_of(saved_data)
+    now = tokenizer_of(data_dir)
     if before and now and before != now:
         raise UserError(f"checkpoint {tag} was trained on {saved_data} tokenized with {before}; --data_dir {data_dir} "
                         f"is tokenized with {now}", hint="resume on data prepared with the checkpoint's tokenizer, "

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from ds_gpt import build_locks, launch_env, ops
+from ds_gpt import build_locks, launch_env, ops, safe_load
 from ds_gpt.collectives import all_gather_object
 from ds_gpt.launch_env import LaunchEnv
 from ds_gpt.model import GPT
@@ -117,6 +117,7 @@ def build_engine(model: GPT, run: RunConfig) -> DeepSpeedEngine:
     groups = model.optimizer_param_groups(run.weight_decay)
     with ops.build_errors_reported():  # the optimizer's op (CPU Adam with offload, fused Adam on GPUs)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
+    safe_load.install(engine)  # load_checkpoint reads weights only
     _stop_lock_watcher()  # every op this run uses is loaded
     if dist.get_world_size() == 1 and not engine.zero_optimization():
         # Alone, there is nothing to average, but ZeRO-0 would still copy every gradient into a

@@ -18,7 +18,8 @@ ds_gpt.checkpoint. What DEST receives:
            model_args.json: GPTConfig's fields, so GPT(GPTConfig(**json.load(f))) builds the
            model; train_state.json: the iteration and best val loss it was saved at.
 DEST is written as a temporary sibling and renamed into place: an interrupted export leaves
-no half-written DEST. A non-empty DEST is replaced only with --force.
+no half-written DEST. A non-empty DEST is replaced only with --force. DEST may not be the run
+directory, lie inside it (a tag) or hold it, with or without --force.
 
 From a script of your own, `load_export(DEST)` returns a ready GPT from an fp32 or nanogpt export.
 """
@@ -27,15 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from ds_gpt import file_modes, tokenizer
-from ds_gpt.checkpoint import load_fp32_state_dict, write_failed  # the one place that consolidates ZeRO shards
+from ds_gpt import file_modes, safe_load, tokenizer
+from ds_gpt.atomic import write_failed
+from ds_gpt.checkpoint import load_fp32_state_dict  # the one place that consolidates ZeRO shards
 from ds_gpt.errors import ArgumentParser, UserError, run_cli, write_hint
 from ds_gpt.hf_tokenizer import write_gpt2_tokenizer
 from ds_gpt.interop import (
@@ -124,9 +125,9 @@ def load_export(dest: str | os.PathLike, *, device: str | torch.device = "cpu") 
     elif (dest / "model.pt").is_file() and (dest / "model_args.json").is_file():
         try:
             model_args = json.loads((dest / "model_args.json").read_text())
-            state_dict = torch.load(dest / "model.pt", map_location="cpu", weights_only=True)
-        except (ValueError, RuntimeError, pickle.UnpicklingError) as err:
-            raise UserError(f"cannot read the fp32 export in {dest}: {err}") from None
+        except ValueError as err:
+            raise UserError(f"cannot read {dest / 'model_args.json'}: {err}") from None
+        state_dict = safe_load.load(dest / "model.pt")
         model_args = model_args.get("model_args", model_args)  # exports written before the file was flat
         check_state_dict(model_args, state_dict, str(dest))
     else:
@@ -137,7 +138,13 @@ def load_export(dest: str | os.PathLike, *, device: str | torch.device = "cpu") 
     return model.to(device).eval()
 
 
-def _check_dest(dest: Path, force: bool) -> None:
+def _check_dest(dest: Path, force: bool, out_dir: Path | None = None) -> None:
+    if out_dir is not None:  # --force replaces DEST whole: never the run, a tag, or a directory holding them
+        run, target = out_dir.resolve(), dest.resolve()
+        if target == run or run in target.parents or target in run.parents:
+            where = "is" if target == run else "is inside" if run in target.parents else "holds"
+            raise UserError(f"--dest {dest} {where} the run directory {out_dir}: an export there could replace "
+                            "its checkpoints", hint=f"pick a --dest outside {out_dir} that does not hold it either")
     if dest.exists() and not dest.is_dir():
         raise UserError(f"--dest {dest} exists and is not a directory", hint="pick a directory path for --dest")
     if dest.is_dir() and any(dest.iterdir()) and not force:
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         what = "is not a directory" if Path(args.out_dir).exists() else "does not exist"
         raise UserError(f"--out_dir {args.out_dir} {what}",
                         hint="pass the run directory, the one holding global_step* checkpoints")
-    _check_dest(Path(args.dest), args.force)  # fail before the (slow) consolidation
+    _check_dest(Path(args.dest), args.force, Path(args.out_dir))  # fail before the (slow) consolidation
     state_dict, client_state = load_fp32_state_dict(args.out_dir, tag=args.tag)
     dest = export(state_dict, client_state, args.format, args.dest,
                   hf_vocab_size=args.hf_vocab_size, force=args.force)

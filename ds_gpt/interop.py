@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ds_gpt import safe_load
 from ds_gpt.errors import UserError
 from ds_gpt.model import GPT, GPTConfig
 from ds_gpt.presets import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
@@ -104,17 +105,6 @@ def from_nanogpt_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-def load_failure(err: BaseException) -> str:
-    """What torch.load refused or could not read, in one line. A weights_only refusal spans
-    paragraphs of advice (some of it: load with weights_only=False, i.e. run the file's code);
-    the line that names what was refused is kept, to its first sentence."""
-    text = str(err)
-    found = re.search(r"WeightsUnpickler error:\s*(.+)", text) or re.search(r"^.*unsupported GLOBAL.*$", text, re.M)
-    reason = (found.group(found.lastindex or 0) if found else text.strip().split("\n")[0]).strip()
-    reason = reason.split(". ")[0].rstrip(".") or type(err).__name__
-    return f"not a file torch can read ({reason})" if reason.startswith("Unsupported operand") else reason
-
-
 def load_nanogpt(path: str | os.PathLike) -> StartWeights:
     """Read nanoGPT's ckpt.pt (model, optimizer, model_args, iter_num, best_val_loss, config)."""
     path = Path(path)
@@ -122,13 +112,7 @@ def load_nanogpt(path: str | os.PathLike) -> StartWeights:
         path = path / "ckpt.pt"
     if not path.is_file():
         raise UserError(f"no nanoGPT checkpoint at {path}", hint="--init_from nanogpt:OUT_DIR/ckpt.pt")
-    try:  # weights_only: a checkpoint is data, never code to run
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad input file
-        raise UserError(f"cannot read {path} as a nanoGPT checkpoint: {load_failure(err)}",
-                        hint="checkpoints are loaded as data only (torch.load weights_only=True): nanoGPT's "
-                             "ckpt.pt holds tensors, dicts and numbers and loads; re-save a file you trust "
-                             "with only those") from None
+    ckpt = safe_load.load(path)  # a checkpoint is data, never code to run
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path} is not a nanoGPT checkpoint: it needs the keys 'model' and 'model_args'",
                         hint="give the ckpt.pt that nanoGPT's train.py wrote: --init_from nanogpt:OUT_DIR/ckpt.pt")
@@ -282,9 +266,10 @@ def load_hf(name_or_dir: str, *, vocab_size: int = PADDED_VOCAB_SIZE) -> StartWe
     attempts = [True] if local or is_offline_mode() else [True, False]
     err: Exception | None = None
     for local_only in attempts:  # the cache first: no network round trip when it is there
-        try:
-            hf = transformers.GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32,
-                                                              local_files_only=local_only)
+        try:  # a pytorch_model.bin is a pickle: read as data only, whatever transformers' defaults
+            with safe_load.weights_only_loads(f"a weights file of {source}"):
+                hf = transformers.GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32,
+                                                                  local_files_only=local_only)
             break
         except (OSError, ValueError) as e:  # not cached / no network / not a model dir
             err = e

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from ds_gpt import __version__, atomic, checkpoint
+from ds_gpt import __version__, atomic, checkpoint, elastic
 from ds_gpt.checkpoint import CheckpointInfo, TrainState
 from ds_gpt.errors import UserError, write_hint
 from ds_gpt.launch_env import LaunchEnv
@@ -88,4 +88,5 @@ def client_state(run: RunConfig, state: TrainState, sampler) -> dict:
 def marker(run: RunConfig, world_size: int, out_dir: Path) -> dict:
     """Written once every rank has saved; what resume checks before building anything."""
     return {"model_args": run.model, "world_size": world_size, "zero_stage": run.zero_stage,
-            "dtype": run.dtype, "out_dir": str(out_dir), "pid": os.getpid()}
+            "dtype": run.dtype, "tokenizer": elastic.tokenizer_of(run.train.data_dir), "out_dir": str(out_dir),
+            "pid": os.getpid()}

@@ -184,7 +184,7 @@ def train(start: Startup) -> int:
                                            elastic.Layout.of_engine(eng), run.batch.global_batch, state.iter_num):
             metrics.log(event)
 
-    # --- the loop: eval -> lr -> step -> log -> checkpoint -> stop
+    # --- the loop: eval -> checkpoint -> lr -> step -> log -> stop
     batches = BatchPrefetcher(samplers["train"], ds_engine.device())
     with contextlib.closing(metrics), contextlib.closing(profile), batches:
         while True:
@@ -194,6 +194,7 @@ def train(start: Startup) -> int:
                 metrics.eval(state.iter_num, losses, state.tokens_seen)
                 if cfg.eval_only:
                     return EXIT_OK
+            checkpointer.maybe_save(state.iter_num)  # after the eval: the checkpoint's best_val_loss counts it
             if state.iter_num >= cfg.max_iters:
                 break
 
@@ -214,8 +215,8 @@ def train(start: Startup) -> int:
                               peak_mem_mb=ds_engine.peak_memory_mb())
             state.iter_num += 1
 
-            checkpointer.maybe_save(state.iter_num, stopping=result.stop_requested)
             if result.stop_requested:
+                checkpointer.save(state.iter_num)  # at once, no eval first: the resumed run evaluates it
                 stop.stand_down()
                 metrics.stopped(state.iter_num, signal=stop.signal_name, exit_code=EXIT_REQUEUE)
                 return EXIT_REQUEUE

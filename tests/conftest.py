@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, write_token_bins
+from helpers import REPO_ROOT, TINY_RUN_TOKENIZER, tiny_run_args, write_token_bins
 
 from ds_gpt.ops import put_venv_ninja_first
 
@@ -54,3 +54,21 @@ def shakespeare_data() -> Path:
     assert prepare.main(["--dataset", "shakespeare", "--out_dir", str(out), "--cache_dir",
                          str(out.parent / "hf-datasets")]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One real trainer run, shared read-only (copy it before changing anything): one forked rank,
+    ZeRO-1 fp32, a 2-layer d=64 model, 4 iterations, eval and checkpoint every 2 (global_step2 and
+    global_step4 kept). RUN/data holds its bins and a meta.json naming a tokenizer (TINY_RUN_TOKENIZER);
+    RUN/out is the run directory."""
+    import json
+
+    from helpers import forked_train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = write_token_bins(root / "data")
+    (data / "meta.json").write_text(json.dumps({**TINY_RUN_TOKENIZER, "vocab_size": 512}))
+    forked_train(1, *tiny_run_args(root, root / "out"), "--max_iters", "4", log_dir=root / "logs")
+    return root
+

@@ -72,6 +72,19 @@ def two_step_run(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedPro
     return forked_train(1, *two_step_args(tmp_path), log_dir=tmp_path / "logs", expect=None, env=env)
 
 
+TINY_RUN_TOKENIZER = {"tokenizer": "gpt2", "tokenizer_sha256": "0123456789abcdef" * 4}  # the tiny_run fixture's data
+
+
+def tiny_run_args(root: Path, out: Path, zero_stage: int = 1, ranks: int = 1) -> list[str]:
+    """The tiny_run fixture's options (no --max_iters, no --init_from), into `out`, on ROOT/data; its
+    global batch of 2 over `ranks` (1 or 2)."""
+    return ["--deepspeed_config", f"ds_configs/zero{zero_stage}.json", "--data_dir", str(root / "data"),
+            "--out_dir", str(out), "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32",
+            "--vocab_size", "512", "--dtype", "float32", "--compile", "False", "--micro_batch_size", str(2 // ranks),
+            "--gradient_accumulation_steps", "1", "--eval_interval", "2", "--eval_iters", "2", "--log_interval", "1",
+            "--checkpoint_interval", "2", "--keep_last", "2", "--learning_rate", "3e-3", "--warmup_iters", "1"]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

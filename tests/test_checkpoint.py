@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -131,3 +132,40 @@ def test_a_marker_of_the_wrong_shape_is_damage_and_the_older_tag_is_taken(tmp_pa
     with pytest.raises(UserError, match="checkpoint global_step20 is damaged: its completion marker") as err:
         checkpoint.resolve_tag(tmp_path, "global_step20")
     assert "pick an older tag" in err.value.hint
+
+
+# --- what a real run's checkpoints record (the tiny_run fixture: eval and checkpoint every 2 iterations)
+
+def test_a_checkpoint_carries_the_eval_of_its_own_iteration(tiny_run, tmp_path):
+    """best_val_loss counts the eval at the checkpoint's iteration (saved after it), in the exports too."""
+    import torch
+    from helpers import read_jsonl
+
+    from ds_gpt import export
+
+    evals = {e["iter"]: e["val_loss"] for e in read_jsonl(tiny_run / "out" / "metrics.jsonl") if "val_loss" in e}
+    assert sorted(evals) == [0, 2, 4] and evals[2] < evals[0]  # learning: the eval at 2 is the best so far
+    for n in (2, 4):
+        _, client = checkpoint.load_fp32_state_dict(tiny_run / "out", f"global_step{n}")
+        assert client["best_val_loss"] == min(v for i, v in evals.items() if i <= n), n
+    argv = ["--out_dir", str(tiny_run / "out"), "--tag", "global_step2", "--dest", str(tmp_path / "ng")]
+    assert export.main([*argv, "--format", "nanogpt"]) == 0
+    assert torch.load(tmp_path / "ng" / "ckpt.pt", weights_only=True)["best_val_loss"] == evals[2]
+
+
+def test_resume_compares_the_tokenizer_the_checkpoint_was_trained_on(tiny_run, tmp_path):
+    """Data re-prepared in place with another tokenizer: the saved data directory now names the new
+    one too, so only the checkpoint's own record can tell."""
+    from helpers import TINY_RUN_TOKENIZER, tiny_run_args
+
+    from ds_gpt.startup import build_run
+
+    marker = json.loads((tiny_run / "out" / "global_step4" / checkpoint.MARKER).read_text())
+    assert marker["tokenizer"] == f"gpt2 (sha256 {TINY_RUN_TOKENIZER['tokenizer_sha256'][:12]})"
+    shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("logs"))
+    meta = tmp_path / "run" / "data" / "meta.json"
+    meta.write_text(json.dumps({"tokenizer": "cl100k_base", "tokenizer_sha256": "f" * 64, "vocab_size": 512}))
+    argv = [*tiny_run_args(tmp_path / "run", tmp_path / "run" / "out"), "--max_iters", "6", "--init_from", "resume"]
+    with pytest.raises(UserError, match=r"tokenized with gpt2 \(sha256 0123456789ab\); --data_dir .* is tokenized "
+                                        r"with cl100k_base"):
+        build_run(argv)

@@ -17,9 +17,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import fs_faults
 import pytest
 import torch
-from helpers import PYTHON, REPO_ROOT, forked_train, free_port, losses, read_jsonl, write_token_bins
+from helpers import PYTHON, REPO_ROOT, forked_train, free_port, losses, read_jsonl, tiny_run_args, write_token_bins
 
 from ds_gpt import elastic
 from ds_gpt.errors import UserError
@@ -324,7 +325,8 @@ def test_refusals_and_an_allowed_batch_change(runs, data_dir, tmp_path):
 
 
 def test_the_data_tokenizer_may_not_change(tmp_path):
-    """Checked on the tag's own record of the run (its client state), before anything is built."""
+    """Checked on the tag's own record of the run (its client state), before anything is built; a tag
+    whose marker records no tokenizer (saved before it did) is checked on its data directory."""
     tag = tmp_path / "out" / "global_step5"
     tag.mkdir(parents=True)
     old, new = tmp_path / "old", tmp_path / "new"
@@ -334,11 +336,11 @@ def test_the_data_tokenizer_may_not_change(tmp_path):
     config = {"batch": {"global_batch": 8}, "train": {"data_dir": str(old)}}
     torch.save({"module": {}, "iter_num": 5, "config": config}, tag / "mp_rank_00_model_states.pt")
     with pytest.raises(UserError, match=f"{old} tokenized with gpt2; --data_dir {new} is tokenized with cl100k_base"):
-        elastic.check_resume(tag, batch=BatchSizes(8, 1, 1), data_dir=str(new), allow_batch_change=False)
-    elastic.check_resume(tag, batch=BatchSizes(8, 1, 1), data_dir=str(old), allow_batch_change=False)
+        elastic.check_resume(tag, {}, batch=BatchSizes(8, 1, 1), data_dir=str(new), allow_batch_change=False)
+    elastic.check_resume(tag, {}, batch=BatchSizes(8, 1, 1), data_dir=str(old), allow_batch_change=False)
     with pytest.raises(UserError, match="global batch of 8 sequences; this run's is 4"):
-        elastic.check_resume(tag, batch=BatchSizes(4, 1, 1), data_dir=str(old), allow_batch_change=False)
-    elastic.check_resume(tag, batch=BatchSizes(4, 1, 1), data_dir=str(old), allow_batch_change=True)
+        elastic.check_resume(tag, {}, batch=BatchSizes(4, 1, 1), data_dir=str(old), allow_batch_change=False)
+    elastic.check_resume(tag, {}, batch=BatchSizes(4, 1, 1), data_dir=str(old), allow_batch_change=True)
 
 
 def test_which_resumes_need_a_conversion():
@@ -374,3 +376,47 @@ def test_sample_export_and_report_on_a_changed_layout(runs, tmp_path, capsys):
     assert all(torch.equal(state[n], after[n]) for n in mine["fp32"])
     assert report.main([str(out)]) == 0 and (out / "report.md").is_file()
     capsys.readouterr()
+
+
+# --- a full disk, a killed conversion: found on the next start ---------------------------------
+
+@pytest.fixture
+def mounts():
+    yield from fs_faults.mounted()
+
+
+def tiny_run_copy(tiny_run: Path, out: Path) -> Path:
+    """The tiny run's newest tag (global_step4, ZeRO-1, one rank) as the only one in `out`."""
+    shutil.copytree(tiny_run / "out" / "global_step4", out / "global_step4")
+    (out / "latest").write_text("global_step4")
+    return out / "global_step4"
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_conversion_is_one_line_on_every_rank(tiny_run, tmp_path, mounts):
+    """A real full filesystem: room for the tag, not for its layout-free form (torch's zip writer
+    then raises a RuntimeError, not an OSError). Resumed on two ranks: every rank exits 2 with one line."""
+    tag_kib = sum(p.stat().st_size for p in (tiny_run / "out" / "global_step4").iterdir()) // 1024
+    out = mounts.tmpfs(tmp_path / "disk", f"{tag_kib + 400}k") / "out"
+    tag = tiny_run_copy(tiny_run, out)
+    before = fs_faults.snapshot(tag)
+    proc = forked_train(2, *tiny_run_args(tiny_run, out, ranks=2), "--max_iters", "6", "--init_from", "resume",
+                        log_dir=tmp_path / "logs", expect=2)
+    assert proc.rank_codes == [2, 2] and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    for rank, log in enumerate(sorted((tmp_path / "logs").glob("rank*.log"))):
+        lines = [line for line in log.read_text().splitlines() if "error:" in line]
+        assert len(lines) == 1 and lines[0].startswith("ds_gpt.train: error: "), (rank, lines)
+        assert "the checkpoint itself is intact" in lines[0] if rank == 0 else "rank 0 could not convert" in lines[0]
+    assert fs_faults.snapshot(tag) == before and not list(tag.glob(f".{elastic.DIRNAME}*"))
+
+
+@pytest.mark.slow
+def test_a_killed_conversions_temp_dir_goes_on_the_next_start(tiny_run, tmp_path):
+    """The next resume uses the saving layout (no conversion of its own would clean up)."""
+    tag = tiny_run_copy(tiny_run, tmp_path / "out")
+    stale = tag / f".{elastic.DIRNAME}.tmp-999999"
+    stale.mkdir()
+    (stale / "fp32.pt").write_bytes(b"\0" * 4096)  # what a conversion killed after its first state leaves
+    forked_train(1, *tiny_run_args(tiny_run, tmp_path / "out"), "--max_iters", "4", "--init_from", "resume",
+                 log_dir=tmp_path / "logs")
+    assert not stale.exists() and not (tag / elastic.DIRNAME).exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -520,3 +521,21 @@ def test_exports_follow_the_umask_like_every_written_file(tmp_path):
     assert modes == {**{d: 0o777 & ~mask for d in ("fp32", "hf", "nanogpt")},
                      **{f: 0o666 & ~mask for f in ("fp32/model.pt", "fp32/model_args.json", "fp32/train_state.json",
                                                    "hf/config.json", "hf/model.safetensors", "nanogpt/ckpt.pt")}}
+
+
+@pytest.mark.parametrize("dest", ["out", "out/global_step4", "out/exports/hf", "."])
+def test_export_force_never_replaces_the_run(tiny_run, tmp_path, capsys, dest):
+    """--dest the run directory, a tag, anything inside it or above it: refused, --force or not."""
+    from fs_faults import snapshot
+
+    from ds_gpt import export as export_cmd
+    from ds_gpt.errors import run_cli
+
+    shutil.copytree(tiny_run / "out", tmp_path / "out")
+    before = snapshot(tmp_path)
+    argv = ["--out_dir", str(tmp_path / "out"), "--format", "fp32", "--dest", str(tmp_path / dest), "--force"]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: export_cmd.main(argv), prog="ds_gpt.export")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "the run directory" in err[0] and "HINT:" in err[0], err
+    assert snapshot(tmp_path) == before
