@@ -22,7 +22,6 @@ transformers is an optional extra (`make setup EXTRAS=hf`), imported only to rea
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
