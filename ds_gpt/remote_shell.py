@@ -131,6 +131,10 @@ def launch(argv: list[str]) -> int:
     from deepspeed.launcher import runner
 
     args = runner.parse_args(argv)
+    hosts = runner.fetch_hostfile(args.hostfile) or {}
+    if args.launcher.lower() != "pdsh" or args.no_ssh or not (args.force_multi or len(hosts) > 1):
+        runner.main(argv)  # no pdsh line: one host starts its own ranks; other launchers build no such line
+        return 0
     exports = {}
     for directory in runner.DEEPSPEED_ENVIRONMENT_PATHS:  # as runner.main reads them, the later winning
         env_file = os.path.join(directory, runner.DEEPSPEED_ENVIRONMENT_NAME)

@@ -107,15 +107,21 @@ def train_step(eng, batches: BatchPrefetcher, step: int, guard: NonFiniteGuard, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    # --- signals first: a stop at any moment of start-up ends in exit 75 with the lock released (ds_gpt.signals)
+    stop = GracefulStop().install()
     # --- the run: options, launcher, DeepSpeed JSON, resume point, data; checked before any rendezvous
     start = build_run(argv)
     try:
-        return train(start)
+        return train(start, stop)
+    except Exception as err:
+        if stop.interrupted_start_up(err, prog="ds_gpt.train"):
+            return EXIT_REQUEUE
+        raise
     finally:
         start.release()
 
 
-def train(start: Startup) -> int:
+def train(start: Startup, stop: GracefulStop) -> int:
     cfg, run, out_dir, shape = start.cfg, start.run, start.out_dir, start.shape
 
     # --- process group, then data: nanoGPT's random windows keyed by (seed, step): every world size, one batch
@@ -144,8 +150,10 @@ def train(start: Startup) -> int:
         apply_nanogpt_optimizer_state(eng.optimizer, eng.module, start.init.optimizer_state)
         state.iter_num = start.init.iter_num
         state.tokens_seen = state.iter_num * run.tokens_per_iter
+    if stop.before_first_step(ds_engine.all_reduce_sum, announce=master):  # a signal during start-up
+        return EXIT_REQUEUE
 
-    # --- bookkeeping: config.json, metrics, MFU, checkpoints, signals
+    # --- bookkeeping: config.json, metrics, MFU, checkpoints
     device_name, hosts = ds_engine.device_name(), ds_engine.hostnames(env)
     peak, peak_source = mfu.peak_flops_per_device(device_name, run.dtype, cfg.peak_tflops)
     flops_per_token = mfu.flops_per_token(n_params, shape.n_layer, shape.n_embd, shape.block_size)
@@ -176,7 +184,6 @@ def train(start: Startup) -> int:
             metrics.memory(step, collectives.all_gather_object(state_bytes_per_rank(eng)))
 
     guard = NonFiniteGuard(cfg.on_nan, micro_batches_per_step=run.batch.grad_accum * world_size, model=eng.module)
-    stop = GracefulStop().install()
     metrics.start(iter=state.iter_num, world_size=world_size, launcher=env.launcher, init_from=cfg.init_from,
                   resumed_from=start.resume_from.tag if start.resume_from else None)
     if start.resume_from is not None:  # what this resume changed: the layout, the global batch
