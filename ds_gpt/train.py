@@ -150,7 +150,7 @@ def train(start: Startup, stop: GracefulStop) -> int:
         apply_nanogpt_optimizer_state(eng.optimizer, eng.module, start.init.optimizer_state)
         state.iter_num = start.init.iter_num
         state.tokens_seen = state.iter_num * run.tokens_per_iter
-    if stop.before_first_step(ds_engine.all_reduce_sum, announce=master):  # a signal during start-up
+    if stop.before_first_step(collectives.all_reduce_sum, announce=master):  # a signal during start-up
         return EXIT_REQUEUE
 
     # --- bookkeeping: config.json, metrics, MFU, checkpoints
