@@ -32,7 +32,7 @@ import torch
 
 from ds_gpt import tokenizer
 from ds_gpt.checkpoint import load_fp32_state_dict, write_failed  # the one place that consolidates ZeRO shards
-from ds_gpt.errors import ArgumentParser, UserError, run_cli, write_hint
+from ds_gpt.errors import ArgumentParser, RawDescriptionHelpFormatter, UserError, run_cli, write_hint
 from ds_gpt.hf_tokenizer import write_gpt2_tokenizer
 from ds_gpt.interop import GPT2_VOCAB_SIZE, check_state_dict, hf_config, nanogpt_checkpoint, to_hf_state_dict
 from ds_gpt.model import GPT, GPTConfig
@@ -162,7 +162,7 @@ def positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="ds_gpt.export", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", required=True, help="the run directory holding the DeepSpeed checkpoints")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step5000 (default: the newest)")
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write (see above)")
