@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     args, cfg = parse_args(argv, environ)
     report = preflight(args, cfg, environ)
     if args.json:
-        try:
+        try:  # its directory too: slurm/ds_train.sh asks for OUT_DIR/preflight.json before the run makes OUT_DIR
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             atomic.write_text(args.json, json.dumps(report, indent=1) + "\n")
         except OSError as err:
             print(f"{PROG}: could not write {args.json}: {err.strerror}", file=sys.stderr)
