@@ -102,6 +102,9 @@ def load_documents(source: Source, num_proc: int = 1, hf_cache: str | None = Non
     kwargs = dict(split="train", cache_dir=hf_cache, num_proc=num_proc if num_proc > 1 else None)
     if source.files:
         kwargs["data_files"] = list(source.files)
+        # datasets "downloads" local files too, and from 16 files on shows a bar saying so
+        # ("Downloading data: 42/42 files"): name it for what happens to a local corpus.
+        kwargs["download_config"] = datasets.DownloadConfig(download_desc="Checking local files")
     if source.builder == "text":
         kwargs["sample_by"] = "document"
     try:
