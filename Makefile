@@ -36,13 +36,15 @@ $(VENV)/.installed-%: requirements-%.txt $(VENV)/.installed
 	$(PY) -m pip install -q -r $<
 	touch $@
 
+# deepspeed --log_level warning: the launcher's INFO lines describe its own start-up, and on CPU
+# one of them ("Setting CUDA_VISIBLE_DEVICES=0,1") names GPUs the ranks never use.
 demo: setup
 	$(PY) -m ds_gpt.prepare --dataset shakespeare
-	deepspeed --num_gpus 2 ds_gpt/train.py --deepspeed_config ds_configs/zero1.json \
+	deepspeed --log_level warning --num_gpus 2 ds_gpt/train.py --deepspeed_config ds_configs/zero1.json \
 		--config config/demo_cpu.toml --out_dir $(DEMO_OUT) $(DEMO_ARGS)
 	$(PY) -m ds_gpt.sample --out_dir $(DEMO_OUT) --start "ROMEO:" --num_samples 1 \
 		--max_new_tokens 60 --temperature 0.8 --top_k 200 --seed 1337
-	$(PY) -m ds_gpt.report $(DEMO_OUT)
+	$(PY) -m ds_gpt.report --out_dir $(DEMO_OUT)
 	@echo "metrics: $(DEMO_OUT)/metrics.jsonl  report: $(DEMO_OUT)/report.md  tensorboard: tensorboard --logdir $(DEMO_OUT)/tb"
 
 # The suite checks Hugging Face interop against transformers itself, so tests need the hf extra.

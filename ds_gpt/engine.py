@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,11 @@ def init_distributed(timeout_s: int, env: LaunchEnv | None = None) -> LaunchEnv:
     _lock_watcher = build_locks.watch()
     # DeepSpeed's INFO lines repeat on every rank; warnings and errors still show.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO all-gather calls torch.distributed.all_gather_into_tensor, which torch
+    # deprecates with a FutureWarning on every rank: a note for DeepSpeed's developers, nothing
+    # a user can act on. Only that one message is silenced.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     elif "OMP_NUM_THREADS" not in os.environ:

@@ -96,8 +96,27 @@ def fork_failed(err: OSError, workers: str) -> UserError:
                      hint="lower --num_proc, or raise the process limit (ulimit -u)")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, unless its help says it already or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The defaults shown, and the description and epilog kept as written (examples, tables)."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are reported like every other bad input: one line, exit 2."""
+    """argparse whose usage errors are reported like every other bad input (one line, exit 2) and
+    whose --help shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         command = self.prog if self.prog.startswith("python") else f"python -m {self.prog.split()[0]}"

@@ -37,7 +37,7 @@ import torch
 from ds_gpt import file_modes, safe_load, tokenizer
 from ds_gpt.atomic import write_failed
 from ds_gpt.checkpoint import load_fp32_state_dict  # the one place that consolidates ZeRO shards
-from ds_gpt.errors import ArgumentParser, UserError, run_cli, write_hint
+from ds_gpt.errors import ArgumentParser, RawDescriptionHelpFormatter, UserError, run_cli, write_hint
 from ds_gpt.hf_tokenizer import write_gpt2_tokenizer
 from ds_gpt.interop import (
     GPT2_VOCAB_SIZE,
@@ -211,7 +211,7 @@ def positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="ds_gpt.export", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", required=True, help="the run directory holding the DeepSpeed checkpoints")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step5000 (default: the newest)")
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write (see above)")

@@ -85,36 +85,54 @@ def plan(n_layer: int, n_head: int, n_embd: int, *, gpus: int, gpu: str, zero_st
          mem_margin: float = MEM_MARGIN, cuda_context_gb: float = CUDA_CONTEXT_GB) -> dict:
     """Everything the CLI prints, as one JSON-able dict. `zero`: the DeepSpeed zero_optimization
     block (default: the shipped ds_configs/zero<stage>.json's)."""
-    problems = []
+    problems: dict[str, str] = {}  # each problem, and the flag that fixes it
+
+    def problem(message: str, hint: str) -> None:
+        problems[message] = hint
+
     if gpus < 1:
-        problems.append(f"--gpus must be >= 1, got {gpus}")
+        problem(f"--gpus must be >= 1, got {gpus}", "--gpus is the number of data-parallel ranks: 1 or more")
         gpus = 1
     if gpu not in GPUS:
-        problems.append(f"unknown --gpu {gpu!r} (known: {', '.join(GPUS)})")
+        problem(f"unknown --gpu {gpu!r} (known: {', '.join(GPUS)})",
+                "take the closest known --gpu and give its memory with --gpu_mem_gb")
     if n_embd % n_head:
-        problems.append(f"n_embd {n_embd} is not divisible by n_head {n_head}")
+        problem(f"n_embd {n_embd} is not divisible by n_head {n_head}", "pick an --n_head that divides --n_embd")
     if not 0 < mfu <= 1:
-        problems.append(f"--mfu must be in (0, 1], got {mfu}")
+        problem(f"--mfu must be in (0, 1], got {mfu}", "--mfu is a fraction: 0.39 for 39%")
     if zero_stage not in (0, 1, 2, 3):
-        problems.append(f"--zero_stage must be 0-3, got {zero_stage}")
+        problem(f"--zero_stage must be 0-3, got {zero_stage}", "--zero_stage 0, 1, 2 or 3")
     if dtype not in DTYPE_BYTES or (comm_dtype or dtype) not in DTYPE_BYTES:
-        problems.append(f"--dtype/--comm_dtype must be one of {', '.join(DTYPE_BYTES)}")
+        problem(f"--dtype/--comm_dtype must be one of {', '.join(DTYPE_BYTES)}", "--dtype bfloat16 on A100 and newer")
     if activation_checkpointing not in CHECKPOINTING:
-        problems.append(f"--activation_checkpointing must be one of {', '.join(CHECKPOINTING)}")
+        problem(f"--activation_checkpointing must be one of {', '.join(CHECKPOINTING)}",
+                "--activation_checkpointing none or full")
     if offload not in OFFLOAD or (offload == "optimizer" and zero_stage < 2) or (offload == "all" and zero_stage < 3):
-        problems.append(f"--offload {offload}: optimizer offload needs ZeRO-2 or 3, parameter offload (all) ZeRO-3")
+        problem(f"--offload {offload}: optimizer offload needs ZeRO-2 or 3, parameter offload (all) ZeRO-3",
+                "--offload optimizer with --zero_stage 2 or 3, --offload all with --zero_stage 3")
     links = LINKS.get(gpu, LINKS["a100"])
     per_node = gpus_per_node or links.gpus_per_node
-    nodes = nodes or math.ceil(gpus / per_node)
-    if nodes < 1 or gpus % nodes:
-        problems.append(f"--gpus {gpus} do not split evenly over --nodes {nodes}")
+    if nodes is not None and (nodes < 1 or gpus % nodes):
+        divisor = max(d for d in range(1, max(nodes, 1) + 1) if gpus % d == 0)
+        problem(f"--gpus {gpus} do not split evenly over --nodes {nodes}",
+                f"give --nodes a divisor of {gpus}, e.g. --nodes {divisor}")
         nodes = 1
+    elif nodes is None and gpus % math.ceil(gpus / per_node):
+        # The node count follows from the GPU's usual node: say so, not as if --nodes had been given.
+        need = math.ceil(gpus / per_node)
+        problem(f"--gpus {gpus} do not split evenly over the {need} nodes of up to {per_node} GPUs they need "
+                f"({'--gpus_per_node' if gpus_per_node else f'the usual {gpu} node'})",
+                f"give a GPU count that does (e.g. --gpus {need * (gpus // need)}), or say how they are spread, "
+                f"e.g. --nodes {gpus} --gpus_per_node 1")
+        nodes = 1
+    nodes = nodes or math.ceil(gpus / per_node)
     per_step = micro_batch * block_size * gpus
     if micro_batch < 1 or tokens_per_iter % per_step:
-        problems.append(f"tokens_per_iter {tokens_per_iter} is not a multiple of micro_batch x block_size x gpus "
-                        f"= {per_step}")
+        nearest = max(1, round(tokens_per_iter / per_step)) * per_step
+        problem(f"tokens_per_iter {tokens_per_iter} is not a multiple of micro_batch x block_size x gpus "
+                f"= {per_step}", f"pass --tokens_per_iter {nearest} (the nearest multiple), or another --micro_batch")
     if problems:
-        raise UserError("; ".join(problems))
+        raise UserError("; ".join(problems), hint="; ".join(dict.fromkeys(problems.values())))
     peak_key, default_mem = GPUS[gpu]
     if dtype_key(dtype) not in PEAK_TFLOPS[peak_key]:
         raise UserError(f"{peak_key} has no {dtype_key(dtype)} peak", hint="pass --dtype float16 or float32")
@@ -300,7 +318,8 @@ def check_numbers(args) -> None:
     bad += [f"--{k} must be a finite number > 0 (got {v})" for k, v in vars(args).items()
             if isinstance(v, float) and not (math.isfinite(v) and v > 0)]
     if bad:
-        raise UserError("; ".join(bad))
+        raise UserError("; ".join(bad), hint="counts are 1 or more; --mfu is a fraction such as 0.39 "
+                                             "(python -m ds_gpt.plan --help shows every default)")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@
     python -m ds_gpt.preflight --data_dir D --out_dir O              # inside an allocation: its hostfile
     python -m ds_gpt.preflight --launcher srun --data_dir D --out_dir O -- --n_layer 24 --keep_last 3
 
-Arguments after `--` are the trainer's (ds_gpt/train.py): they give the model (--model or the
-shape flags), precision,
-ZeRO stage and keep_last that size a checkpoint (and --data_dir/--out_dir when not given here).
-slurm/ds_train.sh runs this before every launch. The checks, in order:
+Arguments after `--` are the trainer's (ds_gpt/train.py), passed as the run will get them: they
+give the model (--model or the shape flags), precision, ZeRO stage and keep_last that size a
+checkpoint (and --data_dir/--out_dir when not given here). slurm/ds_train.sh runs this before
+every launch, with the trainer arguments of the run it is about to start. The checks, in order:
 
   hostfile  its hosts and slots against the allocation (SLURM_JOB_NODELIST, tasks, GPUs per node)
   env       the DS_ENV_FILE (or ~/.deepspeed_env) carries what the ranks need over ssh
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ds_gpt import atomic, config
-from ds_gpt.errors import EXIT_USER_ERROR, ArgumentParser, UserError, run_cli
+from ds_gpt.errors import EXIT_USER_ERROR, ArgumentParser, RawDescriptionHelpFormatter, UserError, run_cli
 from ds_gpt.hostfile import read_hostfile
 from ds_gpt.launch_env import DEFAULT_MPI_PORT, slurm_port
 from ds_gpt.paths import REPO_ROOT
@@ -62,6 +62,14 @@ from ds_gpt.preflight_node import CHECKSUM_AUTO_LIMIT, parse_reports, versions
 from ds_gpt.run_config import ds_dtype, ds_zero_stage, load_ds_config
 
 PROG = "ds_gpt.preflight"
+PASS_THROUGH = """trainer arguments:
+  Everything after `--` is the trainer's command line (python -m ds_gpt.train --help lists it),
+  checked here as the run will parse it. It sets what the checks size and look at:
+  the model (--model, or --n_layer/--n_head/--n_embd) and its checkpoint size,
+  --deepspeed_config (ZeRO stage, precision), --keep_last, and --data_dir/--out_dir when
+  they are not given before the `--`. Example:
+    python -m ds_gpt.preflight --data_dir data/openwebtext -- --model 350M --deepspeed_config ds_configs/zero2.json
+A preflight creates nothing: an --out_dir it had to make for its write test is removed again."""
 SSH = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
 
 
@@ -200,8 +208,9 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> tuple[argp
     argv = list(sys.argv[1:] if argv is None else argv)
     train_argv = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    ap = ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog=f"python -m {PROG}", usage="%(prog)s [options] [-- TRAINER_ARGS ...]",
+                        description=__doc__.split("\n\n")[0], epilog=PASS_THROUGH,
+                        formatter_class=RawDescriptionHelpFormatter)
     ap.add_argument("--hostfile", help="DeepSpeed hostfile (default: the allocation's, as slurm/ds_train.sh writes it)")
     ap.add_argument("--data_dir", help="directory with train.bin, val.bin, meta.json (default: the trainer's)")
     ap.add_argument("--out_dir", help="the run directory (default: the trainer's)")
@@ -234,16 +243,39 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> tuple[argp
     return args, cfg
 
 
-def write_token(out_dir: str) -> tuple[str | None, Result | None]:
-    """A file every host must see in out_dir: checkpoints need one filesystem for all ranks."""
+def write_token(out_dir: str) -> tuple[str | None, Result | None, Path | None]:
+    """A file every host must see in out_dir: checkpoints need one filesystem for all ranks.
+
+    Returns the token's name (None if it could not be written), the failure, and the topmost
+    directory made for it (out_dir or an ancestor), which remove_made takes away again."""
     name = f".preflight-token-{uuid.uuid4().hex[:12]}"
+    made = None
+    for parent in (Path(out_dir).absolute(), *Path(out_dir).absolute().parents):
+        if parent.exists():
+            break
+        made = parent
     try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)  # the trainer would create it too
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         atomic.write_text(Path(out_dir) / name, name)
-        return name, None
+        return name, None, made
     except OSError as err:
+        remove_made(out_dir, made)
         return None, Result("out_dir", False, f"cannot write {out_dir} here ({err.strerror})",
-                            "pass a writable --out_dir on a filesystem every node shares", [socket.gethostname()])
+                            "pass a writable --out_dir on a filesystem every node shares", [socket.gethostname()]), None
+
+
+def remove_made(out_dir: str, made: Path | None) -> None:
+    """Remove the directories write_token made, deepest first, while they are empty: a preflight
+    leaves no trace (the trainer creates its out_dir itself)."""
+    if made is None:
+        return
+    for directory in (Path(out_dir).absolute(), *Path(out_dir).absolute().parents):
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (something else is there now), or gone
+            return
+        if directory == made:
+            return
 
 
 def preflight(args: argparse.Namespace, cfg: config.TrainConfig, environ: Mapping[str, str]) -> dict:
@@ -273,13 +305,14 @@ def preflight(args: argparse.Namespace, cfg: config.TrainConfig, environ: Mappin
         env_results, env_file = env_file_results(environ, env_wanted)
         results += env_results
 
-    token, failure = write_token(args.out_dir)
+    token, failure, made = write_token(args.out_dir)
     results += [failure] if failure else []
     try:
         probes = probe_hosts(targets, master, args.master_port, args, token, list(env_wanted), transport)
     finally:
         if token:
             (Path(args.out_dir) / token).unlink(missing_ok=True)
+        remove_made(args.out_dir, made)
     need = (args.keep_last + 1) * model["checkpoint_bytes"]
     # The data as the nodes see it (it may be node-local, out of this host's sight).
     data = next((p["data"] for p in probes.values() if p.get("data", {}).get("ok")), {})
@@ -333,7 +366,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     args, cfg = parse_args(argv, environ)
     report = preflight(args, cfg, environ)
     if args.json:
-        try:
+        try:  # its directory too: slurm/ds_train.sh asks for OUT_DIR/preflight.json before the run makes OUT_DIR
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             atomic.write_text(args.json, json.dumps(report, indent=1) + "\n")
         except OSError as err:
             print(f"{PROG}: could not write {args.json}: {err.strerror}", file=sys.stderr)

@@ -70,13 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="ds_gpt.sample", description=__doc__.splitlines()[0])
     p.add_argument("--out_dir", required=True, help="run directory with checkpoints")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step10000 (default: newest complete)")
-    p.add_argument("--start", default="\n", help='prompt text, or FILE:path to read it from a file')
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=50)
+    p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file "
+                                                 "(default: a newline, as nanoGPT's sample.py)")
+    p.add_argument("--num_samples", type=int, default=1, help="samples to draw, one after another")
+    p.add_argument("--max_new_tokens", type=int, default=50, help="tokens generated per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="<1 sharper, >1 more random; 0 greedy")
-    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens only; 0: no limit")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens only; 0: no limit "
+                                                           "(default: no limit)")
+    p.add_argument("--seed", type=int, default=1337, help="torch's seed: the same seed, the same samples")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs: cpu, cuda, cuda:1 ... (default: cuda where there is a GPU, else cpu)")
     args = p.parse_args(argv)
     check_options(args)
     prompt = read_prompt(args.start)  # before the (slow) model load

@@ -421,7 +421,7 @@ SHAPES: dict[str, tuple[str, Callable[[Path], list[str]], int, str]] = {
     "meta split a string": ("train", lambda w: meta(w, {"splits": {"train": "all"}}), 2,
                             'splits.train must be an object (got "all")'),
     "nanogpt pickle runs no code": ("train", lambda w: trainer_args(w, "--init_from", f"nanogpt:{evil_pickle(w)}"), 2,
-                                    "as a nanoGPT checkpoint: Unsupported global: GLOBAL getattr"),
+                                    "holds more than tensors and plain data (Unsupported global: GLOBAL getattr"),
     "marker without world_size": ("sample", lambda w: sample_args(run_with_marker(w, drop("world_size"))), 2,
                                   "no checkpoint in"),
     "marker files without bytes": ("export", lambda w: export_args(run_with_marker(
@@ -497,11 +497,34 @@ def test_plan_bad_numbers_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: plan.main(argv), prog="ds_gpt.plan")
     errors = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and len(errors) == 1 and message in errors[0] and "(HINT: " in errors[0], errors
+
+
+@pytest.mark.parametrize("argv, message, hint, followed", [
+    # the node count the GPU's usual node implies is not named as if --nodes had been given
+    (["--gpus", "7"], "--gpus 7 do not split evenly over the 2 nodes of up to 4 GPUs they need (the usual a100 node)",
+     "e.g. --nodes 7 --gpus_per_node 1", ["--gpus", "7", "--nodes", "7", "--gpus_per_node", "1",
+                                          "--tokens_per_iter", "516096"]),
+    (["--gpus", "6", "--nodes", "4"], "--gpus 6 do not split evenly over --nodes 4", "--nodes 3",
+     ["--gpus", "6", "--nodes", "3", "--tokens_per_iter", "516096"]),
+    (["--gpus", "6"], "tokens_per_iter 491520 is not a multiple", "--tokens_per_iter 516096",
+     ["--gpus", "6", "--tokens_per_iter", "516096"]),
+    (["--zero_stage", "1", "--offload", "optimizer"], "optimizer offload needs ZeRO-2 or 3",
+     "--offload optimizer with --zero_stage 2", ["--zero_stage", "2", "--offload", "optimizer"]),
+])
+def test_plan_errors_carry_a_hint_that_works(argv, message, hint, followed, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: plan.main(argv), prog="ds_gpt.plan")
+    errors = capsys.readouterr().err.splitlines()
     assert stop.value.code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert "--nodes 2" not in errors[0] and hint in errors[0].split("(HINT: ")[1], errors
+    assert plan.main(followed) == 0  # the hint, followed
 
 
 def test_plan_cli_bad_number_exit_2():
     proc = subprocess.run([PYTHON, "-m", "ds_gpt.plan", "--gpus", "0"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == ["ds_gpt.plan: error: --gpus must be >= 1 (got 0)"]
+    assert proc.stderr.splitlines() == ["ds_gpt.plan: error: --gpus must be >= 1 (got 0) (HINT: counts are 1 or more; "
+                                        "--mfu is a fraction such as 0.39 (python -m ds_gpt.plan --help shows every "
+                                        "default))"]
 

@@ -105,3 +105,7 @@ def test_checkpoint_reports_save_and_verify_times(tmp_path):
                     "--block_size", "32", "--vocab_size", "256", "--dir", str(tmp_path))
     assert figures["n_params"] == 12 * 32 * 32 + 256 * 32 + 32 * 32 + 3 * 32  # blocks, wte, wpe, 3 norms
     assert 0 < figures["checksums_s"] < figures["save_s"] and figures["verify_s"] > 0 and figures["bytes"] > 0
+    # a test-sized model is not labelled with the GPT-2 size its shape flags replaced
+    assert figures["setting"]["model"] == ("GPT-2 124M's shape with n_layer=1 n_head=2 n_embd=32 block_size=32 "
+                                           "vocab_size=256")
+    assert figures["setting"]["model_args"]["n_layer"] == 1

@@ -43,3 +43,21 @@ def test_exit_codes_and_teardown(outcome, skip_teardown):
     # The trainer's exit skips teardown, where other libraries' leftover threads can abort the process.
     # (A bug's exception leaves run_cli, and Python exits the usual way.)
     assert ("teardown ran" in proc.stdout) == (not skip_teardown or code == 1)
+
+
+@pytest.mark.parametrize("main, argv, shown", [
+    ("ds_gpt.sample", [], ["tokens generated per sample (default: 50)", "(default: 0.8)", "(default: 1337)"]),
+    ("ds_gpt.bench.__main__", ["checkpoint"], ["ZeRO stage of the engine saved (default: 1)", "(default: 124M)",
+                                              "precision of the engine (default: float32)"]),
+    ("ds_gpt.bench.__main__", ["memory"], ["(default: 3000)", "ZeRO stage of the trainer's engine (default: 1)"]),
+    ("ds_gpt.bench.__main__", ["step"], ["(default: 1)", "(default: float32)", "(default: 10)"]),
+    ("ds_gpt.bench.__main__", ["loader"], ["(default: 6)", "(default: 400)"]),
+    ("ds_gpt.bench.__main__", ["prepare"], ["(default: 3)"]),
+])
+def test_every_help_shows_the_defaults(main, argv, shown, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(main).main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare the words
+    assert stop.value.code == 0 and all(s in text for s in shown), text

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import write_token_bins
 
 from ds_gpt.plan_comm import LINKS
 from ds_gpt.preflight import checkpoint_bytes
@@ -124,3 +125,24 @@ def test_allreduce_bus_bandwidth_and_rank_env() -> None:
         {"allreduce": []}
     one_node = [{**r, "node_rank": 0, "env": env} for r in ranks]
     assert judge_allreduce(one_node, "", 4, ["node1"], wanted, "h100", LINKS["h100"])[1]["assumed_gbps"] == 450
+
+
+def test_a_failed_preflight_leaves_no_out_dir(tmp_path, capsys):
+    """Its write test makes --out_dir (and parents) if need be, and removes them again: a preflight
+    that fails (here: a host that does not resolve) leaves no empty run directory behind."""
+    from ds_gpt import preflight
+    from ds_gpt.errors import run_cli
+
+    (tmp_path / "hosts").write_text("no-such-host.invalid slots=1\n")
+    data = write_token_bins(tmp_path / "data", n_train=2000, n_val=500)
+    argv = ["--hostfile", str(tmp_path / "hosts"), "--data_dir", str(data), "--out_dir", str(tmp_path / "a" / "out"),
+            "--timeout_s", "5", "--", "--n_layer", "2"]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: preflight.main(argv, environ={"PATH": os.environ["PATH"]}), prog="ds_gpt.preflight")
+    assert stop.value.code == 2 and "no-such-host.invalid" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "hosts"]
+    # asked for its report inside the run directory (as slurm/ds_train.sh does), it makes the directory for it
+    with pytest.raises(SystemExit):
+        run_cli(lambda: preflight.main(["--json", str(tmp_path / "a" / "out" / "preflight.json"), *argv],
+                                       environ={"PATH": os.environ["PATH"]}), prog="ds_gpt.preflight")
+    assert [p.name for p in (tmp_path / "a" / "out").iterdir()] == ["preflight.json"]

@@ -20,13 +20,20 @@ SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 def add_checkpoint(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("checkpoint", help="time to save and to verify a checkpoint of a GPT-2 size")
     p.add_argument("--model", default="124M", help="124M | 350M | 774M | 1558M (GPT-2's shapes)")
-    p.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=1)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=1, help="ZeRO stage of the engine saved")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="precision of the engine")
     for flag in SHAPE_FLAGS:
         p.add_argument(f"--{flag}", type=positive_int, help="override the preset's shape (small test models)")
     p.add_argument("--dir", type=Path, help="where to write the checkpoint (default: a temporary directory)")
     add_json_arg(p)
     p.set_defaults(func=bench_checkpoint)
+
+
+def model_label(model: str, overrides: list[str]) -> str:
+    """"GPT-2 124M", or what the shape flags made of it: no GPT-2 size's name on a test-sized model."""
+    if not overrides:
+        return f"GPT-2 {model}"
+    return f"GPT-2 {model}'s shape with {' '.join(flag.lstrip('-') for flag in overrides)}"
 
 
 def bench_checkpoint(args: argparse.Namespace) -> None:
@@ -65,11 +72,12 @@ def bench_checkpoint(args: argparse.Namespace) -> None:
         timings["verify_s"] = time.perf_counter() - t0
         size = sum((out / tag / name).stat().st_size for name in tag_files(out / tag))
     assert problem is None, problem
-    print(f"checkpoint benchmark: GPT-2 {args.model} ({n_params / 1e6:.1f}M params), ZeRO-{args.zero_stage} "
-          f"{args.dtype}, 1 rank: {size / 2**30:.2f} GiB per checkpoint")
+    print(f"checkpoint benchmark: {model_label(args.model, shape)} ({n_params / 1e6:.1f}M params), "
+          f"ZeRO-{args.zero_stage} {args.dtype}, 1 rank: {size / 2**30:.2f} GiB per checkpoint")
     print(f"  save {timings['save_s']:.2f} s, of which checksums {timings['checksums_s']:.2f} s; "
           f"verify on resume {timings['verify_s']:.2f} s")
-    write_json(args.json, "checkpoint", {"setting": {"model": args.model, "zero_stage": args.zero_stage,
-                                                     "dtype": args.dtype, "world_size": 1},
+    write_json(args.json, "checkpoint", {"setting": {"model": model_label(args.model, shape), "model_args": run.model,
+                                                     "zero_stage": args.zero_stage, "dtype": args.dtype,
+                                                     "world_size": 1},
                                          "n_params": n_params, "bytes": size, **timings})
     ds_engine.shutdown()

@@ -37,7 +37,7 @@ def add_memory(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=positive_int, default=3000, help="training iterations, and loader-only batches")
     p.add_argument("--warmup", type=int, default=100, help="iterations before the RSS baseline is taken")
     add_window_args(p)
-    p.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=1)
+    p.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=1, help="ZeRO stage of the trainer's engine")
     p.add_argument("--vocab_size", type=int, default=64,
                    help="the tiny model's vocabulary; synthetic ids stay below it")
     add_json_arg(p)
