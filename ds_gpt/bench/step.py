@@ -150,10 +150,12 @@ def bench_step(args: argparse.Namespace) -> None:
                     peak_mem[name] = max(peak_mem[name], torch.cuda.max_memory_allocated() / 2**30)
 
         # The same steps again under the profiler: how much of each is the model's own work.
-        profiled = range(args.warmup + args.iters, args.warmup + args.iters + args.profile_iters)
-        with (marked_forward(eng.module), marked_forward(plain), marked_method(eng, "_take_model_step"),
-              marked_method(plain_iter, "update")):
-            breakdown = profile_steps(steps, profiled, cuda=cuda) if args.profile_iters and not args.compile else {}
+        breakdown: dict[str, dict] = {}
+        if args.profile_iters > 0 and not args.compile:
+            profiled = range(args.warmup + args.iters, args.warmup + args.iters + args.profile_iters)
+            with (marked_forward(eng.module), marked_forward(plain), marked_method(eng, "_take_model_step"),
+                  marked_method(plain_iter, "update")):
+                breakdown = profile_steps(steps, profiled, cuda=cuda)
 
     peak, source = mfu.peak_flops_per_device(ds_engine.device_name(), run.dtype, args.peak_tflops)
     fpt = mfu.flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_embd, model_cfg.block_size)
