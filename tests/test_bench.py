@@ -69,13 +69,35 @@ def test_loader_reports_every_loader_warm_and_cold(tmp_path):
 @pytest.mark.parametrize("zero_stage,extra", [("0", ()), ("1", ("--compile",))])
 def test_step_reports_tokens_per_s_overhead_and_mfu(tmp_path, zero_stage, extra):
     figures = bench(tmp_path, "step", "--zero_stage", zero_stage, "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
-                    "--block_size", "32", "--vocab_size", "256", "--iters", "2", "--warmup", "1", *extra)
+                    "--block_size", "32", "--vocab_size", "256", "--iters", "2", "--warmup", "1",
+                    "--profile_iters", "1", *extra)
     # Same init, data, lr and clipping: the two loops train the same model, so the comparison is fair.
     assert figures["max_loss_difference"] < 1e-4
     assert set(figures["results"]) == {"DeepSpeed (ds_gpt)", "plain PyTorch"}
     for result in figures["results"].values():
         assert 0 < result["mfu"] < 1 and result["tokens_per_s"] * result["ms_per_iter"] / 1000 == pytest.approx(256)
     assert ("torch.compile" in figures["setting"]) == ("--compile" in extra)
+    # ds_gpt's speed over the plain loop's, one ratio per pair of back-to-back steps, with its spread.
+    speed = figures["speed_ratio_paired"]
+    assert len(speed["values"]) == 2 and speed["median"] == pytest.approx(statistics.median(speed["values"]))
+    assert speed["ci95"][0] <= speed["median"] <= speed["ci95"][1] and speed["iqr"][0] <= speed["iqr"][1]
+    assert figures["overhead_paired"] == pytest.approx(statistics.median(1 / r for r in speed["values"]) - 1)
+    lo, hi = speed["ci95"]
+    assert figures["verdict"] == ("ds_gpt faster" if lo > 1 else "ds_gpt slower" if hi < 1
+                                  else "no difference this run can resolve")
+    if "--compile" in extra:  # the profiler's markers would be compiled into the model: no split
+        assert figures["breakdown"] == {} and figures["overhead_excess_fraction"] is None
+        return
+    # Each profiled step splits into the model's forward, backward and optimizer, and the rest.
+    assert set(figures["breakdown"]) == set(figures["results"])
+    for split in figures["breakdown"].values():
+        parts = [split[f"{p}_ms"] for p in ("forward", "backward", "optimizer")]
+        assert split["steps"] == 1 and min(parts) > 0 and 0 <= split["overhead_fraction"] < 1
+        assert sum(parts) + split["overhead_ms"] == pytest.approx(split["step_ms"], rel=1e-6)
+        assert split["overhead_ms"] == pytest.approx(split["overhead_fraction"] * split["step_ms"])
+    ds_split, plain_split = (figures["breakdown"][name] for name in ("DeepSpeed (ds_gpt)", "plain PyTorch"))
+    assert figures["overhead_excess_fraction"] == pytest.approx(
+        (ds_split["overhead_ms"] - plain_split["overhead_ms"]) / ds_split["step_ms"])
 
 
 def test_step_refuses_a_count_below_one():

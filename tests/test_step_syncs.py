@@ -34,8 +34,18 @@ def counting_host_reads(counts: dict[str, list[str]]):
             setattr(torch.Tensor, name, fn)
 
 
+RUN_FLAGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "512",
+             "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2",
+             "--gradient_accumulation_steps", "4"]
+
+
 @pytest.fixture(scope="module")
-def one_rank_run(tmp_path_factory):
+def data_dir(tmp_path_factory):
+    return write_token_bins(tmp_path_factory.mktemp("syncs-data"))
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory, data_dir):
     """A real one-rank engine (ZeRO-1, 4 micro-batches per step) and its sampler, in this process."""
     from ds_gpt import engine as ds_engine
     from ds_gpt.data import RandomWindowSampler
@@ -47,10 +57,7 @@ def one_rank_run(tmp_path_factory):
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(free_port())).items():
         mp.setenv(k, v)
-    start = build_run(["--data_dir", str(write_token_bins(tmp / "data")), "--out_dir", str(tmp / "out"),
-                       "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "512",
-                       "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2",
-                       "--gradient_accumulation_steps", "4", "--zero_stage", "1"])
+    start = build_run(["--data_dir", str(data_dir), "--out_dir", str(tmp / "out"), *RUN_FLAGS, "--zero_stage", "1"])
     ds_engine.init_distributed(60, start.env)
     eng = ds_engine.build_engine(GPT(start.shape), start.run)
     sampler = RandomWindowSampler(start.data["train"], "train", 32, 512, 1337, 2, 4, 1, 0)
@@ -102,3 +109,38 @@ def test_deepspeed_does_not_synchronize_the_device_in_a_step(one_rank_run, monke
         for step in range(3):  # the timer starts timing (and synchronizing) at the engine's second step
             train_step(eng, batches, step, guard, GracefulStop(), profile)
     assert eng.global_steps >= 3 and calls == []
+
+
+def test_zero0_alone_skips_the_self_all_reduce_and_steps_the_same_bits(one_rank_run, data_dir, tmp_path):
+    """One process at ZeRO-0 has no gradient to average: build_engine turns DeepSpeed's flat-buffer
+    all-reduce off. The parameters after two steps are bit for bit those with it on."""
+    import copy
+
+    from ds_gpt import engine as ds_engine
+    from ds_gpt.data import BatchPrefetcher, RandomWindowSampler
+    from ds_gpt.flops_profile import FlopsProfileCapture
+    from ds_gpt.model import GPT
+    from ds_gpt.nonfinite import NonFiniteGuard
+    from ds_gpt.signals import GracefulStop
+    from ds_gpt.startup import build_run
+    from ds_gpt.train import train_step
+
+    start = build_run(["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "out"), *RUN_FLAGS,
+                       "--zero_stage", "0"])
+    torch.manual_seed(0)
+    model = GPT(start.shape)
+    engines = [ds_engine.build_engine(copy.deepcopy(model), start.run) for _ in range(2)]
+    assert [e.enable_backward_allreduce for e in engines] == [False, False]
+    engines[1].enable_backward_allreduce = True  # DeepSpeed's own way
+    sampler = RandomWindowSampler(start.data["train"], "train", 32, 512, 1337, 2, 4, 1, 0)
+    for eng in engines:
+        ds_engine.set_lr(eng, 1e-2)
+        guard = NonFiniteGuard("skip", micro_batches_per_step=4, model=eng.module)
+        profile = FlopsProfileCapture(eng, profile_step=None, output_file="unused", n_params=1, n_layer=2,
+                                      n_embd=32, peak_flops=1.0)
+        with BatchPrefetcher(sampler, "cpu") as batches:
+            for step in range(2):
+                train_step(eng, batches, step, guard, GracefulStop(), profile)
+    skipped, reduced = (dict(e.module.named_parameters()) for e in engines)
+    assert all(torch.equal(skipped[name], reduced[name]) for name in skipped)
+    assert not all(torch.equal(skipped[name], p) for name, p in model.named_parameters())  # they did train

@@ -44,7 +44,7 @@ def median_with_spread(values: list[float], resamples: int = 2000) -> dict:
     medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
     return {"median": statistics.median(values), "iqr": [q1, q3],
-            "ci95": [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]], "n": len(values)}
+            "ci95": [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]], "values": list(values)}
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:

@@ -41,7 +41,8 @@ def add_step(sub: argparse._SubParsersAction) -> None:
     for flag, default in CPU_SHAPE.items():
         p.add_argument(f"--{flag}", type=positive_int, help=f"default {default}, or the recipe's with --recipe")
     p.add_argument("--compile", action="store_true", help="torch.compile both: engine.compile() and torch.compile()")
-    p.add_argument("--iters", type=positive_int, default=10, help="timed iterations of each")
+    p.add_argument("--iters", type=positive_int, default=20,
+                   help="timed iterations of each, taking turns: the pairs of back-to-back steps compared")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations of each first (compilation included)")
     p.add_argument("--profile_iters", type=int, default=3,
                    help="iterations of each run under torch.profiler afterwards, for the split of a step (0: none)")
@@ -149,10 +150,12 @@ def bench_step(args: argparse.Namespace) -> None:
                     peak_mem[name] = max(peak_mem[name], torch.cuda.max_memory_allocated() / 2**30)
 
         # The same steps again under the profiler: how much of each is the model's own work.
-        profiled = range(args.warmup + args.iters, args.warmup + args.iters + args.profile_iters)
-        with (marked_forward(eng.module), marked_forward(plain), marked_method(eng, "_take_model_step"),
-              marked_method(plain_iter, "update")):
-            breakdown = profile_steps(steps, profiled, cuda=cuda) if args.profile_iters and not args.compile else {}
+        breakdown: dict[str, dict] = {}
+        if args.profile_iters > 0 and not args.compile:
+            profiled = range(args.warmup + args.iters, args.warmup + args.iters + args.profile_iters)
+            with (marked_forward(eng.module), marked_forward(plain), marked_method(eng, "_take_model_step"),
+                  marked_method(plain_iter, "update")):
+                breakdown = profile_steps(steps, profiled, cuda=cuda)
 
     peak, source = mfu.peak_flops_per_device(ds_engine.device_name(), run.dtype, args.peak_tflops)
     fpt = mfu.flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_embd, model_cfg.block_size)
@@ -184,7 +187,7 @@ def bench_step(args: argparse.Namespace) -> None:
     lo, hi = speed["ci95"]
     verdict = ("ds_gpt faster" if lo > 1 else "ds_gpt slower" if hi < 1 else "no difference this run can resolve")
     drift = max(abs(a - b) for a, b in zip(*losses.values(), strict=True))
-    print(f"  ds_gpt speed / plain loop's: median {speed['median']:.3f}x over {speed['n']} pairs of back-to-back "
+    print(f"  ds_gpt speed / plain loop's: median {speed['median']:.3f}x over {len(ds_t)} pairs of back-to-back "
           f"steps, IQR {speed['iqr'][0]:.3f}-{speed['iqr'][1]:.3f}, 95% CI {lo:.3f}-{hi:.3f}: {verdict} "
           f"(target >= 1.0x); largest loss difference between the two {drift:.2e}")
     for name, split in breakdown.items():

@@ -19,6 +19,7 @@ which no kernel ran on the GPU, which is what host overhead costs there.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import statistics
 from typing import Callable, Iterator
@@ -67,13 +68,24 @@ def marked_method(owner: object, name: str) -> Iterator[None]:
         delattr(owner, name)
 
 
-def _union(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of the intervals, as sorted disjoint intervals."""
+    out: list[tuple[float, float]] = []
     for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in _merged(intervals))
+
+
+def _covered(merged: list[tuple[float, float]], starts: list[float], a: float, b: float) -> bool:
+    i = bisect.bisect_right(starts, a) - 1
+    return i >= 0 and merged[i][1] >= b
 
 
 def _clip(intervals: list[tuple[float, float]], lo: float, hi: float) -> list[tuple[float, float]]:
@@ -120,15 +132,16 @@ def _split(events, step_name: str, cuda: bool) -> dict:
     outside_ops: dict[str, float] = {}
     for lo, hi in steps:
         wall = hi - lo
-        inside = [s for part in PARTS for s in _clip(spans[part], lo, hi)]
-        model = _union(inside)
+        inside = _merged([s for part in PARTS for s in _clip(spans[part], lo, hi)])
+        starts = [a for a, _ in inside]
+        model = sum(b - a for a, b in inside)
         figures = {"step_ms": wall / 1e3, **{f"{p}_ms": _union(_clip(spans[p], lo, hi)) / 1e3 for p in PARTS},
                    "overhead_ms": (wall - model) / 1e3, "overhead_fraction": (wall - model) / wall}
         if cuda:
             figures["gpu_idle_fraction"] = 1 - _union(_clip(spans["kernels"], lo, hi)) / wall
         per_step.append(figures)
         for name, (a, b) in top_level_ops:
-            if lo <= a < hi and not any(x <= a and b <= y for x, y in inside):
+            if lo <= a < hi and not _covered(inside, starts, a, b):
                 outside_ops[name] = outside_ops.get(name, 0.0) + (b - a) / 1e3 / len(steps)
     result: dict = {key: statistics.median(s[key] for s in per_step) for key in per_step[0]}
     result["steps"] = len(per_step)
