@@ -180,6 +180,7 @@ def plan(n_layer: int, n_head: int, n_embd: int, *, gpus: int, gpu: str, zero_st
         "comm_time_by_collective_s": comm["by_collective"], "offload_time_s": offload_s, "iter_time_s": iter_s,
         "scaling_efficiency": compute_s / iter_s, "mfu": tokens_per_s * fpt / (gpus * peak),
         "tokens_per_s": tokens_per_s, "total_days": total_s / 86400, "gpu_hours": total_s * gpus / 3600,
+        "tokens_to_finish": tokens_per_iter * max_iters, "hours_to_finish": total_s / 3600,
         "days_per_10b_tokens": 1e10 / tokens_per_s / 86400,
         "assumptions": assumptions(setup, mem_margin, cuda_context_gb),
     }
@@ -230,6 +231,8 @@ def render(p: dict) -> str:
         + f" = {p['iter_time_s'] * 1e3:.0f} ms; scaling efficiency {p['scaling_efficiency']:.0%}, MFU {p['mfu']:.0%}",
         f"{p['tokens_per_s']:,.0f} tokens/s: {p['max_iters']:,} iters in {p['total_days']:.2f} days "
         f"({p['gpu_hours']:,.0f} GPU-hours); 10B tokens in {p['days_per_10b_tokens']:.2f} days",
+        f"to finish: {p['tokens_to_finish'] / 1e9:,.2f}B tokens, {p['max_iters']:,} iterations, "
+        f"{p['hours_to_finish']:,.1f} h wall-clock, {p['gpu_hours']:,.0f} GPU-hours",
         "assumptions: " + "; ".join(p["assumptions"]),
     ]
     return "\n".join(lines)
@@ -237,6 +240,8 @@ def render(p: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m ds_gpt.plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", metavar="TOML", help="a training config (config/*.toml, with its DeepSpeed JSON): "
+                    "its model, batch, ZeRO stage, precision and max_iters replace the flags below")
     ap.add_argument("--model", default="124M", help=f"GPT-2 size: {', '.join(MODELS)} (or gpt2, gpt2-medium ...)")
     ap.add_argument("--n_layer", type=int, help="override the preset's layers")
     ap.add_argument("--n_head", type=int, help="override the preset's heads")
@@ -271,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                     "activation checkpointing, the JSON)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    if args.config:
+        adopt_run_config(args)
     check_numbers(args)
     shape = MODELS[canonical(args.model)]
     n_layer, n_head, n_embd = (v if v is not None else d
@@ -291,6 +298,21 @@ def main(argv: list[str] | None = None) -> int:
              activation_checkpointing=args.activation_checkpointing, offload=args.offload, **common)
     print(json.dumps(p, indent=1) if args.json else render(p))
     return 0
+
+
+def adopt_run_config(args) -> None:
+    """Take the model, batch, ZeRO stage, precision and length of the run `--config` describes, as the
+    trainer would resolve them on `--gpus` ranks (ds_gpt.run_config: the same arithmetic, the same errors)."""
+    from ds_gpt.config import parse_args
+    from ds_gpt.run_config import resolve
+
+    run = resolve(parse_args(["--config", args.config]), args.gpus, cuda=True)
+    m = run.model
+    args.model, args.n_layer, args.n_head, args.n_embd = "124M", m["n_layer"], m["n_head"], m["n_embd"]
+    args.block_size, args.vocab_size, args.bias = m["block_size"], m["vocab_size"], m["bias"]
+    args.zero_stage, args.dtype, args.micro_batch = run.zero_stage, run.dtype, run.batch.micro
+    args.tokens_per_iter, args.max_iters = run.tokens_per_iter, run.train.max_iters
+    args.activation_checkpointing = run.train.activation_checkpointing
 
 
 def check_numbers(args) -> None:
