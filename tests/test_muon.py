@@ -22,7 +22,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from helpers import forked_script, free_port  # noqa: E402
+from helpers import forked_script, free_port, read_jsonl  # noqa: E402
 
 from ds_gpt import muon  # noqa: E402
 from ds_gpt.config import parse_args  # noqa: E402
@@ -113,6 +113,13 @@ def worker(out: Path) -> None:
         out.write_text(json.dumps(results))
 
 
+def eager_muon() -> None:
+    """A forked rank's prelude: Muon's kernels run eagerly (the same arithmetic, no ~40 s compile per
+    process). TORCHDYNAMO_DISABLE would come too late: the fork server imported torch._dynamo."""
+    import torch._dynamo
+    torch._dynamo.config.disable = True
+
+
 @pytest.fixture(scope="module")
 def one_step(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("muon") / "one_step.json"
@@ -177,6 +184,36 @@ def test_configurations_where_muon_would_not_run_are_refused_in_one_line(tmp_pat
     with pytest.raises(UserError) as err:
         resolve(cfg, 1, cuda=False)
     assert message in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_killed_muon_run_resumes_bitwise_on_its_layout_and_is_refused_on_another(tmp_path, token_bins):
+    import signal
+    import time
+
+    from helpers import TINY, forked_background_train, forked_train, losses
+
+    out = tmp_path / "run"
+    args = ["--deepspeed_config", "ds_configs/zero1_muon.json", "--data_dir", str(token_bins), "--out_dir", str(out),
+            *TINY, "--gradient_accumulation_steps", "2", "--checkpoint_interval", "3"]
+    with forked_background_train(1, *args, "--max_iters", "1000", log_dir=tmp_path / "logs",
+                                 prelude=eager_muon) as ranks:
+        deadline = time.time() + 600
+        while not ((out / "global_step3" / "ds_gpt_complete.json").is_file() and len(losses(out)) >= 6):
+            assert ranks.poll() is None and time.time() < deadline, ranks.output()[-3000:]
+            time.sleep(0.05)
+        ranks.signal(signal.SIGKILL)
+        ranks.wait()
+    before = losses(out)
+    forked_train(1, *args, "--init_from", "resume", "--max_iters", "6", log_dir=tmp_path / "logs", prelude=eager_muon)
+    start = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "start"][-1]
+    resumed = losses(out)
+    assert start["iter"] in (3, 6) and [resumed[i] for i in range(start["iter"], 6)] == \
+        [before[i] for i in range(start["iter"], 6)]  # bitwise
+    # Muon's momentum is not carried across layouts: another world size is refused before any rendezvous.
+    proc = forked_train(2, *args, "--gradient_accumulation_steps", "1", "--init_from", "resume", "--max_iters", "8",
+                        log_dir=tmp_path / "logs2", expect=2)  # the same global batch, on 2 ranks
+    assert "a Muon run resumes only on the layout that saved it" in proc.stdout
 
 
 def test_newton_schulz_flops_by_hand():

@@ -44,25 +44,26 @@ def test_plan_prints_tokens_iterations_and_hours_to_finish_a_shipped_config(caps
 
 
 def bench_main() -> None:
-    """`python -m ds_gpt.bench ARGS` in a forked rank (helpers.forked_script sets sys.argv)."""
+    """`python -m ds_gpt.bench ARGS` in a forked rank (helpers.forked_script sets sys.argv), Muon's
+    kernels eagerly (the same arithmetic without torch.compile's start-up)."""
     import sys
 
+    import torch._dynamo
+
     from ds_gpt.bench.__main__ import main
+    torch._dynamo.config.disable = True
     main(sys.argv[1:])
 
 
 @pytest.mark.slow
 def test_recipe_bench_writes_the_sweep_and_the_token_ratio(tmp_path, token_bins):
-    import os
-
     from helpers import forked_script
 
     out = tmp_path / "recipe.json"
     tiny = ["--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--block_size", "16", "--batch_size", "2",
             "--steps", "4", "--eval_every", "2", "--eval_iters", "1"]
-    # Muon's kernels eagerly: the same arithmetic without torch.compile's start-up.
     forked_script(1, bench_main, "recipe", "--data_dir", str(token_bins), *tiny, "--json", str(out),
-                  log_dir=tmp_path / "logs", env={**os.environ, "TORCHDYNAMO_DISABLE": "1"})
+                  log_dir=tmp_path / "logs")
     r = json.loads(out.read_text())
     assert {len(r["sweep"]["reference"]), len(r["sweep"]["muon"])} == {3}
     assert r["reference_final_val_loss"] == min(run["final_val_loss"] for run in r["sweep"]["reference"])
