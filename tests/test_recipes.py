@@ -74,3 +74,13 @@ def test_recipe_bench_writes_the_sweep_and_the_token_ratio(tmp_path, token_bins)
     else:
         assert 0 < r["tokens_to_reference_loss"] <= r["reference_tokens"]
         assert r["token_ratio"] == pytest.approx(r["reference_tokens"] / r["tokens_to_reference_loss"])
+
+
+def test_the_gpu_bench_refuses_a_machine_without_cuda_in_one_line():
+    import torch
+
+    from ds_gpt.bench.__main__ import main
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the benchmark would run")
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        main(["gpu", "--json", "unused.json"])
