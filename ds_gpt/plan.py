@@ -82,7 +82,7 @@ def plan(n_layer: int, n_head: int, n_embd: int, *, gpus: int, gpu: str, zero_st
          activation_checkpointing: str = "none", offload: str = "none", zero: dict | None = None,
          comm_dtype: str | None = None, gpu_mem_gb: float | None = None, gpus_per_node: int | None = None,
          intra_node_GBps: float | None = None, inter_node_GBps: float | None = None,
-         mem_margin: float = MEM_MARGIN, cuda_context_gb: float = CUDA_CONTEXT_GB) -> dict:
+         mem_margin: float = MEM_MARGIN, cuda_context_gb: float = CUDA_CONTEXT_GB, optimizer: str = "adamw") -> dict:
     """Everything the CLI prints, as one JSON-able dict. `zero`: the DeepSpeed zero_optimization
     block (default: the shipped ds_configs/zero<stage>.json's)."""
     problems = []
@@ -124,7 +124,7 @@ def plan(n_layer: int, n_head: int, n_embd: int, *, gpus: int, gpu: str, zero_st
     grad_accum = tokens_per_iter // per_step
     layout = gpt_layout(n_layer, n_embd, vocab_size, block_size, bias)
     setup = Setup(layout, gpus, zero_stage, dtype, offload in ("optimizer", "all"), offload == "all",
-                  shipped_zero_block(zero_stage) if zero is None else zero, comm_dtype)
+                  shipped_zero_block(zero_stage) if zero is None else zero, comm_dtype, optimizer)
 
     # memory
     rank = heaviest_rank(setup)
@@ -160,7 +160,7 @@ def plan(n_layer: int, n_head: int, n_embd: int, *, gpus: int, gpu: str, zero_st
                   "vocab_size": vocab_size, "bias": bias},
         "n_params": n_params, "n_params_total": layout.numel,
         "gpus": gpus, "nodes": nodes, "gpus_per_node": gpus // nodes, "gpu": gpu, "zero_stage": zero_stage,
-        "dtype": dtype, "comm_dtype": comm_dtype or dtype, "offload": offload,
+        "dtype": dtype, "comm_dtype": comm_dtype or dtype, "offload": offload, "optimizer": optimizer,
         "activation_checkpointing": activation_checkpointing,
         "micro_batch": micro_batch, "grad_accum": grad_accum, "tokens_per_iter": tokens_per_iter,
         "max_iters": max_iters,
@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                     "on 2 x A100)")
     ap.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
     ap.add_argument("--comm_dtype", help="DeepSpeed's communication_data_type (default: --dtype)")
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"),
+                    help="muon: DeepSpeed's Muon, one momentum buffer for the hidden matrices (ZeRO-0..2)")
     ap.add_argument("--micro_batch", type=int, default=12, help="sequences per GPU per micro-step")
     ap.add_argument("--activation_checkpointing", default="none", help=" | ".join(CHECKPOINTING))
     ap.add_argument("--offload", default="none", help="none | optimizer (ZeRO-2/3) | all (optimizer and "
@@ -286,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                   vocab_size=args.vocab_size, block_size=args.block_size, bias=args.bias,
                   tokens_per_iter=args.tokens_per_iter, max_iters=args.max_iters, comm_dtype=args.comm_dtype,
                   gpu_mem_gb=args.gpu_mem_gb, gpus_per_node=args.gpus_per_node,
-                  intra_node_GBps=args.intra_node_GBps, inter_node_GBps=args.inter_node_GBps)
+                  intra_node_GBps=args.intra_node_GBps, inter_node_GBps=args.inter_node_GBps,
+                  optimizer=args.optimizer)
     if args.fit:
         p = plan_fit.fit(plan, n_layer, n_head, n_embd, **common)
         plan_fit.write(p, args.write_config, args.write_run_config, model=canonical(args.model))
@@ -312,7 +315,7 @@ def adopt_run_config(args) -> None:
     args.block_size, args.vocab_size, args.bias = m["block_size"], m["vocab_size"], m["bias"]
     args.zero_stage, args.dtype, args.micro_batch = run.zero_stage, run.dtype, run.batch.micro
     args.tokens_per_iter, args.max_iters = run.tokens_per_iter, run.train.max_iters
-    args.activation_checkpointing = run.train.activation_checkpointing
+    args.activation_checkpointing, args.optimizer = run.train.activation_checkpointing, run.optimizer
 
 
 def check_numbers(args) -> None:

@@ -65,6 +65,7 @@ def worker(out: Path) -> None:
     from deepspeed.utils import safe_get_full_fp32_param
 
     from ds_gpt import engine as ds_engine
+    from ds_gpt.accounting import state_bytes_per_rank
     from ds_gpt.model import GPT, GPTConfig
 
     torch._dynamo.config.disable = True
@@ -107,8 +108,9 @@ def worker(out: Path) -> None:
             errors[n] = {"muon": n in muon_names,
                          "error": ((after - expected).norm() / step.norm()).item(),
                          "sgd_error": None if sgd is None else ((after - sgd).norm() / step.norm()).item()}
-        results[name] = {"dtype": dtype, "errors": errors,
-                         "optimizer": type(eng.optimizer).__name__}
+        eng.backward(eng(idx[:, :-1], idx[:, 1:])[1])  # the moment the planner models: before a later step
+        results[name] = {"dtype": dtype, "errors": errors, "optimizer": type(eng.optimizer).__name__,
+                         "stage": stage, "state_bytes": state_bytes_per_rank(eng)}
         del eng
         out.write_text(json.dumps(results))
 
@@ -140,6 +142,24 @@ def test_one_muon_step_matches_a_reference_muon_on_the_hidden_matrices_and_adamw
     assert not bad, (case, bad)
     # The check can fail: a plain SGD step is nowhere near it.
     assert min(e["sgd_error"] for e in muon_errors.values()) > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] < 3])
+def test_the_planner_holds_one_momentum_buffer_and_matches_the_live_engine_within_2_percent(one_step, case):
+    from ds_gpt.plan_memory import Setup, gpt_layout, state_bytes
+
+    result = one_step[case]
+    layout = gpt_layout(2, 64, 512, 32, bias=False)
+    planned = state_bytes(Setup(layout, 1, result["stage"], result["dtype"], optimizer="muon"))["gpu"]
+    measured = result["state_bytes"]
+    for key in planned:
+        assert abs(planned[key] - measured[key]) <= 0.02 * measured[key], (case, key, planned, measured)
+    adamw = state_bytes(Setup(layout, 1, result["stage"], result["dtype"]))["gpu"]
+    hidden = sum(p.numel for p in layout.params if p.muon)
+    grad_bytes = 2 if result["dtype"] == "bfloat16" else 4
+    # one momentum buffer (in the gradient dtype) instead of two fp32 moments
+    assert adamw["optimizer"] - planned["optimizer"] == (8 - grad_bytes) * hidden
 
 
 def test_muon_json_settings_per_side_and_the_cli_overrides(tmp_path):
