@@ -236,6 +236,34 @@ def test_a_killed_muon_run_resumes_bitwise_on_its_layout_and_is_refused_on_anoth
     assert "a Muon run resumes only on the layout that saved it" in proc.stdout
 
 
+def eager_muon_and_nan_at(forwards: set[int]) -> None:
+    """Prelude: eager Muon, and a NaN loss on the training forwards numbered in `forwards`."""
+    from nan_injection import poison
+    eager_muon()
+    poison(forwards)
+
+
+@pytest.mark.slow
+def test_the_nonfinite_guard_skips_a_muon_step_and_leaves_the_weights_as_they_were(tmp_path, token_bins):
+    import functools
+
+    import torch
+    from helpers import TINY, forked_train
+
+    from ds_gpt.checkpoint import load_fp32_state_dict
+
+    out = tmp_path / "run"
+    forked_train(1, "--deepspeed_config", "ds_configs/zero1_muon.json", "--data_dir", str(token_bins), "--out_dir",
+                 str(out), *TINY, "--gradient_accumulation_steps", "1", "--max_iters", "6", "--checkpoint_interval",
+                 "1", "--keep_last", "100", "--on_nan", "skip", log_dir=tmp_path / "logs",
+                 prelude=functools.partial(eager_muon_and_nan_at, {5}))
+    [event] = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "nonfinite_loss"]
+    assert (event["iter"], event["action"]) == (4, "skip")
+    before, after, later = (load_fp32_state_dict(out, f"global_step{i}")[0] for i in (4, 5, 6))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # lr 0 on both sides: nothing moved
+    assert not torch.equal(after["transformer.h.0.attn.c_attn.weight"], later["transformer.h.0.attn.c_attn.weight"])
+
+
 def test_newton_schulz_flops_by_hand():
     # one 768 x 3072 matrix (GPT-2's c_fc), 5 steps: 5 x (4 x 768^2 x 3072 + 2 x 768^3)
     assert muon.ns_flops_per_step([(3072, 768)]) == 5 * (4 * 768 ** 2 * 3072 + 2 * 768 ** 3)
