@@ -87,12 +87,6 @@ def check_supported(ds: dict, path: str) -> None:
         raise UserError(f"DeepSpeed config {path}: gradient_clipping {ds['gradient_clipping']} with Muon at ZeRO "
                         f"stage {stage}: DeepSpeed would clip Muon's orthogonalized update, not the gradient",
                         hint="set gradient_clipping to 0 (--grad_clip 0), as the shipped Muon configs do")
-    bf16 = (ds.get("bf16") or {}).get("enabled") or (ds.get("fp16") or {}).get("enabled")
-    if stage == 0 and bf16:
-        raise UserError(f"DeepSpeed config {path}: Muon at ZeRO stage 0 in 16-bit precision is not supported "
-                        "(DeepSpeed's 16-bit wrapper there hands Muon flat master weights, so Newton-Schulz "
-                        "would not run and the step would be plain SGD)",
-                        hint="use ZeRO stage 1 or 2 (ds_configs/zero1_muon.json), or --dtype float32")
 
 
 def ns_flops_per_step(matrix_shapes: list[tuple[int, int]], steps: int = NS_STEPS) -> int:
