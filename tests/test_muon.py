@@ -38,9 +38,10 @@ LR, ADAM_LR, MOMENTUM, ADAM_WD, MUON_WD = 0.05, 0.01, 0.95, 0.1, 0.02
 # Relative error of one step against the reference, (Muon side, AdamW side). DeepSpeed runs its Gram
 # Newton-Schulz in float16 wherever the accelerator reports float16 support (CPU does), so even an fp32
 # run's Muon update is ~2% from the float64 reference (measured 1.2-2.4%); in bf16 the gradient itself
-# is rounded too (measured 5-10%; AdamW's first step, sign(g), flips on tiny gradients: up to 25%).
+# is rounded too (measured 5-10%; AdamW's embeddings up to 9%, its gains not compared: their first
+# step, sign(g), flips on tiny bf16 gradients, 25-34% measured).
 # A plain SGD step, the reported stage-0 failure, is 90-100% away.
-TOLERANCE = {"float32": (5e-2, 1e-5), "bfloat16": (0.15, 0.3)}
+TOLERANCE = {"float32": (5e-2, 1e-5), "bfloat16": (0.15, 0.15)}
 
 
 def reference_muon_direction(grad):
@@ -109,7 +110,7 @@ def worker(out: Path) -> None:
                 expected = before[n] * (1 - ADAM_LR * wd) - ADAM_LR * grads[n] / (grads[n].abs() + 1e-8)
                 sgd = None
             step = expected - before[n]
-            errors[n] = {"muon": n in muon_names,
+            errors[n] = {"muon": n in muon_names, "matrix": before[n].dim() == 2,
                          "error": ((after - expected).norm() / step.norm()).item(),
                          "sgd_error": None if sgd is None else ((after - sgd).norm() / step.norm()).item()}
         eng.backward(eng(idx[:, :-1], idx[:, 1:])[1])  # the moment the planner models: before a later step
@@ -142,7 +143,12 @@ def test_one_muon_step_matches_a_reference_muon_on_the_hidden_matrices_and_adamw
     assert len(muon_errors) == 2 * 4, muon_errors  # 2 blocks x (c_attn, attn c_proj, c_fc, mlp c_proj)
     assert {n for n in result["errors"] if not result["errors"][n]["muon"]} >= {"transformer.wte.weight",
                                                                                  "transformer.wpe.weight"}
-    bad = {n: e["error"] for n, e in result["errors"].items() if e["error"] > (muon_tol if e["muon"] else adam_tol)}
+    # AdamW's first step is about sign(g), which a bf16 gradient flips where it is tiny: in bf16 only the
+    # AdamW side's matrices are compared, and at ZeRO-0 (bf16 gradients, no fp32 accumulation: 27% off
+    # measured) only the Muon side.
+    checked = {n: e for n, e in result["errors"].items()
+               if result["dtype"] == "float32" or e["muon"] or (e["matrix"] and result["stage"] > 0)}
+    bad = {n: e["error"] for n, e in checked.items() if e["error"] > (muon_tol if e["muon"] else adam_tol)}
     assert not bad, (case, bad)
     # The check can fail: a plain SGD step is nowhere near it.
     assert min(e["sgd_error"] for e in muon_errors.values()) > 0.5
