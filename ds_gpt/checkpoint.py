@@ -370,6 +370,8 @@ def check_resumable(info: CheckpointInfo, world_size: int, run: RunConfig) -> No
     """
     elastic.check_resume(Path(run.train.out_dir) / info.tag, info.marker, batch=run.batch,
                          data_dir=run.train.data_dir, allow_batch_change=run.train.allow_batch_change)
+    elastic.check_optimizer(Path(run.train.out_dir) / info.tag, info.marker, run.optimizer,
+                            elastic.Layout(world_size, run.zero_stage, run.dtype))
 
 
 def resolve_tag(out_dir: Path, tag: str | None) -> str:

@@ -21,6 +21,7 @@ from ds_gpt.errors import UserError
 from ds_gpt.paths import repo_path
 
 GPT2 = presets.MODELS["124M"]  # the reference run's model, the default shape
+LR_SCHEDULES = ("cosine", "wsd")
 
 
 def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -50,16 +51,21 @@ class TrainConfig:
     bias: bool = opt(False, "biases in Linear and LayerNorm layers")
     activation_checkpointing: str = opt("none", "none | full: recompute each block in backward, ~1/3 more compute "
                                                 "for far less activation memory", choices=recompute.MODES)
-    # AdamW and clipping: None keeps the DeepSpeed JSON's value
-    learning_rate: float | None = opt(None,
-                                      "peak learning rate (JSON optimizer.params.lr, 6e-4 in the shipped configs)")
-    weight_decay: float | None = opt(None, "AdamW weight decay on 2-D tensors (JSON optimizer.params.weight_decay)")
+    # optimizer and clipping: None keeps the DeepSpeed JSON's value
+    learning_rate: float | None = opt(None, "peak learning rate (JSON optimizer.params.lr, 6e-4 in the shipped "
+                                            "AdamW configs); with Muon the Muon side's, the AdamW side keeping its "
+                                            "ratio to it (docs/training.md)")
+    weight_decay: float | None = opt(None, "weight decay on 2-D tensors (JSON optimizer.params.weight_decay); "
+                                           "with Muon, both sides'")
     grad_clip: float | None = opt(None, "gradient norm clip, 0 disables (JSON gradient_clipping)")
-    # learning-rate schedule: nanoGPT's linear warmup then cosine decay to min_lr
+    # learning-rate schedule: linear warmup, then nanoGPT's cosine (or warmup-stable-decay) down to min_lr
     decay_lr: bool = opt(True, "decay the learning rate; False keeps it at the peak")
+    lr_schedule: str = opt("cosine", "cosine (nanoGPT's) | wsd: constant after warmup, then a linear cool-down "
+                                     "to min_lr over the last --cooldown_frac of lr_decay_iters", choices=LR_SCHEDULES)
+    cooldown_frac: float = opt(0.2, "wsd: fraction of lr_decay_iters spent cooling down linearly, in (0, 1]")
     warmup_iters: int = opt(2000, "linear warmup iterations")
-    lr_decay_iters: int = opt(600000, "iteration where the cosine reaches min_lr (~max_iters per Chinchilla)")
-    min_lr: float = opt(6e-5, "final learning rate (~peak / 10)")
+    lr_decay_iters: int = opt(600000, "iteration where the schedule reaches min_lr (~max_iters per Chinchilla)")
+    min_lr: float = opt(6e-5, "final learning rate (~peak / 10); with Muon, in units of the Muon side's lr")
     # DeepSpeed overrides: None keeps the JSON's value
     zero_stage: int | None = opt(None, "ZeRO stage 0-3 (JSON zero_optimization.stage)")
     dtype: str | None = opt(None, "float32 | bfloat16 | float16 (JSON bf16/fp16 blocks)")
@@ -287,6 +293,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"on_nan must be stop or skip (got {cfg.on_nan})")
     if cfg.warmup_iters < 0 or cfg.lr_decay_iters < cfg.warmup_iters:
         problems.append(f"need 0 <= warmup_iters ({cfg.warmup_iters}) <= lr_decay_iters ({cfg.lr_decay_iters})")
+    if known("cooldown_frac") and not 0.0 < cfg.cooldown_frac <= 1.0:
+        problems.append(f"cooldown_frac must be in (0, 1] (got {cfg.cooldown_frac})")
     if cfg.keep_last < 1:
         problems.append(f"keep_last must be at least 1 (got {cfg.keep_last})")
     if cfg.milestone_every < 0:

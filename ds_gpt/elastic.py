@@ -38,7 +38,7 @@ import torch
 from ds_gpt import atomic, safe_load
 from ds_gpt.collectives import all_reduce_sum
 from ds_gpt.errors import UserError
-from ds_gpt.run_config import BatchSizes, flags_for_global_batch
+from ds_gpt.run_config import BatchSizes, ds_optimizer, flags_for_global_batch
 
 DIRNAME = "layout_free"
 FORMAT = 1
@@ -414,6 +414,25 @@ def check_resume(tag_dir: Path, marker: dict, *, batch: BatchSizes, data_dir: st
         raise UserError(f"checkpoint {tag} was trained on {saved_data} tokenized with {before}; --data_dir {data_dir} "
                         f"is tokenized with {now}", hint="resume on data prepared with the checkpoint's tokenizer, "
                         "or start a new run from its weights: --init_from weights:OUT --out_dir NEW_OUT")
+
+
+def check_optimizer(tag_dir: Path, marker: dict, optimizer: str, new: Layout) -> None:
+    """Refuse a resume with another optimizer than the checkpoint's, and Muon's across layouts.
+
+    The layout-free form carries AdamW's moments only; Muon's momentum buffers live in DeepSpeed's
+    flat Muon groups and are not converted, so a Muon run resumes on the layout that saved it.
+    """
+    saved_config = client_state_of(read_model_states(tag_dir)).get("config") or {}
+    saved = ds_optimizer(saved_config.get("ds_config") or {})
+    if saved != optimizer:
+        raise UserError(f"checkpoint {tag_dir.name} was trained with {saved}; this run's optimizer is {optimizer}",
+                        hint="resume with the checkpoint's DeepSpeed JSON, or start a new run from its weights: "
+                             "--init_from weights:OUT --out_dir NEW_OUT")
+    if optimizer == "muon" and needs_conversion(Layout.of_marker(marker), new):
+        raise UserError(f"checkpoint {tag_dir.name} was saved by {Layout.of_marker(marker)}; a Muon run resumes "
+                        f"only on the layout that saved it, not on {new}",
+                        hint=f"resume on {Layout.of_marker(marker)}, or start a new run from its weights: "
+                             "--init_from weights:OUT --out_dir NEW_OUT")
 
 
 def resume_events(tag: str, marker: dict, client_state: dict, new: Layout, global_batch: int,

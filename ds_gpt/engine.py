@@ -5,13 +5,14 @@ inputs are checked first (ds_gpt.startup), and `--help` or a bad flag costs no D
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
 import warnings
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ import torch.distributed.distributed_c10d as c10d
 
 from ds_gpt import build_locks, launch_env, ops, safe_load
 from ds_gpt.collectives import all_gather_object
+from ds_gpt.errors import UserError
 from ds_gpt.launch_env import LaunchEnv
 from ds_gpt.model import GPT
 from ds_gpt.run_config import RunConfig
@@ -116,13 +118,17 @@ def build_engine(model: GPT, run: RunConfig) -> DeepSpeedEngine:
     """Wrap the model in a DeepSpeed engine configured by the resolved JSON.
 
     The optimizer is built by DeepSpeed from the JSON (fused Adam on GPUs), over nanoGPT's
-    two parameter groups, so weight decay skips biases and norms.
+    two parameter groups, so weight decay skips biases and norms; with Muon, over the hidden
+    matrices (Muon) and the rest (AdamW), each side at the JSON's settings.
     """
     import deepspeed
 
-    groups = model.optimizer_param_groups(run.weight_decay)
+    groups = model.optimizer_param_groups(run.weight_decay, run.optimizer_sides)
     with ops.build_errors_reported():  # the optimizer's op (CPU Adam with offload, fused Adam on GPUs)
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
+        with _muon_tags(model) if run.optimizer == "muon" else contextlib.nullcontext():
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
+    if run.optimizer == "muon":
+        _check_muon(engine, model)
     safe_load.install(engine)  # load_checkpoint reads weights only
     _stop_lock_watcher()  # every op this run uses is loaded
     if dist.get_world_size() == 1 and not engine.zero_optimization():
@@ -135,9 +141,50 @@ def build_engine(model: GPT, run: RunConfig) -> DeepSpeedEngine:
     return engine
 
 
-def set_lr(engine: DeepSpeedEngine, lr: float) -> None:
+@contextlib.contextmanager
+def _muon_tags(model: GPT) -> Iterator[None]:
+    """Tag Muon's parameters (`use_muon`) as the model says, while deepspeed.initialize runs.
+
+    DeepSpeed tags them itself inside initialize, just before it builds the optimizer, by name: a
+    2-D parameter goes to Muon unless its name holds "embed" or "lm_head". GPT-2's embeddings are
+    `wte` (tied to lm_head, and named after it) and `wpe`, so that rule puts both on Muon, which is
+    meant for hidden matrices only. initialize offers no hook between its tagging and the optimizer,
+    so ours runs right after DeepSpeed's, in its place, and the engine is checked afterwards.
+    """
+    import deepspeed
+
+    hidden = {id(p) for p in model.muon_matrices()}
+    deepspeeds_tagger = deepspeed.set_optimizer_flags
+
+    def tag(config, module: torch.nn.Module) -> None:
+        deepspeeds_tagger(config, module)  # also its per-head bookkeeping
+        for p in module.parameters():
+            p.use_muon = id(p) in hidden
+
+    deepspeed.set_optimizer_flags = tag
+    try:
+        yield
+    finally:
+        deepspeed.set_optimizer_flags = deepspeeds_tagger
+
+
+def _check_muon(engine: DeepSpeedEngine, model: GPT) -> None:
+    """Muon's known silent failure is a model with nothing tagged (every step then AdamW/SGD): refuse to train."""
+    hidden = {id(p) for p in model.muon_matrices()}
+    wrong = [n for n, p in model.named_parameters() if getattr(p, "use_muon", None) is not (id(p) in hidden)]
+    if wrong or not any(g.get("use_muon") for g in engine.optimizer.param_groups):
+        raise UserError(f"DeepSpeed built Muon without the hidden matrices on its Muon side (mis-tagged: "
+                        f"{', '.join(wrong[:3]) or 'no Muon group'})",
+                        hint="this DeepSpeed tags parameters differently; train with AdamW (ds_configs/zero1.json)")
+
+
+def set_lr(engine: DeepSpeedEngine, lrs: dict[str, float] | float) -> None:
+    """Set each parameter group's learning rate: `lrs` by optimizer side (RunConfig.side_lrs), or one for all.
+
+    DeepSpeed marks Muon's groups `use_muon`; every other group is on AdamW's side.
+    """
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lrs if isinstance(lrs, float) else lrs["muon" if group.get("use_muon") else "adam"]
 
 
 def is_peer_failure(err: BaseException) -> bool:

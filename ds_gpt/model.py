@@ -162,15 +162,35 @@ class GPT(nn.Module):
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
-    def optimizer_param_groups(self, weight_decay: float) -> list[dict]:
-        """nanoGPT's split: matrices and embeddings (2+ dims) decay; biases and norms do not."""
+    def optimizer_param_groups(self, weight_decay: float, muon: dict[str, dict] | None = None) -> list[dict]:
+        """nanoGPT's split: matrices and embeddings (2+ dims) decay; biases and norms do not.
+
+        With `muon` ({"muon": {"lr", "weight_decay"}, "adam": {...}}, ds_gpt.muon.sides) the hidden
+        matrices form a group of their own at the Muon side's settings, and the embeddings, gains
+        and biases keep AdamW at the AdamW side's (biases and norms still without decay).
+        """
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        if muon is None:
+            return [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ]
+        hidden = {id(p) for p in self.muon_matrices()}
+        adam = [p for p in params if id(p) not in hidden]
         return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [p for p in params if id(p) in hidden], **muon["muon"]},
+            {"params": [p for p in adam if p.dim() >= 2], **muon["adam"]},
+            {"params": [p for p in adam if p.dim() < 2], "lr": muon["adam"]["lr"], "weight_decay": 0.0},
         ]
+
+    def muon_matrices(self) -> list[nn.Parameter]:
+        """The hidden matrices Muon orthogonalizes: each block's attention and MLP weights.
+
+        Muon is for maps between hidden states; the tied token embedding / output head and the
+        position embedding stay on AdamW, as do all gains and biases (Jordan et al., modded-nanogpt).
+        """
+        # By module, not by p.dim(): under ZeRO-3 a partitioned weight looks 1-D.
+        return [m.weight for m in self.transformer.h.modules() if isinstance(m, nn.Linear)]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

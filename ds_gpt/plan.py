@@ -82,7 +82,7 @@ def plan(n_layer: int, n_head: int, n_embd: int, *, gpus: int, gpu: str, zero_st
          activation_checkpointing: str = "none", offload: str = "none", zero: dict | None = None,
          comm_dtype: str | None = None, gpu_mem_gb: float | None = None, gpus_per_node: int | None = None,
          intra_node_GBps: float | None = None, inter_node_GBps: float | None = None,
-         mem_margin: float = MEM_MARGIN, cuda_context_gb: float = CUDA_CONTEXT_GB) -> dict:
+         mem_margin: float = MEM_MARGIN, cuda_context_gb: float = CUDA_CONTEXT_GB, optimizer: str = "adamw") -> dict:
     """Everything the CLI prints, as one JSON-able dict. `zero`: the DeepSpeed zero_optimization
     block (default: the shipped ds_configs/zero<stage>.json's)."""
     problems: dict[str, str] = {}  # each problem, and the flag that fixes it
@@ -142,7 +142,7 @@ def plan(n_layer: int, n_head: int, n_embd: int, *, gpus: int, gpu: str, zero_st
     grad_accum = tokens_per_iter // per_step
     layout = gpt_layout(n_layer, n_embd, vocab_size, block_size, bias)
     setup = Setup(layout, gpus, zero_stage, dtype, offload in ("optimizer", "all"), offload == "all",
-                  shipped_zero_block(zero_stage) if zero is None else zero, comm_dtype)
+                  shipped_zero_block(zero_stage) if zero is None else zero, comm_dtype, optimizer)
 
     # memory
     rank = heaviest_rank(setup)
@@ -178,7 +178,7 @@ def plan(n_layer: int, n_head: int, n_embd: int, *, gpus: int, gpu: str, zero_st
                   "vocab_size": vocab_size, "bias": bias},
         "n_params": n_params, "n_params_total": layout.numel,
         "gpus": gpus, "nodes": nodes, "gpus_per_node": gpus // nodes, "gpu": gpu, "zero_stage": zero_stage,
-        "dtype": dtype, "comm_dtype": comm_dtype or dtype, "offload": offload,
+        "dtype": dtype, "comm_dtype": comm_dtype or dtype, "offload": offload, "optimizer": optimizer,
         "activation_checkpointing": activation_checkpointing,
         "micro_batch": micro_batch, "grad_accum": grad_accum, "tokens_per_iter": tokens_per_iter,
         "max_iters": max_iters,
@@ -198,6 +198,7 @@ def plan(n_layer: int, n_head: int, n_embd: int, *, gpus: int, gpu: str, zero_st
         "comm_time_by_collective_s": comm["by_collective"], "offload_time_s": offload_s, "iter_time_s": iter_s,
         "scaling_efficiency": compute_s / iter_s, "mfu": tokens_per_s * fpt / (gpus * peak),
         "tokens_per_s": tokens_per_s, "total_days": total_s / 86400, "gpu_hours": total_s * gpus / 3600,
+        "tokens_to_finish": tokens_per_iter * max_iters, "hours_to_finish": total_s / 3600,
         "days_per_10b_tokens": 1e10 / tokens_per_s / 86400,
         "assumptions": assumptions(setup, mem_margin, cuda_context_gb),
     }
@@ -248,6 +249,8 @@ def render(p: dict) -> str:
         + f" = {p['iter_time_s'] * 1e3:.0f} ms; scaling efficiency {p['scaling_efficiency']:.0%}, MFU {p['mfu']:.0%}",
         f"{p['tokens_per_s']:,.0f} tokens/s: {p['max_iters']:,} iters in {p['total_days']:.2f} days "
         f"({p['gpu_hours']:,.0f} GPU-hours); 10B tokens in {p['days_per_10b_tokens']:.2f} days",
+        f"to finish: {p['tokens_to_finish'] / 1e9:,.2f}B tokens, {p['max_iters']:,} iterations, "
+        f"{p['hours_to_finish']:,.1f} h wall-clock, {p['gpu_hours']:,.0f} GPU-hours",
         "assumptions: " + "; ".join(p["assumptions"]),
     ]
     return "\n".join(lines)
@@ -255,6 +258,8 @@ def render(p: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m ds_gpt.plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", metavar="TOML", help="a training config (config/*.toml, with its DeepSpeed JSON): "
+                    "its model, batch, ZeRO stage, precision and max_iters replace the flags below")
     ap.add_argument("--model", default="124M", help=f"GPT-2 size: {', '.join(MODELS)} (or gpt2, gpt2-medium ...)")
     ap.add_argument("--n_layer", type=int, help="override the preset's layers")
     ap.add_argument("--n_head", type=int, help="override the preset's heads")
@@ -276,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                     "on 2 x A100)")
     ap.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
     ap.add_argument("--comm_dtype", help="DeepSpeed's communication_data_type (default: --dtype)")
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"),
+                    help="muon: DeepSpeed's Muon, one momentum buffer for the hidden matrices (ZeRO-0..2)")
     ap.add_argument("--micro_batch", type=int, default=12, help="sequences per GPU per micro-step")
     ap.add_argument("--activation_checkpointing", default="none", help=" | ".join(CHECKPOINTING))
     ap.add_argument("--offload", default="none", help="none | optimizer (ZeRO-2/3) | all (optimizer and "
@@ -289,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                     "activation checkpointing, the JSON)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    if args.config:
+        adopt_run_config(args)
     check_numbers(args)
     shape = MODELS[canonical(args.model)]
     n_layer, n_head, n_embd = (v if v is not None else d
@@ -297,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                   vocab_size=args.vocab_size, block_size=args.block_size, bias=args.bias,
                   tokens_per_iter=args.tokens_per_iter, max_iters=args.max_iters, comm_dtype=args.comm_dtype,
                   gpu_mem_gb=args.gpu_mem_gb, gpus_per_node=args.gpus_per_node,
-                  intra_node_GBps=args.intra_node_GBps, inter_node_GBps=args.inter_node_GBps)
+                  intra_node_GBps=args.intra_node_GBps, inter_node_GBps=args.inter_node_GBps,
+                  optimizer=args.optimizer)
     if args.fit:
         p = plan_fit.fit(plan, n_layer, n_head, n_embd, **common)
         plan_fit.write(p, args.write_config, args.write_run_config, model=canonical(args.model))
@@ -309,6 +319,21 @@ def main(argv: list[str] | None = None) -> int:
              activation_checkpointing=args.activation_checkpointing, offload=args.offload, **common)
     print(json.dumps(p, indent=1) if args.json else render(p))
     return 0
+
+
+def adopt_run_config(args) -> None:
+    """Take the model, batch, ZeRO stage, precision and length of the run `--config` describes, as the
+    trainer would resolve them on `--gpus` ranks (ds_gpt.run_config: the same arithmetic, the same errors)."""
+    from ds_gpt.config import parse_args
+    from ds_gpt.run_config import resolve
+
+    run = resolve(parse_args(["--config", args.config]), args.gpus, cuda=True)
+    m = run.model
+    args.model, args.n_layer, args.n_head, args.n_embd = "124M", m["n_layer"], m["n_head"], m["n_embd"]
+    args.block_size, args.vocab_size, args.bias = m["block_size"], m["vocab_size"], m["bias"]
+    args.zero_stage, args.dtype, args.micro_batch = run.zero_stage, run.dtype, run.batch.micro
+    args.tokens_per_iter, args.max_iters = run.tokens_per_iter, run.train.max_iters
+    args.activation_checkpointing, args.optimizer = run.train.activation_checkpointing, run.optimizer
 
 
 def check_numbers(args) -> None:

@@ -43,6 +43,10 @@ class Param:
     numel: int
     decay: bool  # 2-D tensors: AdamW's decayed group (nanoGPT's split), the optimizer's first group
 
+    @property
+    def muon(self) -> bool:  # a hidden matrix: Muon's side (GPT.muon_matrices)
+        return self.decay and ".h." in self.name
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -56,8 +60,13 @@ class Layout:
     def numel(self) -> int:
         return sum(p.numel for p in self.params)
 
-    def groups(self) -> list[list[int]]:
-        """Parameter sizes per optimizer group, in DeepSpeed's order: decayed, then not."""
+    def groups(self, muon: bool = False) -> list[list[int]]:
+        """Parameter sizes per optimizer group, in DeepSpeed's order: decayed, then not; with Muon, its
+        hidden matrices first, then the AdamW side's decayed and undecayed (ds_gpt.model's groups)."""
+        if muon:
+            return [[p.numel for p in self.params if p.muon],
+                    [p.numel for p in self.params if p.decay and not p.muon],
+                    [p.numel for p in self.params if not p.decay]]
         return [[p.numel for p in self.params if p.decay], [p.numel for p in self.params if not p.decay]]
 
 
@@ -138,6 +147,7 @@ class Setup:
     offload_param: bool = False  # ZeRO-3: parameter partitions on CPU too
     zero: dict | None = None  # the DeepSpeed zero_optimization block (DeepSpeed's defaults fill gaps)
     comm_dtype: str | None = None  # DeepSpeed's communication_data_type; None: the training dtype
+    optimizer: str = "adamw"  # or "muon": one momentum buffer for the hidden matrices instead of two moments
 
     def knob(self, key: str):
         return {**ZERO_DEFAULTS, **(self.zero or {})}[key]
@@ -163,11 +173,13 @@ def state_bytes(s: Setup, rank: int = 0) -> dict[str, dict[str, int]]:
     n, pb, psi = s.world, s.pbytes, s.layout.numel
     gpu = dict.fromkeys(("params", "grads", "optimizer"), 0)
     cpu = dict(gpu)
+    muon = s.optimizer == "muon"
+    hidden = sum(p.numel for p in s.layout.params if p.muon) if muon else 0
     if s.zero_stage == 0:
         gpu["params"] = gpu["grads"] = psi * pb
-        gpu["optimizer"] = (8 if pb == 4 else 12) * psi  # m, v (+ fp32 master weights in 16-bit)
+        gpu["optimizer"] = (8 if pb == 4 else 12) * psi - 4 * hidden  # m, v (+ fp32 master weights in 16-bit)
     elif s.zero_stage in (1, 2):
-        groups = s.layout.groups()
+        groups = s.layout.groups(muon)
         part = sum(zero12_partition(g, n) for g in groups)
         gpu["params"] = part * n * pb  # the padded flat buffers, whole on every rank
         grads = sum(zero12_rank_grad_numel(g, n, rank) for g in groups) * pb
@@ -179,6 +191,11 @@ def state_bytes(s: Setup, rank: int = 0) -> dict[str, dict[str, int]]:
             largest = max(p.numel for p in s.layout.params)
             gpu["grads"] = largest * pb
             cpu["grads"], cpu["optimizer"] = 4 * part + largest * pb, 12 * part + part * pb
+        elif muon:
+            # fp32 master weights, AdamW's two moments on its side, and Muon's momentum in the gradient
+            # dtype, plus the copy DeepSpeed stages it into during the step (held with the gradients).
+            muon_part = zero12_partition(groups[0], n)
+            gpu["grads"], gpu["optimizer"] = grads + pb * muon_part, 4 * part + 8 * (part - muon_part) + pb * muon_part
         else:
             gpu["grads"], gpu["optimizer"] = grads, 12 * part
     else:

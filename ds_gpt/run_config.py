@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ds_gpt import muon
 from ds_gpt.config import MODEL_KEYS, TrainConfig, model_args
 from ds_gpt.errors import UserError
 from ds_gpt.flops_profile import profiler_ds_overrides
@@ -209,10 +210,15 @@ def load_ds_config(path: str) -> dict:
         raise UserError(f"DeepSpeed config {path}: remove the scheduler block; the learning rate follows "
                         "--learning_rate/--min_lr/--warmup_iters/--lr_decay_iters (nanoGPT's schedule)",
                         hint="delete the \"scheduler\" key")
-    if ds.get("optimizer", {}).get("type", "AdamW").lower() not in ("adamw", "adam"):
-        raise UserError(f"DeepSpeed config {path}: optimizer.type must be AdamW (nanoGPT's recipe)",
-                        hint='set "type": "AdamW"')
+    if ds.get("optimizer", {}).get("type", "AdamW").lower() not in ("adamw", "adam", "muon"):
+        raise UserError(f"DeepSpeed config {path}: optimizer.type must be AdamW (nanoGPT's recipe) or Muon "
+                        "(ds_configs/zero1_muon.json)", hint='set "type": "AdamW"')
     return ds
+
+
+def ds_optimizer(ds: dict) -> str:
+    """"muon" for DeepSpeed's Muon (with its auxiliary AdamW), else "adamw"."""
+    return "muon" if ds.get("optimizer", {}).get("type", "AdamW").lower() == "muon" else "adamw"
 
 
 def ds_zero_stage(ds: dict) -> int:
@@ -255,7 +261,14 @@ class RunConfig:
         return ds_zero_stage(self.ds_config)
 
     @property
+    def optimizer(self) -> str:
+        return ds_optimizer(self.ds_config)
+
+    @property
     def learning_rate(self) -> float:
+        """The peak lr the schedule is written in: AdamW's, or with Muon the Muon side's."""
+        if self.optimizer == "muon":
+            return self.optimizer_sides["muon"]["lr"]
         return float(self.ds_config["optimizer"]["params"]["lr"])
 
     @property
@@ -263,11 +276,17 @@ class RunConfig:
         return float(self.ds_config["optimizer"]["params"].get("weight_decay", 0.0))
 
     @property
+    def optimizer_sides(self) -> dict[str, dict[str, float]] | None:
+        """With Muon, each side's peak lr and weight decay ({"muon": ..., "adam": ...}); None for AdamW."""
+        return muon.sides(self.ds_config["optimizer"]["params"]) if self.optimizer == "muon" else None
+
+    @property
     def tokens_per_iter(self) -> int:
         return self.batch.global_batch * self.model["block_size"]
 
     def lr_at(self, it: int) -> float:
-        """nanoGPT's get_lr: linear warmup, cosine decay to min_lr, then min_lr."""
+        """The learning rate of iteration `it`: linear warmup, then nanoGPT's cosine decay to min_lr
+        (or, with --lr_schedule wsd, the peak until a linear cool-down to min_lr), then min_lr."""
         t, peak = self.train, self.learning_rate
         if not t.decay_lr:
             return peak
@@ -275,8 +294,23 @@ class RunConfig:
             return peak * (it + 1) / (t.warmup_iters + 1)
         if it > t.lr_decay_iters:
             return t.min_lr
+        if t.lr_schedule == "wsd":
+            cooldown_start = max(t.warmup_iters, t.lr_decay_iters - round(t.cooldown_frac * t.lr_decay_iters))
+            if it < cooldown_start:
+                return peak
+            ratio = (it - cooldown_start) / max(1, t.lr_decay_iters - cooldown_start)
+            return peak + ratio * (t.min_lr - peak)
         ratio = (it - t.warmup_iters) / max(1, t.lr_decay_iters - t.warmup_iters)
         return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - t.min_lr)
+
+    def side_lrs(self, lr: float) -> dict[str, float]:
+        """The lr of each optimizer side when the schedule stands at `lr`: with Muon the AdamW side
+        follows the same schedule at its own peak; AdamW has one side."""
+        sides = self.optimizer_sides
+        if sides is None:
+            return {"adam": lr}
+        peak = sides["muon"]["lr"]
+        return {"muon": lr, "adam": lr * sides["adam"]["lr"] / peak if peak > 0 else sides["adam"]["lr"]}
 
     def to_dict(self) -> dict:
         train = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "explicit"}
@@ -327,16 +361,22 @@ def resolve(cfg: TrainConfig, world_size: int, *, cuda: bool, overrides_log: lis
     if cfg.dtype is not None:
         override(("bf16", "enabled"), cfg.dtype == "bfloat16", "--dtype")
         override(("fp16", "enabled"), cfg.dtype == "float16", "--dtype")
-    ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
-    if cfg.learning_rate is not None:
-        override(("optimizer", "params", "lr"), cfg.learning_rate, "--learning_rate")
-    if cfg.weight_decay is not None:
-        override(("optimizer", "params", "weight_decay"), cfg.weight_decay, "--weight_decay")
+    params = ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
+    if ds_optimizer(ds) == "muon":
+        for key, value in muon.overrides(params, cfg.learning_rate, cfg.weight_decay).items():
+            override(("optimizer", "params", key), value, "--learning_rate" if key.endswith("lr") else "--weight_decay")
+    else:
+        if cfg.learning_rate is not None:
+            override(("optimizer", "params", "lr"), cfg.learning_rate, "--learning_rate")
+        if cfg.weight_decay is not None:
+            override(("optimizer", "params", "weight_decay"), cfg.weight_decay, "--weight_decay")
     if cfg.grad_clip is not None:
         override(("gradient_clipping",), cfg.grad_clip, "--grad_clip")
-    if "lr" not in ds["optimizer"]["params"]:
+    if "lr" not in params and not (ds_optimizer(ds) == "muon" and "muon_lr" in params):
         raise UserError(f"DeepSpeed config {cfg.deepspeed_config}: optimizer.params.lr is missing",
                         hint="set it in the JSON or pass --learning_rate")
+    if ds_optimizer(ds) == "muon":
+        muon.check_supported(ds, cfg.deepspeed_config)
     if ds_offloads_optimizer(ds):
         # ZeRO-Offload steps on the host with DeepSpeed's CPU Adam (a JIT-built AVX op, GPU or not);
         # torch's AdamW there would be DeepSpeed's slow fallback.

@@ -98,7 +98,7 @@ def train_step(eng, batches: BatchPrefetcher, step: int, guard: NonFiniteGuard, 
     n_finite = guard.micro_batches_per_step - n_bad
     action = guard.decide(int(n_bad))
     if action == "skip":
-        ds_engine.set_lr(eng, 0.0)  # AdamW with lr 0 leaves every parameter exactly as it was
+        ds_engine.set_lr(eng, 0.0)  # AdamW (and Muon) with lr 0 leave every parameter exactly as it was
     if action != "stop":
         if before_update is not None:
             before_update(step)
@@ -207,7 +207,7 @@ def train(start: Startup, stop: GracefulStop) -> int:
 
             lr = run.lr_at(state.iter_num)
             t0 = time.perf_counter()
-            ds_engine.set_lr(eng, lr)
+            ds_engine.set_lr(eng, run.side_lrs(lr))
             result = train_step(eng, batches, state.iter_num, guard, stop, profile, log_memory)
             if result.action != "ok":
                 metrics.nonfinite(state.iter_num, lr=lr, micro_batches=result.nonfinite, action=result.action)

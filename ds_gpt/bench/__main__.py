@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from ds_gpt import bench
 from ds_gpt.bench.checkpoint import add_checkpoint
+from ds_gpt.bench.gpu import add_gpu
 from ds_gpt.bench.loader import add_loader
 from ds_gpt.bench.memory import add_memory
 from ds_gpt.bench.prepare import add_prepare
+from ds_gpt.bench.recipe import add_recipe
 from ds_gpt.bench.step import add_step
 from ds_gpt.errors import ArgumentParser, run_cli
 
-BENCHES = [add_prepare, add_loader, add_step, add_memory, add_checkpoint]
+BENCHES = [add_prepare, add_loader, add_step, add_memory, add_checkpoint, add_recipe, add_gpu]
 
 
 def main(argv: list[str] | None = None) -> int:
