@@ -10,7 +10,8 @@ first line of a block, using one of the phrases of NOT_HERE (e.g. `# on a cluste
 command that needs SLURM, a GPU or the internet and is not marked fails here, so the marks stay
 true. Two changes are made to what runs, both for time: every training command trains TRAIN_CAP
 iterations (appended flags win over earlier ones and over the TOML), and `make demo` gets the same
-through the Makefile's DEMO_ARGS. `make test` is the suite itself and is not run from within it.
+through the Makefile's DEMO_ARGS. `make test` and `make test-fast` are this suite and are not run
+from within it.
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ from helpers import REPO_ROOT, VENV_BIN, free_port
 # cannot run on this 2-core CPU machine without the internet. Each says why.
 NOT_HERE = {
     "on a cluster": "needs a SLURM allocation or the cluster's nodes",
-    "inside salloc/sbatch": "needs a SLURM allocation",
     "on a gpu": "needs a CUDA device",
     "needs the internet": "downloads from the Hugging Face Hub or wandb.ai",
-    "the suite itself": "is this test suite",
+    "run by hand": "a benchmark that measures for minutes; tests/test_bench.py runs each on a tiny setting",
+    "nanogpt's own run": "needs a ckpt.pt written by nanoGPT's train.py; tests/test_interop.py builds one",
 }
 # What each training command runs instead of its own schedule: enough to start, step, evaluate,
 # checkpoint and end, so that the commands after it (sample, export, report) have a run to read.
@@ -113,7 +114,9 @@ def blocks() -> list[Block]:
                 mark = block_mark or not_here(comment)
                 if line.lstrip().startswith("#") or not line.strip():
                     continue
-                if mark:
+                if line.lstrip().startswith("make test"):
+                    skipped.append(f"{line.strip()}  [the suite itself]")
+                elif mark:
                     skipped.append(f"{line.strip()}  [{NOT_HERE[mark]}]")
                 else:
                     script.append(as_run_here(line))

@@ -50,7 +50,7 @@ def test_exit_codes_and_teardown(outcome, skip_teardown):
     ("ds_gpt.bench.__main__", ["checkpoint"], ["ZeRO stage of the engine saved (default: 1)", "(default: 124M)",
                                               "precision of the engine (default: float32)"]),
     ("ds_gpt.bench.__main__", ["memory"], ["(default: 3000)", "ZeRO stage of the trainer's engine (default: 1)"]),
-    ("ds_gpt.bench.__main__", ["step"], ["(default: 1)", "(default: float32)", "(default: 10)"]),
+    ("ds_gpt.bench.__main__", ["step"], ["(default: 1)", "(default: float32)", "(default: 20)"]),
     ("ds_gpt.bench.__main__", ["loader"], ["(default: 6)", "(default: 400)"]),
     ("ds_gpt.bench.__main__", ["prepare"], ["(default: 3)"]),
 ])
