@@ -3,6 +3,7 @@
     python -m ds_gpt.prepare --dataset shakespeare                # -> data/shakespeare (CPU demo)
     python -m ds_gpt.prepare --dataset openwebtext --num_proc 32  # -> data/openwebtext (~17 GB)
     python -m ds_gpt.prepare --input 'corpus/*.jsonl' --text_field body --out_dir data/mine
+    python -m ds_gpt.prepare --dataset hellaswag                  # -> data/hellaswag (ds_gpt/hellaswag.py)
 
 Output, in nanoGPT's format so either project reads the other's bins:
     train.bin, val.bin  flat uint16 GPT-2 ids, <|endoftext|> (50256) after every document
@@ -36,7 +37,7 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from ds_gpt import corpus, fileset
+from ds_gpt import corpus, fileset, hellaswag
 from ds_gpt.errors import ArgumentParser, UserError, os_error, run_cli
 from ds_gpt.paths import REPO_ROOT
 from ds_gpt.tokenizer import EOT_TOKEN, RANKS_SHA256, VOCAB_SIZE, encode_documents, get_encoding
@@ -52,10 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     # source: exactly one
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", choices=["openwebtext", "shakespeare"],
-                     help="openwebtext: the Hugging Face dataset; shakespeare: 42 plays, 1.57 M tokens")
+    src.add_argument("--dataset", choices=["openwebtext", "shakespeare", "hellaswag"],
+                     help="openwebtext: the Hugging Face dataset; shakespeare: 42 plays, 1.57 M tokens; "
+                          "hellaswag: its validation set, for the trainer's --hellaswag_interval (ds_gpt/hellaswag.py)")
     src.add_argument("--input", nargs="+", metavar="FILE_OR_GLOB",
                      help=".txt (a document per file) or .jsonl/.json/.parquet (a document per record)")
+    p.add_argument("--data_files", nargs="+", metavar="GLOB",
+                   help="with --dataset: a local copy in the Hub dataset's schema instead of the download")
     p.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.parquet")
     # output and split
     p.add_argument("--out_dir", help="default data/<dataset>; required with --input")
@@ -258,6 +262,9 @@ def prepare(docs, out_dir: Path, wanted: dict, num_proc: int, tokenizer_cache: s
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_writable(args.out_dir)
+    if args.dataset == "hellaswag":  # a benchmark, not a corpus: no split, no bins
+        hellaswag.prepare(args.out_dir, args.data_files, args.cache_dir)
+        return 0
     if fileset.pending(args.out_dir):
         with locked_out_dir(args.out_dir):  # finishes the set a killed run committed, so it can be up to date
             pass
