@@ -17,6 +17,7 @@ dynamic-shape graph for training afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -83,9 +84,11 @@ def correct(lls: np.ndarray, ending_chars: np.ndarray, label: np.ndarray) -> tup
 
 
 def score_shard(forward, batches: Batches, device: torch.device) -> tuple[list[int], np.ndarray]:
-    """This rank's items and their [items, 4] log-likelihoods."""
+    """This rank's items and their [items, 4] log-likelihoods. A compiled engine runs eagerly here
+    (the stance imports torch._dynamo, seconds on a CPU: only where the engine already has)."""
     items, lls = [], []
-    with torch.compiler.set_stance("force_eager"):
+    compiled = getattr(forward, "is_compiled", False)  # DeepSpeedEngine.is_compiled
+    with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
         for b in range(batches.n_batches):
             x, y, batch_items = batches.batch(b)
             sums = ending_logprobs(forward, x.to(device), y.to(device)).cpu().numpy()

@@ -54,15 +54,15 @@ def test_our_copy_of_the_harness_text_is_the_harness(tmp_path):
 
 @pytest.mark.slow
 def test_harness_scores_the_export_as_our_training_loop_does(tmp_path):
-    """Two ranks train a GPT-2-vocabulary model (2 layers, d=64, block 64: the longest items are
-    cut from the left, in both) for 2 iterations, scoring HellaSwag in the loop; the harness then
+    """Two ranks train a GPT-2-vocabulary model (2 layers, d=64, block 32: most items are cut
+    from the left, in both) for 2 iterations, scoring HellaSwag in the loop; the harness then
     scores the export of the final checkpoint."""
     hellaswag.prepare(tmp_path / "hellaswag", [str(REPO_ROOT / TASK_DIR / f"{TASK}.jsonl")],
                       cache_dir=str(tmp_path / "hf_datasets"))
     data, out = write_token_bins(tmp_path / "data"), tmp_path / "out"
     forked_train(2, "--deepspeed_config", "ds_configs/zero3.json", "--data_dir", str(data), "--out_dir", str(out),
                  "--hellaswag_dir", str(tmp_path / "hellaswag"), "--n_layer", "2", "--n_head", "2", "--n_embd", "64",
-                 "--block_size", "64", "--vocab_size", "50304", "--bias", "True", "--dtype", "float32",
+                 "--block_size", "32", "--vocab_size", "50304", "--bias", "True", "--dtype", "float32",
                  "--compile", "False", "--micro_batch_size", "2", "--gradient_accumulation_steps", "1",
                  "--max_iters", "2", "--eval_iters", "1", "--learning_rate", "1e-2", "--warmup_iters", "0",
                  log_dir=tmp_path / "logs")
@@ -89,7 +89,7 @@ def test_harness_scores_the_export_as_our_training_loop_does(tmp_path):
     model = GPT(GPTConfig(**client["model_args"])).eval()
     model.load_state_dict(state_dict)
     hs = hellaswag.load(tmp_path / "hellaswag")
-    items, lls = score_shard(model, Batches(hs, 64, rank=0, world_size=1, tokens_per_forward=3 * 4 * 64),
+    items, lls = score_shard(model, Batches(hs, 32, rank=0, world_size=1, tokens_per_forward=3 * 4 * 32),
                              torch.device("cpu"))
     acc, acc_norm = correct(lls, hs.ending_chars[items], hs.label[items])
     assert items == list(range(10))
