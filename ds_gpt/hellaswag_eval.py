@@ -8,11 +8,12 @@ the ending's length in characters first (lm_eval/api/task.py, multiple_choice). 
 first ending, as numpy's argmax gives them.
 
 Cost: one forward per batch of items, the four endings of an item side by side, every row padded
-to the set's longest (a few hundred ids, not the block size), as many rows as a training
-micro-batch holds tokens, so memory stays what training needs. Rank r scores items r, r + world,
+to the batch's longest (items go longest first: little padding, never the block size), as many
+rows as a training micro-batch holds tokens at the set's longest, so memory stays what training
+needs. Rank r scores items r, r + world,
 ...; every rank runs the same number of forwards (ZeRO-3 gathers parameters in each), and the
 counts meet in one all-reduce. The forward is the engine's, in the training precision, run
-eagerly: a compiled model would otherwise recompile for the new shape, and could keep a
+eagerly: a compiled model would otherwise recompile for every new shape, and could keep a
 dynamic-shape graph for training afterwards.
 """
 from __future__ import annotations
@@ -38,24 +39,28 @@ def hellaswag_dir(cfg: TrainConfig) -> Path:
 
 
 class Batches:
-    """The set as fixed-shape (x, y) batches for one rank: y holds the ending's ids where they are
-    scored and -1 elsewhere; `rows` maps each row to (item, ending), or None for padding."""
+    """The set as (x, y) batches for one rank: y holds the ending's ids where they are scored and -1
+    elsewhere. A rank's items go longest first, so each batch pads its rows to about its own length;
+    rows per batch are fixed by the set's longest item, so memory is bounded by `tokens_per_forward`."""
 
     def __init__(self, hs: HellaSwagSet, block_size: int, rank: int, world_size: int, tokens_per_forward: int):
         self.hs, self.block_size = hs, block_size
-        longest = max(len(ids) for item in range(len(hs)) for ids, _ in hs.rows(item))
-        self.T = min(block_size, longest - 1)  # inputs are all ids but the last
-        self.items_per_batch = max(1, tokens_per_forward // (4 * self.T))
-        self.items = list(range(rank, len(hs), world_size))
+        if (longest_ending := int(np.diff(hs.ending_at).max())) > block_size:  # the harness refuses it too
+            raise UserError(f"a HellaSwag ending of {longest_ending} tokens does not fit block_size {block_size}",
+                            hint="score HellaSwag with a longer context, or turn it off: --hellaswag_interval 0")
+        inputs = [min(block_size, max(len(ids) for ids, _ in hs.rows(item)) - 1) for item in range(len(hs))]
+        self.items_per_batch = max(1, tokens_per_forward // (4 * max(inputs)))
+        self.items = sorted(range(rank, len(hs), world_size), key=lambda item: -inputs[item])
+        self.inputs = inputs  # per item: its longest row's input length, after the cut
         per_rank = -(-len(hs) // world_size)  # the most any rank has: every rank runs as many forwards
         self.n_batches = -(-per_rank // self.items_per_batch)
 
     def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """([R, T] inputs, [R, T] targets, the batch's items); R = 4 * items_per_batch."""
-        R = 4 * self.items_per_batch
-        x = torch.full((R, self.T), EOT_TOKEN, dtype=torch.long)
-        y = torch.full((R, self.T), -1, dtype=torch.long)
+        """([R, T] inputs, [R, T] targets, the batch's items); R = 4 * items_per_batch, T its longest."""
         items = self.items[b * self.items_per_batch:(b + 1) * self.items_per_batch]
+        R, T = 4 * self.items_per_batch, max((self.inputs[item] for item in items), default=1)
+        x = torch.full((R, T), EOT_TOKEN, dtype=torch.long)
+        y = torch.full((R, T), -1, dtype=torch.long)
         for i, item in enumerate(items):
             for k, (ids, n_ending) in enumerate(self.hs.rows(item)):
                 ids = torch.from_numpy(ids[-(self.block_size + 1):].astype(np.int64))  # cut from the left

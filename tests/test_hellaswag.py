@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import forked_train, read_jsonl, write_token_bins
 
-from ds_gpt import hellaswag, prepare
+from ds_gpt import hellaswag, prepare, yardsticks
 from ds_gpt.config import parse_args
 from ds_gpt.errors import UserError
+from ds_gpt.export import export
 from ds_gpt.hellaswag_eval import Batches, HellaSwagEval, correct, score_shard
 from ds_gpt.model import GPT, GPTConfig
 from ds_gpt.tokenizer import encode
@@ -83,6 +85,8 @@ def test_bad_sources_and_damaged_sets_are_refused(mini_set, tmp_path):
     assert "prepare --dataset hellaswag" in err.value.hint
     with pytest.raises(UserError, match="no HellaSwag set"):
         hellaswag.load(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="does not fit block_size 8"):  # the harness asserts it, we say it
+        Batches(hellaswag.load(mini_set), 8, 0, 1, 64)
 
 
 def test_shards_on_any_world_size_give_the_one_rank_result(mini_set):
@@ -137,3 +141,31 @@ def test_on_by_default_only_where_a_set_is_found(mini_set, tmp_path):
                                  shape, 2, 0, 1) is None
     with pytest.raises(UserError, match="hellaswag_interval must be >= 0"):
         parse_args(["--hellaswag_interval", "-1"])
+
+
+@pytest.mark.slow
+def test_eval_only_scores_a_hf_model_and_the_report_takes_it_as_a_yardstick(mini_set, tmp_path):
+    """`--eval_only --init_from DIR` (a Hugging Face GPT-2 directory, as `--init_from gpt2` loads
+    OpenAI's from the Hub's cache) writes one eval and one HellaSwag line, with our scorer's numbers
+    for those weights; run under a training run's directory, the report draws them as yardsticks."""
+    pytest.importorskip("transformers", reason="the hf extra (make setup EXTRAS=hf)")
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=32, bias=True)).eval()
+    hf_dir = export(model.state_dict(), {"model_args": model.config.to_dict()}, "hf", tmp_path / "hf")
+    out = tmp_path / "run" / "reference"
+    forked_train(1, "--deepspeed_config", "ds_configs/zero1.json", "--init_from", str(hf_dir), "--eval_only", "True",
+                 "--data_dir", str(write_token_bins(tmp_path / "data")), "--out_dir", str(out),
+                 "--hellaswag_dir", str(mini_set), "--dtype", "float32", "--compile", "False",
+                 "--micro_batch_size", "2", "--gradient_accumulation_steps", "1", "--eval_iters", "1",
+                 log_dir=tmp_path / "logs")
+    lines = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") in (None, "hellaswag")]
+    assert [sorted(r) for r in lines] == [["iter", "time", "tokens", "train_loss", "val_loss"],
+                                          ["acc", "acc_norm", "eval_only", "event", "items", "iter", "time", "tokens"]]
+    hs = hellaswag.load(mini_set)
+    items, lls = score_shard(model, Batches(hs, 32, 0, 1, 4 * 32), torch.device("cpu"))
+    acc, acc_norm = correct(lls, hs.ending_chars[items], hs.label[items])
+    assert (lines[1]["acc"], lines[1]["acc_norm"], lines[1]["items"]) == (acc.mean(), acc_norm.mean(), 10)
+    measured = yardsticks.measured(tmp_path / "run")
+    assert [(y.metric, y.value) for y in measured] == [("acc", acc.mean()), ("acc_norm", acc_norm.mean()),
+                                                       ("val_loss", lines[0]["val_loss"])]
+    assert measured[0].label == f"{hf_dir}, measured"
