@@ -129,7 +129,8 @@ class HellaSwagEval:
         return iter_num % self.interval == 0 or iter_num >= self.cfg.max_iters or self.cfg.eval_only
 
     def score(self, eng) -> dict:
-        """{"items", "acc", "acc_norm"} over the whole set (with "eval_only" under --eval_only); every rank calls it."""
+        """{"items", "acc", "acc_norm"} over the whole set (under --eval_only also "eval_only" and "init_from",
+        the weights scored); every rank calls it."""
         from ds_gpt import engine as ds_engine  # not at import: startup builds this before any process group
 
         eng.eval()
@@ -140,4 +141,4 @@ class HellaSwagEval:
         acc, acc_norm = correct(lls, self.hs.ending_chars[items], self.hs.label[items])
         n, n_acc, n_norm = ds_engine.all_reduce_sum([len(items), acc.sum(), acc_norm.sum()])
         result = {"items": int(n), "acc": n_acc / n, "acc_norm": n_norm / n}
-        return {**result, "eval_only": True} if self.cfg.eval_only else result
+        return {**result, "eval_only": True, "init_from": self.cfg.init_from} if self.cfg.eval_only else result

@@ -6,8 +6,9 @@ Published (docs/evaluation.md cites each):
     (the harness's figures as karpathy/llm.c's dev/data/hellaswag.py quotes them).
     OpenWebText val loss, from nanoGPT's README: OpenAI's GPT-2 124M evaluated on OWT, 3.12
     (its "baselines" table), and nanoGPT's own 124M run (config/train_gpt2.py), ~2.85.
-Measured: the figures of an `--eval_only` run (`--init_from gpt2` scores OpenAI's weights on this
-machine and this data) whose run directory is OUT itself or a directory directly under it.
+Measured: the figures of an `--eval_only` run of other weights (`--init_from gpt2` scores OpenAI's
+on this machine and this data; not `resume`/`auto`, which score the run's own checkpoint, a point
+of its curve) whose run directory is OUT itself or a directory directly under it.
 """
 from __future__ import annotations
 
@@ -41,25 +42,29 @@ def _records(path: Path) -> list[dict]:
     return out
 
 
+def is_yardstick(event: dict) -> bool:
+    """An --eval_only score of other weights (gpt2, an HF dir...), not of the run's own checkpoint."""
+    return bool(event.get("eval_only")) and event.get("init_from") not in ("resume", "auto")
+
+
 def hellaswag_events(records: list[dict]) -> list[dict]:
-    """The run's own HellaSwag scores by iter (the later line wins after a resume); --eval_only ones are yardsticks."""
-    by_iter = {r["iter"]: r for r in records if r.get("event") == "hellaswag" and not r.get("eval_only")
+    """The run's own HellaSwag scores by iter (the later line wins after a resume)."""
+    by_iter = {r["iter"]: r for r in records if r.get("event") == "hellaswag" and not is_yardstick(r)
                and isinstance(r.get("acc"), (int, float))}
     return [by_iter[k] for k in sorted(by_iter)]
 
 
 def measured(out_dir: Path) -> list[Yardstick]:
-    """Figures of --eval_only runs in OUT and the directories directly under it: HellaSwag, and the
-    val loss of the same evaluation."""
+    """Figures of --eval_only runs of other weights in OUT and the directories directly under it:
+    HellaSwag, and the val loss of the same evaluation."""
     found = []
     for path in [out_dir / "metrics.jsonl", *sorted(out_dir.glob("*/metrics.jsonl"))]:
         records = _records(path) if path.is_file() else []
-        scores = [r for r in records if r.get("event") == "hellaswag" and r.get("eval_only")]
+        scores = [r for r in records if r.get("event") == "hellaswag" and is_yardstick(r)]
         if not scores:
             continue
         score = scores[-1]
-        start = next((r for r in reversed(records) if r.get("event") == "start"), {})
-        label = f"{start.get('init_from') or path.parent.name}, measured"
+        label = f"{score['init_from']}, measured"
         found += [Yardstick(metric, score[metric], label) for metric in ("acc", "acc_norm")]
         loss = next((r["val_loss"] for r in reversed(records) if "event" not in r and r.get("iter") == score["iter"]
                      and isinstance(r.get("val_loss"), (int, float))), None)

@@ -68,6 +68,15 @@ def test_harness_scores_the_export_as_our_training_loop_does(tmp_path):
                  log_dir=tmp_path / "logs")
     in_loop = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "hellaswag"]
     assert [r["iter"] for r in in_loop] == [0, 2] and in_loop[-1]["items"] == 10  # default: with every eval
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events_file,) = (out / "tb").rglob("events.out.tfevents.*")  # rank 0's, through DeepSpeed's monitor
+    tb = EventAccumulator(str(events_file))
+    tb.Reload()
+    for metric in ("acc", "acc_norm"):
+        scalars = tb.Scalars(f"hellaswag/{metric}")
+        assert [e.step for e in scalars] == [0, 2]
+        assert [e.value for e in scalars] == pytest.approx([r[metric] for r in in_loop], abs=1e-6)
     state_dict, client = load_fp32_state_dict(out)
     dest = export(state_dict, client, "hf", tmp_path / "hf")
 

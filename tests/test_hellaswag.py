@@ -160,7 +160,8 @@ def test_eval_only_scores_a_hf_model_and_the_report_takes_it_as_a_yardstick(mini
                  log_dir=tmp_path / "logs")
     lines = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") in (None, "hellaswag")]
     assert [sorted(r) for r in lines] == [["iter", "time", "tokens", "train_loss", "val_loss"],
-                                          ["acc", "acc_norm", "eval_only", "event", "items", "iter", "time", "tokens"]]
+                                          ["acc", "acc_norm", "eval_only", "event", "init_from", "items", "iter",
+                                           "time", "tokens"]]
     hs = hellaswag.load(mini_set)
     items, lls = score_shard(model, Batches(hs, 32, 0, 1, 4 * 32), torch.device("cpu"))
     acc, acc_norm = correct(lls, hs.ending_chars[items], hs.label[items])

@@ -13,8 +13,8 @@ def write_lines(path: Path, records: list[dict]) -> None:
 
 
 def owt_run(tmp_path: Path) -> Path:
-    """An OpenWebText run with evals and HellaSwag at 0, 1000, 2000, 3000 (491,520 tokens/iter), resumed
-    once (iter 2000 logged twice: the later line wins), and an --eval_only of GPT-2 under it."""
+    """An OpenWebText run with evals and HellaSwag at 0, 1000, 2000, 3000 (491,520 tokens/iter), its
+    checkpoint of 2000 scored again by --eval_only, and an --eval_only of GPT-2 under it."""
     data = tmp_path / "data" / "owt"
     write_lines(data / "meta.json", [{"dataset": "openwebtext"}])
     out = tmp_path / "run"
@@ -28,14 +28,14 @@ def owt_run(tmp_path: Path) -> Path:
                     {"event": "hellaswag", "iter": it, "tokens": it * per_iter, "items": 10042,
                      "acc": hs[it][0], "acc_norm": hs[it][1]}]
     records.append({"event": "hellaswag", "iter": 2000, "tokens": 2000 * per_iter, "items": 10042, "acc": 0.2,
-                    "acc_norm": 0.2})  # a resume scored iteration 2000 again, a little worse: this line wins
+                    "acc_norm": 0.2, "eval_only": True, "init_from": "resume"})  # the run's own checkpoint
+    # scored again by --eval_only --init_from resume, a little worse: a point of the curve, and the later line wins
     write_lines(out / "metrics.jsonl", records)
     (out / "config.json").write_text(json.dumps({"train": {"data_dir": str(data)}}))
     write_lines(out / "gpt2-eval" / "metrics.jsonl", [
-        {"event": "start", "iter": 0, "init_from": "gpt2"},
         {"iter": 0, "train_loss": 3.11, "val_loss": 3.121, "tokens": 0},
         {"event": "hellaswag", "iter": 0, "tokens": 0, "items": 10042, "acc": 0.2891, "acc_norm": 0.3115,
-         "eval_only": True}])
+         "eval_only": True, "init_from": "gpt2"}])
     return out
 
 
