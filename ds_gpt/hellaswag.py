@@ -21,6 +21,7 @@ Both schemas read: the Hub's (label a string) and the original jsonl's (label an
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ from ds_gpt import fileset
 from ds_gpt.errors import UserError, os_error
 from ds_gpt.tokenizer import RANKS_SHA256, get_encoding
 
-HUB_DATASET = "Rowan/hellaswag"  # the harness's dataset_path; parquet on the Hub, no loading script
+HUB_DATASET = "Rowan/hellaswag"  # the harness's own dataset_path
 HUB_SPLIT = "validation"
 VALIDATION_ITEMS = 10042
 SET_FILE = "hellaswag_val.npz"
@@ -145,8 +146,7 @@ def source_of(data_files: list[str] | None) -> dict:
 
 
 def local_files(patterns: list[str]) -> list[str]:
-    import glob
-
+    """--data_files: every glob must match files, all .jsonl/.json or all .parquet."""
     files = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
