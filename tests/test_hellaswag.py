@@ -108,7 +108,7 @@ def test_shards_on_any_world_size_give_the_one_rank_result(mini_set):
         return lls, acc.mean(), acc_norm.mean(), forwards
 
     one, acc, acc_norm, _ = scores(1, 4 * 31)
-    for world_size, tokens in ((3, 4 * 31), (4, 2 * 4 * 31)):  # uneven shards, one and two items per forward
+    for world_size, tokens in ((3, 2 * 4 * 31),):  # uneven shards (4, 3, 3 items), two items per forward
         lls, a, an, forwards = scores(world_size, tokens)
         assert len(set(forwards)) == 1  # the same number of forwards on every rank (ZeRO-3 gathers in each)
         np.testing.assert_allclose(lls, one, rtol=1e-5, atol=1e-4)
