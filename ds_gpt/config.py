@@ -77,6 +77,10 @@ class TrainConfig:
     eval_interval: int = opt(2000, "evaluate train/val loss every N iterations")
     eval_iters: int = opt(200, "batches per split per evaluation (per rank, averaged over ranks)")
     eval_only: bool = opt(False, "evaluate once and exit")
+    hellaswag_interval: int | None = opt(None, "score HellaSwag every N iterations (and at the end); default: with "
+                                               "every eval when --hellaswag_dir holds a set, else off; 0: off")
+    hellaswag_dir: str | None = opt(None, "the HellaSwag set (python -m ds_gpt.prepare --dataset hellaswag); "
+                                          "default: data_dir's sibling hellaswag/")
     log_interval: int = opt(1, "log to console, metrics.jsonl and tensorboard every N iterations")
     seed: int = opt(1337, "seed of the data sampler and of model initialisation")
     wandb_log: bool = opt(False, "also log to Weights & Biases (offline unless WANDB_MODE=online; "
@@ -295,6 +299,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"need 0 <= warmup_iters ({cfg.warmup_iters}) <= lr_decay_iters ({cfg.lr_decay_iters})")
     if known("cooldown_frac") and not 0.0 < cfg.cooldown_frac <= 1.0:
         problems.append(f"cooldown_frac must be in (0, 1] (got {cfg.cooldown_frac})")
+    if cfg.hellaswag_interval is not None and cfg.hellaswag_interval < 0:
+        problems.append(f"hellaswag_interval must be >= 0, 0 for off (got {cfg.hellaswag_interval})")
     if cfg.keep_last < 1:
         problems.append(f"keep_last must be at least 1 (got {cfg.keep_last})")
     if cfg.milestone_every < 0:

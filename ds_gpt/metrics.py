@@ -20,6 +20,7 @@ from ds_gpt.tracking import WandbRun
 TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu",
            "hfu": "train/hfu",
            "val_loss": "val/loss", "train_loss": "eval/train_loss"}
+HELLASWAG_TAGS = {"acc": "hellaswag/acc", "acc_norm": "hellaswag/acc_norm"}
 DISK_FULL_HINT = "free space under --out_dir (or move it), then resume with --init_from resume"
 
 
@@ -82,6 +83,14 @@ class MetricsLogger:
         self.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "tokens": tokens},
                  f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
 
+    def hellaswag(self, iter_num: int, tokens: int, result: dict) -> None:
+        """lm-evaluation-harness's acc and acc_norm over `result["items"]` items (ds_gpt.hellaswag_eval)."""
+        self.log({"event": "hellaswag", "iter": iter_num, "tokens": tokens, **result},
+                 f"step {iter_num}: hellaswag acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
+                 f"({result['items']:,} items)")
+        if self.enabled:
+            self._scalars({tag: result[key] for key, tag in HELLASWAG_TAGS.items()}, iter_num)
+
     def nonfinite(self, iter_num: int, *, lr: float, micro_batches: int, action: str) -> None:
         self.log({"event": "nonfinite_loss", "iter": iter_num, "lr": lr, "micro_batches": micro_batches,
                   "action": action},
@@ -120,12 +129,16 @@ class MetricsLogger:
             print(console, flush=True)
         if "event" in record:
             return
-        scalars = {tag: record[key] for key, tag in TB_TAGS.items() if isinstance(record.get(key), (int, float))}
+        self._scalars({tag: record[key] for key, tag in TB_TAGS.items() if isinstance(record.get(key), (int, float))},
+                      record["iter"])
+
+    def _scalars(self, scalars: dict[str, float], iter_num: int) -> None:
+        """TensorBoard (through DeepSpeed's monitor) and W&B, at step `iter_num`."""
         if scalars and self.monitor is not None:
-            events = [(tag, value, record["iter"]) for tag, value in scalars.items()]
+            events = [(tag, value, iter_num) for tag, value in scalars.items()]
             self._guarded(lambda: self.monitor.write_events(events), what=f"{self.path.parent / 'tb'}")
         if scalars and self.wandb is not None:
-            self.wandb.log(scalars, record["iter"])
+            self.wandb.log(scalars, iter_num)
 
     def _append(self, line: bytes) -> None:
         size = os.fstat(self._fd).st_size

@@ -5,6 +5,7 @@
     python -m ds_gpt.prepare --dataset fineweb-edu --num_proc 32  # -> data/fineweb-edu (streamed, ~20 GB)
     python -m ds_gpt.prepare --dataset openwebtext --streaming --num_proc 32  # no 55 GB download cache
     python -m ds_gpt.prepare --input 'corpus/*.jsonl' --text_field body --out_dir data/mine
+    python -m ds_gpt.prepare --dataset hellaswag                  # -> data/hellaswag (ds_gpt/hellaswag.py)
 
 Output, in nanoGPT's format so either project reads the other's bins:
     train.bin, val.bin  flat uint16 GPT-2 ids, <|endoftext|> (50256) after every document
@@ -39,7 +40,7 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from ds_gpt import corpus, fileset, stream
+from ds_gpt import corpus, fileset, hellaswag, stream
 from ds_gpt.corpus import HUB_CORPORA
 from ds_gpt.errors import ArgumentParser, UserError, os_error, run_cli
 from ds_gpt.paths import REPO_ROOT
@@ -58,9 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # source: exactly one
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", choices=list(DATASETS),
-                     help="openwebtext, fineweb-edu: Hugging Face datasets; shakespeare: 42 plays, 1.57 M tokens")
+                     help="openwebtext, fineweb-edu: Hugging Face datasets; shakespeare: 42 plays, 1.57 M tokens; "
+                          "hellaswag: its validation set, for the trainer's --hellaswag_interval (ds_gpt/hellaswag.py)")
     src.add_argument("--input", nargs="+", metavar="FILE_OR_GLOB",
                      help=".txt (a document per file) or .jsonl/.json/.parquet (a document per record)")
+    p.add_argument("--data_files", nargs="+", metavar="GLOB",
+                   help="with --dataset: a local copy in the Hub dataset's schema instead of the download")
     p.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.parquet")
     p.add_argument("--data_files", nargs="+", metavar="GLOB",
                    help="a local copy of the --dataset in the Hub's schema (.parquet or .jsonl), read instead")
@@ -329,11 +333,19 @@ def prepare_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_hellaswag(args: argparse.Namespace) -> int:
+    """A benchmark, not a corpus: its items tokenized beside the bins, no split (ds_gpt/hellaswag.py)."""
+    check_writable(args.out_dir)
+    hellaswag.prepare(args.out_dir, args.data_files, args.cache_dir)
+    return 0
+
+
 # --dataset NAME -> the function that prepares it from the parsed arguments.
 DATASETS: dict[str, Callable[[argparse.Namespace], int]] = {
     "openwebtext": prepare_corpus,
     "fineweb-edu": prepare_corpus,
     "shakespeare": prepare_corpus,
+    "hellaswag": prepare_hellaswag,
 }
 
 

@@ -16,7 +16,7 @@ import math
 import statistics
 from pathlib import Path
 
-from ds_gpt import atomic
+from ds_gpt import atomic, yardsticks
 from ds_gpt.errors import ArgumentParser, UserError, run_cli
 
 # The reference run's nanoGPT figures (estimate_mfu against 312 TFLOPS, 124M, 491,520 tokens/iter).
@@ -233,7 +233,10 @@ def loss_axis_top(points: list[tuple[float, float]]) -> float | None:
     return top if highest - lowest > 2 * (top - lowest) else None
 
 
-def plot(path: Path, train: list[dict], evals: list[dict], profiles: list[dict], gpu: bool = True) -> None:
+def plot(path: Path, train: list[dict], evals: list[dict], profiles: list[dict], gpu: bool = True,
+         ys: list[yardsticks.Yardstick] = (), scores: list[dict] = ()) -> None:
+    """The run's curves; below them val loss and HellaSwag (`scores`) against the yardsticks `ys`.
+    `gpu`: the run's hardware, so that a CPU run is not drawn against the reference run's A100 MFU."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,7 +246,8 @@ def plot(path: Path, train: list[dict], evals: list[dict], profiles: list[dict],
         pts = [(e["iter"], e[key]) for e in events if isinstance(e.get(key), (int, float))]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig, ((ax_loss, ax_lr), (ax_tps, ax_mfu)) = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig, axes = plt.subplots(4, 2, figsize=(11, 15))
+    (ax_loss, ax_lr), (ax_tps, ax_mfu) = axes[:2]
     ax_loss.plot(*series(train, "loss"), label="train (global batch)", lw=1)
     if evals:
         ax_loss.plot(*series(evals, "val_loss"), "o-", label="val", ms=3)
@@ -267,6 +271,7 @@ def plot(path: Path, train: list[dict], evals: list[dict], profiles: list[dict],
         ax_mfu.axhline(100 * value, ls="--", lw=1, color="tab:orange" if value < 0.35 else "tab:purple", label=label)
     ax_mfu.set(title="MFU", xlabel="iter", ylabel="% of peak")
     ax_mfu.legend(fontsize=8)
+    yardsticks.plot(axes[2:], ys, evals, scores)
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
@@ -274,12 +279,14 @@ def plot(path: Path, train: list[dict], evals: list[dict], profiles: list[dict],
 
 def write_report(out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
-    train, evals, profiles = split_events(load_metrics(out_dir))
-    summary = summarize(load_config(out_dir), train, evals, profiles)
+    records, config = load_metrics(out_dir), load_config(out_dir)
+    train, evals, profiles = split_events(records)
+    summary = summarize(config, train, evals, profiles)
+    ys, scores = yardsticks.for_run(out_dir, config), yardsticks.hellaswag_events(records)
     md, png = out_dir / "report.md", out_dir / "report.png"
     # Whole files or the old ones: a full disk or a read-only run directory leaves no half report.
-    atomic.write_with(png, lambda tmp: plot(tmp, train, evals, profiles, gpu=on_gpu(summary["hardware"])))
-    atomic.write_text(md, render_markdown(out_dir, summary))
+    atomic.write_with(png, lambda tmp: plot(tmp, train, evals, profiles, on_gpu(summary["hardware"]), ys, scores))
+    atomic.write_text(md, render_markdown(out_dir, summary) + "\n".join(yardsticks.markdown(ys, evals, scores)))
     return md, png
 
 

@@ -18,6 +18,7 @@ from ds_gpt import launch_env, run_dir, tracking
 from ds_gpt.checkpoint import CheckpointInfo, check_resumable, print_warning
 from ds_gpt.config import TrainConfig, parse_args
 from ds_gpt.data import TokenFile, check_data_dir
+from ds_gpt.hellaswag_eval import HellaSwagEval
 from ds_gpt.init_weights import initial_weights
 from ds_gpt.interop import StartWeights
 from ds_gpt.launch_env import LaunchEnv
@@ -38,6 +39,7 @@ class Startup:
     init: StartWeights | None  # other weights to start from (--init_from weights:/nanogpt:/gpt2/HF)
     data: dict[str, TokenFile]  # "train", "val"
     overrides: list[str]  # what the CLI changed in the DeepSpeed JSON, for the log and config.json
+    hellaswag: HellaSwagEval | None  # --hellaswag_interval: the set, checked; None when off
     lock: RunLock | None  # rank 0's hold on out_dir, released when the run ends
     created_out_dir: bool = False  # this start made out_dir: a start that wrote nothing there removes it
 
@@ -75,7 +77,8 @@ def build_run(argv: list[str] | None = None) -> Startup:
         tracking.check_available()
     shape = GPTConfig(**run.model)
     data = check_data_dir(cfg.data_dir, shape.block_size, shape.vocab_size)
+    hellaswag = HellaSwagEval.for_run(cfg, shape, run.batch.micro, env.rank, env.world_size)
     created = not out_dir.exists()
     run_dir.prepare(out_dir)
     lock = RunLock(out_dir, this_launch(env)).acquire(warn) if env.rank == 0 else None
-    return Startup(cfg, env, run, out_dir, resume_from, init, data, overrides, lock, created)
+    return Startup(cfg, env, run, out_dir, resume_from, init, data, overrides, hellaswag, lock, created)

@@ -199,8 +199,10 @@ def train(start: Startup, stop: GracefulStop) -> int:
                 losses = evaluate(eng, samplers, cfg.eval_iters)
                 state.best_val_loss = min(state.best_val_loss, losses["val"])
                 metrics.eval(state.iter_num, losses, state.tokens_seen)
-                if cfg.eval_only:
-                    return EXIT_OK
+            if start.hellaswag is not None and start.hellaswag.due(state.iter_num):
+                metrics.hellaswag(state.iter_num, state.tokens_seen, start.hellaswag.score(eng))
+            if cfg.eval_only:
+                return EXIT_OK
             checkpointer.maybe_save(state.iter_num)  # after the eval: the checkpoint's best_val_loss counts it
             if state.iter_num >= cfg.max_iters:
                 break
