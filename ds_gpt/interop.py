@@ -273,10 +273,11 @@ def load_hf(name_or_dir: str, *, vocab_size: int = PADDED_VOCAB_SIZE) -> StartWe
         except (OSError, ValueError) as e:  # not cached / no network / not a model dir
             err = e
     else:
-        where = ("a directory with config.json and model.safetensors" if local else
-                 f"the Hugging Face cache or hub (offline: fetch it elsewhere with "
-                 f"`hf download openai-community/{name_or_dir} --local-dir DIR`, then --init_from DIR)")
-        raise UserError(f"cannot load GPT-2 weights {name_or_dir!r} from {where}: {err}")
+        where = "a directory with config.json and model.safetensors" if local else "the Hugging Face cache or hub"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__  # one line of many
+        hint = None if local else (f"offline, fetch it elsewhere with `hf download openai-community/{name_or_dir} "
+                                   "--local-dir DIR`, then --init_from DIR")
+        raise UserError(f"cannot load GPT-2 weights {name_or_dir!r} from {where}: {reason}", hint=hint)
     if vocab_size < hf.config.vocab_size:
         raise UserError(f"{source}: its vocab_size {hf.config.vocab_size} exceeds the requested {vocab_size}")
     model_args = _model_args_from_hf(hf.config, vocab_size, source)

@@ -63,8 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "hellaswag: its validation set, for the trainer's --hellaswag_interval (ds_gpt/hellaswag.py)")
     src.add_argument("--input", nargs="+", metavar="FILE_OR_GLOB",
                      help=".txt (a document per file) or .jsonl/.json/.parquet (a document per record)")
-    p.add_argument("--data_files", nargs="+", metavar="GLOB",
-                   help="with --dataset: a local copy in the Hub dataset's schema instead of the download")
     p.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.parquet")
     p.add_argument("--data_files", nargs="+", metavar="GLOB",
                    help="a local copy of the --dataset in the Hub's schema (.parquet or .jsonl), read instead")
