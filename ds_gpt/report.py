@@ -31,16 +31,7 @@ def load_metrics(out_dir: Path) -> list[dict]:
     path = out_dir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"no metrics file at {path}", hint="pass the --out_dir of a run that has logged")
-    records = []
-    for line in path.read_bytes().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # UnicodeDecodeError included
-            continue  # a line cut short by a killed run (or garbled by a crash); the others still count
-        # Only objects are events (the contract); a list or a string someone appended is no event,
-        # and an iter that is not a count cannot be ordered with the others.
-        if isinstance(record, dict) and (isinstance(record.get("iter"), int) or "event" in record):
-            records.append(record)
+    records = yardsticks.read_events(path)
     if not records:
         raise UserError(f"{path} has no events yet", hint="wait for the first log_interval, then re-run")
     return records

@@ -32,14 +32,19 @@ OPENWEBTEXT_GPT2 = (Yardstick("val_loss", 3.12, "GPT-2 124M on OWT (nanoGPT)"),
                     Yardstick("val_loss", 2.85, "nanoGPT's 124M run (~2.85)"))
 
 
-def _records(path: Path) -> list[dict]:
-    out = []
+def read_events(path: Path) -> list[dict]:
+    """The events of a metrics.jsonl: its lines that are JSON objects (the contract) with an integer
+    iter or an event name. A line cut short by a killed run, or a list or a string someone appended,
+    is no event; an iter that is not a count cannot be ordered with the others."""
+    records = []
     for line in path.read_bytes().splitlines():
         try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a killed run
-    return out
+            record = json.loads(line)
+        except ValueError:  # UnicodeDecodeError included
+            continue
+        if isinstance(record, dict) and (isinstance(record.get("iter"), int) or "event" in record):
+            records.append(record)
+    return records
 
 
 def is_yardstick(event: dict) -> bool:
@@ -59,7 +64,7 @@ def measured(out_dir: Path) -> list[Yardstick]:
     HellaSwag, and the val loss of the same evaluation."""
     found = []
     for path in [out_dir / "metrics.jsonl", *sorted(out_dir.glob("*/metrics.jsonl"))]:
-        records = _records(path) if path.is_file() else []
+        records = read_events(path) if path.is_file() else []
         scores = [r for r in records if r.get("event") == "hellaswag" and is_yardstick(r)]
         if not scores:
             continue
@@ -75,7 +80,8 @@ def measured(out_dir: Path) -> list[Yardstick]:
 
 def trained_on_openwebtext(config: dict) -> bool:
     """nanoGPT's val-loss figures are for OpenWebText's val split: the run's data_dir says which corpus."""
-    data_dir = Path(str((config.get("train") or {}).get("data_dir", "")))
+    train = config.get("train")
+    data_dir = Path(str(train.get("data_dir", "") if isinstance(train, dict) else ""))
     try:
         return json.loads((data_dir / "meta.json").read_text()).get("dataset") == "openwebtext"
     except (OSError, ValueError, AttributeError):

@@ -72,3 +72,17 @@ def tiny_run(tmp_path_factory) -> Path:
     forked_train(1, *tiny_run_args(root, root / "out"), "--max_iters", "4", log_dir=root / "logs")
     return root
 
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """The trainer's main() installs its graceful-stop handlers (and ignores SIGTERM once a stop is
+    decided) for the rest of its process, which is right for a rank; an in-process test would leave
+    them to the tests after it, whose forked pool workers then outlive Pool.terminate() and whose
+    subprocesses inherit an ignored SIGTERM. Each test gets back the handlers it started with."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

@@ -146,7 +146,8 @@ def test_cpu_runs_are_not_drawn_against_the_a100_figures(tmp_path, monkeypatch):
     config = json.loads((out / "config.json").read_text())
     drawn = []
     real_plot = R.plot
-    monkeypatch.setattr(R, "plot", lambda *a, gpu: drawn.append(gpu) or real_plot(*a, gpu=gpu))
+    monkeypatch.setattr(R, "plot", lambda path, train, evals, profiles, gpu, *rest: drawn.append(gpu)
+                        or real_plot(path, train, evals, profiles, gpu, *rest))
     R.write_report(out)
     (out / "config.json").write_text(json.dumps({**config, "device": "cpu"}))
     text = R.write_report(out)[0].read_text()
