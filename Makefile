@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 # All caches live in the ignored .cache/ so every rank, CI run and `make` call shares them.
 export DS_GPT_CACHE ?= $(CURDIR)/.cache
 export TORCH_EXTENSIONS_DIR ?= $(DS_GPT_CACHE)/torch_extensions
