@@ -103,7 +103,7 @@ def _natural(path: str) -> list:
 @contextlib.contextmanager
 def zero_to_fp32_calls(tag_dir: Path) -> Iterator[None]:
     """Around calls into DeepSpeed's zero_to_fp32: its progress reports (stdout, stderr: the
-    command's console) are dropped, and its torch.load(weights_only=False) is made weights-only."""
+    command's console) are dropped, and its torch.load, which asks for full unpickling, is made weights-only."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
             safe_load.weights_only_loads(f"a file of {tag_dir}"):
         yield

@@ -89,7 +89,7 @@ def load(path: str | os.PathLike, map_location: Any = "cpu", **kwargs) -> Any:
 def weights_only_loads(what: str | os.PathLike) -> Iterator[None]:
     """Every torch.load inside the block is weights-only, the checkpoint types allowed.
 
-    For library code that calls torch.load(weights_only=False) itself and offers no hook
+    For library code that calls torch.load with full unpickling itself and offers no hook
     (DeepSpeed's zero_to_fp32): torch reads FORCE at each call and it overrides the argument.
     A refused file is one UserError about `what`. Not thread-safe (it sets the environment for
     the block): the commands that use it load in one thread.
