@@ -189,13 +189,15 @@ def test_a_prepare_killed_mid_shard_resumes_from_its_last_checkpoint(tmp_path, r
 @pytest.mark.slow
 def test_memory_stays_bounded_on_a_corpus_larger_than_the_bound(tmp_path):
     """The bound scaled down to be cheap: batches of 16 documents (~8 KB) instead of 512, and a
-    ~10 MB corpus. The process's RSS is sampled after every batch: from a quarter of the way in
-    to the end it may grow by less than a quarter of the text read meanwhile (a prepare that kept
-    the text, or read the stream without backpressure, grows by more than all of it), and its
+    ~20 MB corpus in 16 shards. The process's RSS is sampled after every batch: from a quarter of
+    the way in to the end it may grow by less than half the text read meanwhile (a prepare that
+    kept the text, or read the stream without backpressure, grows by more than all of it; one
+    that does neither still grows by a few MB as the parquet reader and the allocator settle,
+    ~2.4 MB once on the CI machine against a 10 MB corpus, hence the larger corpus), and its
     peak (VmHWM, with the publish) stays under 2 GB."""
-    docs = documents(24_000, seed=3, words=(60, 140))
+    docs = documents(48_000, seed=3, words=(60, 140))
     size = sum(len(d.encode()) for d in docs)
-    proc = run_prepare_script(["--dataset", "fineweb-edu", "--data_files", write_shards(tmp_path / "in", docs, 8),
+    proc = run_prepare_script(["--dataset", "fineweb-edu", "--data_files", write_shards(tmp_path / "in", docs, 16),
                                "--out_dir", str(tmp_path / "out"), "--val_tokens", "100", "--num_proc", "1"], """
         stream.DOCS_PER_BATCH = 16
         import os
@@ -209,9 +211,9 @@ def test_memory_stays_bounded_on_a_corpus_larger_than_the_bound(tmp_path):
         """)
     assert proc.returncode == 0, proc.stderr
     samples = json.loads(proc.stderr.split("rss_samples", 1)[1].split("\n", 1)[0])
-    assert len(samples) == 24_000 // 16 and size > 10e6
+    assert len(samples) == 48_000 // 16 and size > 20e6
     quarter = len(samples) // 4
-    assert max(samples[quarter:]) - samples[quarter] < 0.75 * size / 4, (samples[quarter], max(samples))
+    assert max(samples[quarter:]) - samples[quarter] < 0.75 * size / 2, (samples[quarter], max(samples))
     assert int(proc.stderr.rsplit("peak_rss_kb", 1)[1].split()[0]) < 2 << 20
 
 
