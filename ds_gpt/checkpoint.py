@@ -361,7 +361,7 @@ def load(engine, out_dir: Path, info: CheckpointInfo, *, rank: int) -> dict:
     return client_state
 
 
-def check_resumable(info: CheckpointInfo, world_size: int, run: RunConfig) -> None:
+def check_resumable(info: CheckpointInfo, run: RunConfig) -> None:
     """Refuse, before building anything, a resume that would not continue the saved run.
 
     World size, ZeRO stage, precision and the split of the global batch may change (ds_gpt.elastic
@@ -370,8 +370,7 @@ def check_resumable(info: CheckpointInfo, world_size: int, run: RunConfig) -> No
     """
     elastic.check_resume(Path(run.train.out_dir) / info.tag, info.marker, batch=run.batch,
                          data_dir=run.train.data_dir, allow_batch_change=run.train.allow_batch_change)
-    elastic.check_optimizer(Path(run.train.out_dir) / info.tag, info.marker, run.optimizer,
-                            elastic.Layout(world_size, run.zero_stage, run.dtype))
+    elastic.check_optimizer(Path(run.train.out_dir) / info.tag, info.marker, run.optimizer)
 
 
 def resolve_tag(out_dir: Path, tag: str | None) -> str:

@@ -4,14 +4,16 @@ DeepSpeed's load_checkpoint takes a tag only on the layout that wrote it (a ZeRO
 not partitioned, loads at any world size), and its universal checkpoints cross neither ZeRO-0
 nor ZeRO-1/2 <-> ZeRO-3. So a tag resumed on another layout is converted once, by one process,
 into a layout-free form: for every parameter, by name and at full size, the fp32 master weight
-and AdamW's exp_avg and exp_avg_sq, plus AdamW's step count:
+and its optimizer state (AdamW's exp_avg and exp_avg_sq; under Muon, the hidden matrices' momentum
+buffer instead), plus AdamW's step count:
 
-    OUT/global_step{N}/layout_free/  fp32.pt  exp_avg.pt  exp_avg_sq.pt  meta.json
+    OUT/global_step{N}/layout_free/  fp32.pt  exp_avg.pt  exp_avg_sq.pt  momentum_buffer.pt  meta.json
 
 Each rank of the new run then takes its share of every tensor through DeepSpeed's fragment API
 (deepspeed.utils.safe_set_full_*), which knows how ZeRO-1, 2, 3 and the bf16 optimizer
-partition them; ZeRO-0 holds whole tensors, which are set directly. Masters and moments do not
-depend on the layout, so the run goes on as the saved one would have.
+partition them; ZeRO-0 holds whole tensors, which are set directly. Muon's momentum is set by
+hand at ZeRO-1/2, where DeepSpeed keeps it for whole matrices (see _zero12_momentum). Masters,
+moments and momentum do not depend on the layout, so the run goes on as the saved one would have.
 
 The form is written under a temporary name inside the tag and published by one rename. The
 tag's own files are only read: a kill mid-way leaves the tag as it was, and a rerun converts
@@ -41,9 +43,15 @@ from ds_gpt.errors import UserError
 from ds_gpt.run_config import BatchSizes, ds_optimizer, flags_for_global_batch
 
 DIRNAME = "layout_free"
-FORMAT = 1
-STATES = ("fp32", "exp_avg", "exp_avg_sq")  # per parameter, full size, fp32
-MOMENTS = ("exp_avg", "exp_avg_sq")
+FORMAT = 2  # 2: Muon's momentum_buffer.pt (empty under AdamW)
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's, for every parameter on its side
+MOMENTUM = "momentum_buffer"  # Muon's, for the hidden matrices (DeepSpeed's and torch's name)
+STATES = ("fp32", *MOMENTS, MOMENTUM)  # per parameter that has it, full size, fp32
+
+
+def optimizer_states(muon: bool) -> tuple[str, ...]:
+    """The optimizer's state of one parameter: Muon's momentum on its side, else AdamW's moments."""
+    return (MOMENTUM,) if muon else MOMENTS
 # What DeepSpeed keeps in a model-states file beside the caller's client state (engine._load_checkpoint).
 DEEPSPEED_KEYS = frozenset("""module optimizer lr_scheduler buffer_names param_shapes frozen_param_shapes
 shared_params frozen_param_fragments data_sampler random_ltd sparse_tensor_module_names skipped_steps
@@ -113,8 +121,8 @@ class SavedTag:
     """One saved tag of any layout; its states read one at a time as {name: full fp32 tensor}.
 
     ZeRO-1/2/3 shards are merged by DeepSpeed's own zero_to_fp32 code, handed the moments' flat
-    partitions in place of the fp32 ones (both share one partition layout); ZeRO-0 keeps whole
-    tensors, numbered as our optimizer's parameter groups list them.
+    partitions in place of the fp32 ones (both share one partition layout; so does Muon's momentum
+    at ZeRO-3); ZeRO-0 keeps whole tensors, numbered as our optimizer's parameter groups list them.
     """
 
     def __init__(self, tag_dir: Path, model_args: dict):
@@ -127,11 +135,27 @@ class SavedTag:
         self.shards = [safe_load.load(f, mmap=True)["optimizer_state_dict"]
                        for f in optim_files]
         self.stage = int(self.shards[0]["zero_stage"]) if self.shards else 0
+        config = client_state_of(self.states).get("config") or {}
+        self.muon = ds_optimizer(config.get("ds_config") or {}) == "muon"
         with torch.device("meta"):  # names, shapes and groups of the parameters, in no memory
             model = GPT(GPTConfig(**model_args))
         name_of = {id(p): n for n, p in model.named_parameters()}
         self.shapes = {n: p.shape for n, p in model.named_parameters()}
-        self.groups = [[name_of[id(p)] for p in g["params"]] for g in model.optimizer_param_groups(0.0)]
+        # The groups as the run's optimizer was given them: under Muon, the hidden matrices first
+        # (DeepSpeed keeps each of our groups, all on one side, as one group of its own).
+        sides = {"muon": {"lr": 0.0}, "adam": {"lr": 0.0}} if self.muon else None
+        groups = model.optimizer_param_groups(0.0, muon=sides)
+        self.groups = [[name_of[id(p)] for p in g["params"]] for g in groups if g["params"]]
+        hidden = {name_of[id(p)] for p in model.muon_matrices()} if self.muon else set()
+        self.group_is_muon = [bool(set(names) & hidden) for names in self.groups]
+        # DeepSpeed's Muon (after Keller Jordan's) orders its group by size, largest first, stably.
+        self.groups = [sorted(names, key=lambda n: self.shapes[n], reverse=True) if muon else names
+                       for names, muon in zip(self.groups, self.group_is_muon, strict=True)]
+
+    def names_with(self, key: str) -> list[str]:
+        """The parameters that have state `key`: every one has fp32; the optimizer's states by side."""
+        return [n for names, muon in zip(self.groups, self.group_is_muon, strict=True) for n in names
+                if key == "fp32" or key in optimizer_states(muon)]
 
     def step(self) -> int:
         """AdamW's step count (one for all parameters: the groups step together)."""
@@ -147,11 +171,26 @@ class SavedTag:
         return steps.pop() if steps else 0
 
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
-        """`key` (fp32, exp_avg or exp_avg_sq) of every trainable parameter, full size, by name."""
-        tensors = self._zero0(key) if self.stage == 0 else self._zero123(key)
-        if tensors.keys() != self.shapes.keys():
+        """`key` (one of STATES) of every trainable parameter that has it, full size, by name."""
+        names = self.names_with(key)
+        if not names:
+            return {}
+        if self.stage == 0:
+            tensors = self._zero0(key)
+        elif key == MOMENTUM and self.stage in (1, 2):
+            tensors = self._zero12_momentum()
+        else:
+            tensors = self._zero123(key)
+        tensors = {n: t for n, t in tensors.items() if n in names}
+        if tensors.keys() != set(names) or any(t.shape != self.shapes[n] for n, t in tensors.items()):
             raise UserError(f"{self.tag_dir} holds other parameters than its model_args describe")
         return {n: t.detach().float() for n, t in tensors.items()}
+
+    def _flat_state(self, states: dict, group: int, key: str, size: int) -> torch.Tensor:
+        """A group's flat optimizer state `key`; zeros where the group's side keeps none (AdamW's
+        moments of a Muon group and the other way round: the names that follow drop them)."""
+        state = states.get(group) or {}
+        return state[key] if key in state else torch.zeros(size)
 
     def _zero123(self, key: str) -> dict[str, torch.Tensor]:
         from deepspeed.utils import zero_to_fp32
@@ -165,7 +204,8 @@ class SavedTag:
             model_states = zero_to_fp32.parse_model_states(model_files)
             if self.stage == 3:
                 flats = [s["fp32_flat_groups"] if key == "fp32" else
-                         [s["optimizer_state_dict"]["state"][i][key] for i in range(len(s["fp32_flat_groups"]))]
+                         [self._flat_state(s["optimizer_state_dict"]["state"], i, key, flat.numel())
+                          for i, flat in enumerate(s["fp32_flat_groups"])]
                          for s in self.shards]
                 merged = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world_size, flats, model_states, True)
                 return {n: merged[n].contiguous() for n in self.shapes}  # gathered lazily until here
@@ -173,11 +213,38 @@ class SavedTag:
                 raise UserError(f"{self.tag_dir}: ZeRO's elastic_checkpoint layout is not supported; "
                                 "save with zero_optimization.elastic_checkpoint off")
             flats = [s["single_partition_of_fp32_groups"] if key == "fp32" else
-                     [group[key] for _, group in sorted(s["base_optimizer_state"]["state"].items())]
+                     [self._flat_state(s["base_optimizer_state"]["state"], g, key, flat.numel())
+                      for g, flat in enumerate(s["single_partition_of_fp32_groups"])]
                      for s in self.shards]
             merged = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
                 world_size, flats, model_states, True, self.shards[0].get("param_alignment_paddings"))
         return {n: merged[n] for n in self.shapes}  # the trainable ones: no buffers, no tied copy (lm_head)
+
+    def _zero12_momentum(self) -> dict[str, torch.Tensor]:
+        """Muon's momentum at ZeRO-1/2: not partitioned like the masters. Newton-Schulz needs whole
+        matrices, so each rank keeps, per Muon group, the momentum of every parameter its partition
+        touches, whole, one after the other (DeepSpeed's _muon_momentum_buffer); a matrix that
+        straddles two partitions is kept, the same, by both ranks."""
+        out = {}
+        for g, (names, muon) in enumerate(zip(self.groups, self.group_is_muon, strict=True)):
+            if not muon:
+                continue
+            for rank, shard in enumerate(self.shards):
+                size = shard["single_partition_of_fp32_groups"][g].numel()
+                start, end, offset, touched = rank * size, (rank + 1) * size, 0, []
+                for name in names:  # the flat group holds them in this order (zero_to_fp32 reads it so)
+                    numel = self.shapes[name].numel()
+                    if offset < end and offset + numel > start:
+                        touched.append(name)
+                    offset += numel
+                state = self._flat_state(shard["base_optimizer_state"]["state"], g, MOMENTUM, 0)
+                sizes = [self.shapes[n].numel() for n in touched]
+                if state.numel() != sum(sizes):
+                    raise UserError(f"{self.tag_dir}: rank {rank}'s Muon momentum holds {state.numel()} values, "
+                                    f"not the {sum(sizes)} of the matrices its partition touches")
+                for name, part in zip(touched, state.split(sizes), strict=True):
+                    out.setdefault(name, part.view(self.shapes[name]))
+        return out
 
     def _zero0_base(self) -> dict:
         opt = self.states["optimizer"]  # torch's state_dict, or DeepSpeed's fp16/bf16 wrapper around it
@@ -190,11 +257,14 @@ class SavedTag:
         out = {}
         for g, (names, group) in enumerate(zip(self.groups, base["param_groups"], strict=True)):
             if "fp32_groups_flat" in opt:  # fused fp16/bf16 optimizer: one flat master per group
-                flat = opt["fp32_groups_flat"][g] if key == "fp32" else base["state"][g][key]
+                flat = opt["fp32_groups_flat"][g] if key == "fp32" else \
+                    self._flat_state(base["state"], g, key, sum(self.shapes[n].numel() for n in names))
                 parts = flat.split([self.shapes[n].numel() for n in names])
                 out.update({n: t.view(self.shapes[n]) for n, t in zip(names, parts, strict=True)})
                 continue
             for j, (name, index) in enumerate(zip(names, group["params"], strict=True)):
+                if key != "fp32" and key not in optimizer_states(self.group_is_muon[g]):
+                    continue
                 if key != "fp32":
                     state = base["state"].get(index)  # none before the first step
                     out[name] = state[key] if state else torch.zeros(self.shapes[name])
@@ -284,7 +354,7 @@ def _save_durably(obj, path: Path) -> None:
 
 
 def load_into(engine, tag_dir: Path) -> None:
-    """Set the engine's weights, fp32 masters, AdamW moments and step count from the tag's layout-free form.
+    """Set the engine's weights, fp32 masters, optimizer state and step count from the tag's layout-free form.
 
     Every rank calls it: under ZeRO-3 the weights are set through collectives.
     """
@@ -295,16 +365,23 @@ def load_into(engine, tag_dir: Path) -> None:
 
 def set_state(engine, states: dict[str, dict[str, torch.Tensor]], step: int, source: str = "the state") -> None:
     """Give a built engine, at any ZeRO stage and precision, these full-size fp32 tensors by parameter
-    name (`states`: fp32, exp_avg, exp_avg_sq) and AdamW's step count. Every rank calls it."""
+    name (`states`: fp32 for all; exp_avg and exp_avg_sq on AdamW's side; momentum_buffer on Muon's)
+    and AdamW's step count. Every rank calls it."""
     params = dict(engine.module.named_parameters())
     if set(params) != set(states["fp32"]):
         diff = sorted(set(params) ^ set(states["fp32"]))
         raise UserError(f"{source} holds other parameters than this model: {', '.join(diff[:4])}")
-    _create_adam_state(engine.optimizer, step)
+    muon = {n for n, p in params.items() if getattr(p, "use_muon", False)}
+    for key in STATES[1:]:
+        have, need = set(states.get(key, {})), {n for n in params if key in optimizer_states(n in muon)}
+        if have != need:
+            raise UserError(f"{source} holds {key} for other parameters than this run's optimizer steps with it: "
+                            f"{', '.join(sorted(have ^ need)[:4])}")
+    _create_optimizer_state(engine.optimizer, step)
     device = next(iter(params.values())).device
     with torch.no_grad():
         if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params.values()):
-            _set_partitioned(params, states, device)
+            _set_partitioned(engine.optimizer, params, states, device)
         else:
             _set_whole(engine.optimizer, params, states, device)
 
@@ -314,17 +391,29 @@ def _base_optimizer(optimizer):
     return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
 
 
-def _create_adam_state(optimizer, step: int) -> None:
-    """AdamW's state for every tensor the base optimizer steps (it has none until its first step)."""
+def _create_optimizer_state(optimizer, step: int) -> None:
+    """The state of every tensor the base optimizer steps (it has none until its first step): AdamW's
+    moments and step count, or on Muon's side its momentum, which ZeRO-1/2 keep for whole matrices."""
     base = _base_optimizer(optimizer)
     # ZeRO-3 hands the base optimizer one flat fp32 partition at a time and leaves its groups empty.
-    masters = [p for group in base.param_groups for p in group["params"]]
-    masters += list(getattr(optimizer, "fp32_partitioned_groups_flat", []))
-    torch_adam = isinstance(base, (torch.optim.Adam, torch.optim.AdamW))
+    masters = [(p, bool(group.get("use_muon")), g)
+               for g, group in enumerate(base.param_groups) for p in group["params"]]
+    muon_subgroups = getattr(optimizer, "sub_groups_using_muon", None) or []
+    masters += [(p, bool(muon_subgroups and muon_subgroups[i]), None)
+                for i, p in enumerate(getattr(optimizer, "fp32_partitioned_groups_flat", []))]
+    aux = getattr(base, "aux_optimizer", None) or base  # Muon's AdamW side: its own optimizer, sharing the state
+    torch_adam = isinstance(aux, (torch.optim.Adam, torch.optim.AdamW))
     # torch keeps `step` as a CPU tensor unless its fused/capturable kernels read it on the device;
-    # DeepSpeed's fused and CPU Adam keep a Python int.
-    on_device = base.defaults.get("fused") or base.defaults.get("capturable")
-    for p in masters:
+    # DeepSpeed's fused and CPU Adam (and Muon's inline AdamW) keep a Python int.
+    on_device = aux.defaults.get("fused") or aux.defaults.get("capturable")
+    in_partition = getattr(optimizer, "params_in_partition", None)  # ZeRO-1/2
+    for p, muon, group in masters:
+        if muon:
+            whole = in_partition is not None and group is not None and p.dim() == 1
+            size = sum(q.numel() for q in in_partition[group]) if whole else p.numel()
+            base.state[p] = {MOMENTUM: torch.zeros(size, dtype=p.dtype, device=p.device).view(
+                -1 if whole else p.shape)}
+            continue
         count = step if not torch_adam else \
             torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
         base.state[p] = {"step": count, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
@@ -335,19 +424,31 @@ def _create_adam_state(optimizer, step: int) -> None:
         optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def _set_partitioned(params: dict, states: dict, device: torch.device) -> None:
-    """ZeRO-1/2/3 and the bf16 optimizer: each rank keeps its fragment of the masters and moments."""
+def _set_partitioned(optimizer, params: dict, states: dict, device: torch.device) -> None:
+    """ZeRO-1/2/3 and the bf16 optimizer: each rank keeps its fragment of the masters and moments
+    (ZeRO-3: of Muon's momentum too; ZeRO-1/2 keep that whole, and it is set by hand here)."""
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    in_partition = getattr(optimizer, "params_in_partition", None)
+    name_of = {id(p): n for n, p in params.items()}
     for name, p in params.items():
         safe_set_full_fp32_param(p, states["fp32"][name].to(device))
-        for key in MOMENTS:
+        for key in optimizer_states(getattr(p, "use_muon", False)):
+            if key == MOMENTUM and in_partition is not None:
+                continue
             safe_set_full_optimizer_state(p, states[key][name].to(device), key)
         # The weights themselves: whole on every rank at ZeRO-1/2; ZeRO-3 partitions them too, so
         # gather, set, and let the context's exit re-partition them.
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
             p.data.copy_(states["fp32"][name].to(device))
+    if in_partition is None:
+        return
+    base = _base_optimizer(optimizer)
+    for g, group in enumerate(base.param_groups):  # ZeRO-1/2: the layout of _zero12_momentum
+        if group.get("use_muon"):
+            whole = [states[MOMENTUM][name_of[id(q)]].flatten() for q in in_partition[g]]
+            base.state[group["params"][0]][MOMENTUM].copy_(torch.cat(whole).to(device))
 
 
 def _set_whole(optimizer, params: dict, states: dict, device: torch.device) -> None:
@@ -363,8 +464,9 @@ def _set_whole(optimizer, params: dict, states: dict, device: torch.device) -> N
         masters = [(hp, [name_of[id(lp)]]) for hps, lps in pairs for hp, lp in zip(hps, lps, strict=True)]
     else:
         masters = [(p, [name_of[id(p)]]) for group in base.param_groups for p in group["params"]]
+    muon = {n for n, p in params.items() if getattr(p, "use_muon", False)}
     for master, names in masters:
-        for key in STATES:
+        for key in ("fp32", *optimizer_states(names[0] in muon)):
             target = master if key == "fp32" else base.state[master][key]
             target.copy_(torch.cat([states[key][n].flatten() for n in names]).view_as(target).to(device))
     for name, p in params.items():  # the weights (at fp16/bf16, the masters' rounded copies)
@@ -416,22 +518,13 @@ def check_resume(tag_dir: Path, marker: dict, *, batch: BatchSizes, data_dir: st
                         "or start a new run from its weights: --init_from weights:OUT --out_dir NEW_OUT")
 
 
-def check_optimizer(tag_dir: Path, marker: dict, optimizer: str, new: Layout) -> None:
-    """Refuse a resume with another optimizer than the checkpoint's, and Muon's across layouts.
-
-    The layout-free form carries AdamW's moments only; Muon's momentum buffers live in DeepSpeed's
-    flat Muon groups and are not converted, so a Muon run resumes on the layout that saved it.
-    """
+def check_optimizer(tag_dir: Path, marker: dict, optimizer: str) -> None:
+    """Refuse a resume with another optimizer than the checkpoint's: its state would not carry over."""
     saved_config = client_state_of(read_model_states(tag_dir)).get("config") or {}
     saved = ds_optimizer(saved_config.get("ds_config") or {})
     if saved != optimizer:
         raise UserError(f"checkpoint {tag_dir.name} was trained with {saved}; this run's optimizer is {optimizer}",
                         hint="resume with the checkpoint's DeepSpeed JSON, or start a new run from its weights: "
-                             "--init_from weights:OUT --out_dir NEW_OUT")
-    if optimizer == "muon" and needs_conversion(Layout.of_marker(marker), new):
-        raise UserError(f"checkpoint {tag_dir.name} was saved by {Layout.of_marker(marker)}; a Muon run resumes "
-                        f"only on the layout that saved it, not on {new}",
-                        hint=f"resume on {Layout.of_marker(marker)}, or start a new run from its weights: "
                              "--init_from weights:OUT --out_dir NEW_OUT")
 
 

@@ -67,7 +67,7 @@ def build_run(argv: list[str] | None = None) -> Startup:
     resume_from = run_dir.resume_point(cfg.init_from, out_dir, warn)
     init = None
     if resume_from is not None:
-        check_resumable(resume_from, env.world_size, run)
+        check_resumable(resume_from, run)
         adopt_model_args(run, resume_from.marker["model_args"], f"checkpoint {out_dir / resume_from.tag}")
     else:
         init = initial_weights(cfg)

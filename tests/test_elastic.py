@@ -146,7 +146,7 @@ def test_resumed_state_matches_the_uninterrupted_state(runs, name):
     mine, my_step = consolidated(runs[name], run.start + SEGMENT)
     theirs, their_step = consolidated(runs[run.parent], run.start + SEGMENT)
     assert my_step == their_step == run.start + SEGMENT
-    for key in elastic.STATES:
+    for key in ("fp32", *elastic.MOMENTS):  # AdamW runs: no Muon momentum
         assert relative_gap(theirs[key], mine[key]) < 1e-4, key
 
 

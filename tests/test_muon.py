@@ -216,7 +216,7 @@ def test_configurations_where_muon_would_not_run_are_refused_in_one_line(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_killed_muon_run_resumes_bitwise_on_its_layout_and_is_refused_on_another(tmp_path, token_bins):
+def test_a_killed_muon_run_resumes_bitwise_on_its_layout(tmp_path, token_bins):
     import signal
     import time
 
@@ -239,10 +239,118 @@ def test_a_killed_muon_run_resumes_bitwise_on_its_layout_and_is_refused_on_anoth
     resumed = losses(out)
     assert start["iter"] in (3, 6) and [resumed[i] for i in range(start["iter"], 6)] == \
         [before[i] for i in range(start["iter"], 6)]  # bitwise
-    # Muon's momentum is not carried across layouts: another world size is refused before any rendezvous.
-    proc = forked_train(2, *args, "--gradient_accumulation_steps", "1", "--init_from", "resume", "--max_iters", "8",
-                        log_dir=tmp_path / "logs2", expect=2)  # the same global batch, on 2 ranks
-    assert "a Muon run resumes only on the layout that saved it" in proc.stdout
+
+
+# --- resuming on another layout: Muon's momentum converted like AdamW's moments ---------------
+
+MUON_RESUME = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--vocab_size", "512",
+               "--compile", "False", "--global_batch_size", "8", "--checkpoint_interval", "3", "--eval_interval",
+               "1000", "--eval_iters", "1", "--log_interval", "1", "--warmup_iters", "2", "--lr_decay_iters", "20"]
+
+
+@pytest.fixture(scope="module")
+def muon_layouts(tmp_path_factory) -> dict[str, Path]:
+    """A Muon run at ZeRO-1 on 2 ranks to iteration 6 (checkpoints 3 and 6), and its checkpoint 3
+    resumed at ZeRO-3 on one rank to 6: a ZeRO-1 tag whose momentum straddles two partitions,
+    converted, and a ZeRO-3 tag written after the conversion."""
+    import shutil
+
+    from helpers import forked_train, write_token_bins
+
+    root = tmp_path_factory.mktemp("muon_layouts")
+    data = write_token_bins(root / "data")
+    runs = {"z1w2": (1, 2), "z3w1": (3, 1)}
+    for name, (stage, ranks) in runs.items():
+        out = root / name
+        if name == "z3w1":
+            shutil.copytree(root / "z1w2", out, ignore=shutil.ignore_patterns("global_step6"))
+            (out / "latest").write_text("global_step3")
+        forked_train(ranks, "--deepspeed_config", f"ds_configs/zero{stage}_muon.json", "--data_dir", str(data),
+                     "--out_dir", str(out), *MUON_RESUME, "--micro_batch_size", str(8 // ranks), "--max_iters", "6",
+                     *(["--init_from", "resume"] if name == "z3w1" else []), log_dir=root / f"{name}.logs",
+                     prelude=eager_muon)
+    return {name: root / name for name in runs}
+
+
+def saved_states(tag_dir: Path) -> dict:
+    from ds_gpt import elastic
+    marker = json.loads((tag_dir / "ds_gpt_complete.json").read_text())
+    saved = elastic.SavedTag(tag_dir, marker["model_args"])
+    return {key: saved.tensors(key) for key in elastic.STATES}
+
+
+def relative_gap(a: dict, b: dict) -> float:
+    return max(float((a[n] - b[n]).norm() / a[n].norm()) for n in a)
+
+
+@pytest.mark.slow
+def test_a_muon_run_resumed_on_another_layout_continues_with_its_momentum(muon_layouts):
+    """ZeRO-1 on 2 ranks -> ZeRO-3 on 1: the curve and the state at iteration 6 are the uninterrupted
+    run's, up to the float16 Newton-Schulz's rounding (measured: losses within 6e-6, states within
+    1.3%). A resume that loaded everything but the momentum was measured 3e-4 and 27-68% away."""
+    from helpers import losses
+
+    reference, resumed = (losses(muon_layouts[name]) for name in ("z1w2", "z3w1"))
+    assert all(abs(resumed[i] - reference[i]) <= 1e-4 * reference[i] for i in (3, 4, 5)), (reference, resumed)
+    [change] = [r for r in read_jsonl(muon_layouts["z3w1"] / "metrics.jsonl") if r.get("event") == "layout_change"]
+    assert change["converted"] and (change["from"]["zero_stage"], change["to"]["zero_stage"]) == (1, 3)
+    expected, got = (saved_states(muon_layouts[name] / "global_step6") for name in ("z1w2", "z3w1"))
+    assert set(got["momentum_buffer"]) == {n for n in got["fp32"] if ".h." in n and n.endswith("weight")
+                                          and "ln_" not in n}
+    for key in ("fp32", "exp_avg", "exp_avg_sq", "momentum_buffer"):
+        assert relative_gap(expected[key], got[key]) < 0.05, key
+    # what the comparison would say of a resume that started Muon's momentum from zero
+    restarted = saved_states(muon_layouts["z1w2"] / "global_step3")["momentum_buffer"]
+    assert relative_gap(expected["momentum_buffer"], restarted) > 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source, iter_num", [("z1w2", 3), ("z3w1", 6)])
+def test_muon_state_loads_into_every_stage_and_saves_back_bit_for_bit(muon_layouts, tmp_path, monkeypatch, request,
+                                                                      source, iter_num):
+    """The layout-free form loaded into a Muon engine at ZeRO 0-3, fp32 and bf16, then saved by
+    DeepSpeed and read back: the same masters, moments and momentum, and the weights set."""
+    import shutil
+
+    import deepspeed
+    import torch
+
+    from ds_gpt import elastic
+    from ds_gpt import engine as ds_engine
+    from ds_gpt.model import GPT, GPTConfig
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    eager = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True  # Muon's kernels eager (monkeypatch would delete the config key after)
+    request.addfinalizer(lambda: setattr(torch._dynamo.config, "disable", eager))
+    tag_dir = tmp_path / f"global_step{iter_num}"
+    shutil.copytree(muon_layouts[source] / tag_dir.name, tag_dir)
+    marker = json.loads((tag_dir / "ds_gpt_complete.json").read_text())
+    elastic.convert(tag_dir, marker)
+    saved = {key: torch.load(tag_dir / elastic.DIRNAME / f"{key}.pt", weights_only=True) for key in elastic.STATES}
+    assert len(saved["momentum_buffer"]) == 8 and len(saved["exp_avg"]) == 7
+    for stage in (0, 1, 2, 3):  # ZeRO-3 last: it patches torch.nn.functional.linear for the rest of the process
+        for dtype in ("float32", "bfloat16"):
+            cfg = parse_args(["--deepspeed_config", f"ds_configs/zero{max(1, stage)}_muon.json", "--zero_stage",
+                              str(stage), "--dtype", dtype, *SHAPE])
+            run = resolve(cfg, 1, cuda=False)
+            eng = ds_engine.build_engine(GPT(GPTConfig(**marker["model_args"])), run)
+            elastic.load_into(eng, tag_dir)
+            with deepspeed.zero.GatheredParameters(list(eng.module.parameters()), enabled=stage == 3):
+                weights = {n: p.detach().clone() for n, p in eng.module.named_parameters()}
+            assert all(torch.equal(w, saved["fp32"][n].to(w.dtype)) for n, w in weights.items()), (stage, dtype)
+            eng.save_checkpoint(str(tmp_path / "back"), tag=f"z{stage}-{dtype}",
+                                client_state={"config": {"ds_config": run.ds_config}})
+            back_dir = tmp_path / "back" / f"z{stage}-{dtype}"
+            (back_dir / "ds_gpt_complete.json").write_text(json.dumps(marker))
+            back = saved_states(back_dir)
+            different = [(key, n) for key in elastic.STATES for n in saved[key]
+                         if not torch.equal(back[key][n], saved[key][n])]
+            assert not different and back.keys() == saved.keys(), (stage, dtype, different[:3])
+            assert elastic.SavedTag(back_dir, marker["model_args"]).step() == iter_num, (stage, dtype)
+            del eng
 
 
 def eager_muon_and_nan_at(forwards: set[int]) -> None:
