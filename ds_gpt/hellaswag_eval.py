@@ -19,6 +19,7 @@ dynamic-shape graph for training afterwards.
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,11 +130,13 @@ class HellaSwagEval:
         return iter_num % self.interval == 0 or iter_num >= self.cfg.max_iters or self.cfg.eval_only
 
     def score(self, eng) -> dict:
-        """{"items", "acc", "acc_norm"} over the whole set (under --eval_only also "eval_only" and "init_from",
-        the weights scored); every rank calls it."""
+        """{"items", "acc", "acc_norm", "seconds"} over the whole set (seconds: the pass's wall time, what
+        it adds to the run; under --eval_only also "eval_only" and "init_from", the weights scored);
+        every rank calls it."""
         from ds_gpt import collectives  # not at import: startup builds this before any process group
         from ds_gpt import engine as ds_engine
 
+        started = time.perf_counter()
         eng.eval()
         try:
             items, lls = score_shard(eng, self.batches, ds_engine.device())
@@ -141,5 +144,6 @@ class HellaSwagEval:
             eng.train()
         acc, acc_norm = correct(lls, self.hs.ending_chars[items], self.hs.label[items])
         n, n_acc, n_norm = collectives.all_reduce_sum([len(items), acc.sum(), acc_norm.sum()])
-        result = {"items": int(n), "acc": n_acc / n, "acc_norm": n_norm / n}
+        result = {"items": int(n), "acc": n_acc / n, "acc_norm": n_norm / n,
+                  "seconds": round(time.perf_counter() - started, 3)}
         return {**result, "eval_only": True, "init_from": self.cfg.init_from} if self.cfg.eval_only else result

@@ -161,11 +161,12 @@ def test_eval_only_scores_a_hf_model_and_the_report_takes_it_as_a_yardstick(mini
     lines = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") in (None, "hellaswag")]
     assert [sorted(r) for r in lines] == [["iter", "time", "tokens", "train_loss", "val_loss"],
                                           ["acc", "acc_norm", "eval_only", "event", "init_from", "items", "iter",
-                                           "time", "tokens"]]
+                                           "seconds", "time", "tokens"]]
     hs = hellaswag.load(mini_set)
     items, lls = score_shard(model, Batches(hs, 32, 0, 1, 4 * 32), torch.device("cpu"))
     acc, acc_norm = correct(lls, hs.ending_chars[items], hs.label[items])
     assert (lines[1]["acc"], lines[1]["acc_norm"], lines[1]["items"]) == (acc.mean(), acc_norm.mean(), 10)
+    assert 0 < lines[1]["seconds"] < 60
     measured = yardsticks.measured(tmp_path / "run")
     assert [(y.metric, y.value) for y in measured] == [("acc", acc.mean()), ("acc_norm", acc_norm.mean()),
                                                        ("val_loss", lines[0]["val_loss"])]

@@ -84,3 +84,17 @@ def test_the_gpu_bench_refuses_a_machine_without_cuda_in_one_line():
         pytest.skip("a GPU is here: the benchmark would run")
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         main(["gpu", "--json", "unused.json"])
+
+
+def test_the_gpu_bench_synthetic_hellaswag_set_prepares_like_the_real_one(tmp_path, gpt2_ranks):
+    """bench gpu times a HellaSwag pass on a set written by write_synthetic_hellaswag, prepared by the
+    real `prepare --dataset hellaswag --data_files` path: items of about the validation split's lengths."""
+    from ds_gpt import hellaswag
+    from ds_gpt.bench.gpu import write_synthetic_hellaswag
+
+    write_synthetic_hellaswag(tmp_path / "hs.jsonl", 40)
+    meta = hellaswag.prepare(tmp_path / "hellaswag", [str(tmp_path / "hs.jsonl")])
+    assert meta["items"] == 40
+    hs = hellaswag.load(tmp_path / "hellaswag")
+    per_item = meta["tokens"] / 40  # the real split: ~100-130 tokens per item (context + 4 endings)
+    assert len(hs) == 40 and 80 < per_item < 250 and set(hs.label.tolist()) <= {0, 1, 2, 3}
