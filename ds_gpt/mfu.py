@@ -145,8 +145,9 @@ def peak_flops_per_device(device_name: str, dtype: str,
 # peak is measured: the best of a few square matmuls in the run's dtype, with the thread
 # count this process has, cached per (dtype, threads, CPU model) so every run agrees. A probe
 # taken on a busy machine reads low (a third of the peak under a load of 3x the cores, which made
-# MFUs over 100%), so a cached figure is final only if the load average was within the thread
-# count when it was taken; until then every run probes again and the cache keeps the best.
+# MFUs over 100%), so a cached figure is final only if the load average was within the machine's
+# usable cores when it was taken (two 1-thread ranks on 2 cores are a quiet machine; the same with
+# other jobs is not); until then every run probes again and the cache keeps the best.
 
 
 def cpu_model() -> str:
@@ -185,6 +186,14 @@ def probe_matmul_flops(dtype: str = "fp32", n: int = 1024, seconds: float = 0.5)
     return 2 * n**3 / best
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: what SLURM or taskset gave it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def cpu_peak_flops(dtype: str = "fp32", cache_path: Path | None = None) -> float:
     """The CPU's measured matmul peak in FLOPs/s, from the cache or a fresh probe."""
     import torch
@@ -196,7 +205,7 @@ def cpu_peak_flops(dtype: str = "fp32", cache_path: Path | None = None) -> float
     except (OSError, ValueError):
         cache = {}
     cached = cache.get(key) or {}
-    if cached and cached.get("load", math.inf) <= torch.get_num_threads():
+    if cached and cached.get("load", math.inf) <= usable_cores():
         return float(cached["flops"])
     load = round(os.getloadavg()[0], 2)
     fresh = {"flops": probe_matmul_flops(dtype), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load": load}

@@ -106,11 +106,11 @@ def test_cpu_probe_measures_a_plausible_peak():
 
 
 def test_a_peak_probed_on_a_busy_machine_is_probed_again_and_the_best_kept(tmp_path, monkeypatch):
-    """A probe under a load above the thread count reads low; it is not final until a quiet one."""
-    path, threads = tmp_path / "cpu_peak.json", torch.get_num_threads()
+    """A probe under a load above the usable cores reads low; it is not final until a quiet one."""
+    path, cores = tmp_path / "cpu_peak.json", M.usable_cores()
     probes = iter([1e11, 3e11, 2e11])
     monkeypatch.setattr(M, "probe_matmul_flops", lambda dtype: next(probes))
-    monkeypatch.setattr(M.os, "getloadavg", lambda: (3.0 * threads + 1, 0.0, 0.0))
+    monkeypatch.setattr(M.os, "getloadavg", lambda: (3.0 * cores + 1, 0.0, 0.0))
     assert M.cpu_peak_flops("fp32", cache_path=path) == 1e11  # busy: cached, not final
     assert M.cpu_peak_flops("fp32", cache_path=path) == 3e11  # busy again: probed, the better figure kept
     monkeypatch.setattr(M.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
