@@ -48,15 +48,16 @@ MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's, for every parameter on its side
 MOMENTUM = "momentum_buffer"  # Muon's, for the hidden matrices (DeepSpeed's and torch's name)
 STATES = ("fp32", *MOMENTS, MOMENTUM)  # per parameter that has it, full size, fp32
 
-
-def optimizer_states(muon: bool) -> tuple[str, ...]:
-    """The optimizer's state of one parameter: Muon's momentum on its side, else AdamW's moments."""
-    return (MOMENTUM,) if muon else MOMENTS
 # What DeepSpeed keeps in a model-states file beside the caller's client state (engine._load_checkpoint).
 DEEPSPEED_KEYS = frozenset("""module optimizer lr_scheduler buffer_names param_shapes frozen_param_shapes
 shared_params frozen_param_fragments data_sampler random_ltd sparse_tensor_module_names skipped_steps
 global_steps global_samples dp_world_size mp_world_size checkpoint_parallel_dimensions ds_config
 ds_version""".split())
+
+
+def optimizer_states(muon: bool) -> tuple[str, ...]:
+    """The optimizer's state of one parameter: Muon's momentum on its side, else AdamW's moments."""
+    return (MOMENTUM,) if muon else MOMENTS
 
 
 @dataclass(frozen=True)
