@@ -76,6 +76,7 @@ def test_new_run_over_checkpoints_hint_continues_the_run(two_rank_run):
     forked_train(2, *args, *flags_in(hint_of(refused.stdout)), log_dir=tmp / "continued")
 
 
+@pytest.mark.slow  # a real trainer start, ~3 s
 def test_resume_without_checkpoint_hint_starts_the_run(tmp_path):
     args = ["--deepspeed_config", "ds_configs/zero1.json", "--data_dir", str(write_token_bins(tmp_path / "data")),
             "--out_dir", str(tmp_path / "out"), *TINY, "--max_iters", "2", "--init_from", "resume"]

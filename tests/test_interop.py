@@ -141,6 +141,7 @@ def load_gpt2_by_name() -> None:
     run_cli(lambda: load_init_weights("gpt2") and 0, prog="t")
 
 
+@pytest.mark.slow  # a forked rank importing transformers, ~2.5 s
 def test_openai_name_offline_says_how_to_get_it(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     with forked_background_train(1, log_dir=tmp_path / "logs", env=env, entry=load_gpt2_by_name) as process:

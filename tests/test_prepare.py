@@ -367,7 +367,7 @@ def refusal(tmp_path: Path, *argv: str) -> str:
     return proc.stderr.removeprefix("ds_gpt.prepare: error: ")
 
 
-@pytest.mark.parametrize("num_proc", ["1", "2"])
+@pytest.mark.parametrize("num_proc", ["1", pytest.param("2", marks=pytest.mark.slow)])  # 2: a pool, ~3 s
 def test_jsonl_files_with_other_fields_name_the_file_and_the_field(tmp_path, num_proc):
     (tmp_path / "a.jsonl").write_text('{"text": "one", "id": 1}\n{"text": "two", "id": 2}\n')
     (tmp_path / "b.jsonl").write_text('{"text": "three", "id": 3}\n{"body": "four", "id": 4}\n')

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import PYTHON, REPO_ROOT
 
 # What the deepspeed launcher does: its own SIGTERM handler, which would end the process.
@@ -33,6 +34,7 @@ def shielded(code: str) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # ~3 s of waiting on signals between processes
 def test_a_shielded_launcher_outlives_sigterm_but_not_sigkill():
     proc = shielded(LAUNCHER)
     proc.send_signal(signal.SIGTERM)

@@ -11,6 +11,8 @@ from helpers import free_port, write_token_bins
 # Each of these waits for the device to finish before it returns a host value.
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
+pytestmark = pytest.mark.slow  # a real engine built in this process (~5 s, more with a cold import)
+
 
 @contextlib.contextmanager
 def counting_host_reads(counts: dict[str, list[str]]):
