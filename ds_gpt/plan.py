@@ -309,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
                   intra_node_GBps=args.intra_node_GBps, inter_node_GBps=args.inter_node_GBps,
                   optimizer=args.optimizer)
     if args.fit:
+        if args.write_run_config and (n_layer, n_head, n_embd) != shape:
+            raise UserError(f"--write_run_config writes a GPT-2 preset (model = ...), and this plan's shape "
+                            f"({n_layer} layers, {n_head} heads, d={n_embd}) is none of {', '.join(MODELS)}",
+                            hint="plan a preset (--model, or a --config that names one), or write the TOML by hand")
         p = plan_fit.fit(plan, n_layer, n_head, n_embd, **common)
         plan_fit.write(p, args.write_config, args.write_run_config, model=canonical(args.model))
         print(json.dumps(p, indent=1) if args.json else plan_fit.render(p, render))
@@ -329,7 +333,9 @@ def adopt_run_config(args) -> None:
 
     run = resolve(parse_args(["--config", args.config]), args.gpus, cuda=True)
     m = run.model
-    args.model, args.n_layer, args.n_head, args.n_embd = "124M", m["n_layer"], m["n_head"], m["n_embd"]
+    # the preset the TOML names, if any, is what --write_run_config writes back (shape flags set the rest)
+    args.model = run.train.model or "124M"
+    args.n_layer, args.n_head, args.n_embd = m["n_layer"], m["n_head"], m["n_embd"]
     args.block_size, args.vocab_size, args.bias = m["block_size"], m["vocab_size"], m["bias"]
     args.zero_stage, args.dtype, args.micro_batch = run.zero_stage, run.dtype, run.batch.micro
     args.tokens_per_iter, args.max_iters = run.tokens_per_iter, run.train.max_iters

@@ -157,6 +157,21 @@ def test_fit_writes_a_config_the_trainer_resolves(tmp_path, capsys):
     assert run.tokens_per_iter == 491_520  # the recipe's global batch
 
 
+def test_a_run_config_written_from_a_config_keeps_its_model(tmp_path, capsys):
+    """`--config` names the model: the TOML written back names the same one, and a shape that is no
+    preset is refused rather than written as 124M."""
+    from ds_gpt.config import parse_args
+    from ds_gpt.run_config import resolve
+
+    toml = tmp_path / "plan.toml"
+    assert P.main(["--config", "config/gpt2-medium.toml", "--gpus", "8", "--gpu", "a100", "--fit",
+                   "--write_config", str(tmp_path / "plan.json"), "--write_run_config", str(toml), "--json"]) == 0
+    assert resolve(parse_args(["--config", str(toml)]), world_size=8, cuda=True).train.model == "350M"
+    with pytest.raises(UserError, match="writes a GPT-2 preset"):
+        P.main(["--config", "config/demo_cpu.toml", "--gpus", "2", "--gpu", "a100", "--fit",
+                "--write_run_config", str(tmp_path / "demo.toml")])
+
+
 def test_model_that_cannot_fit_is_one_line():
     proc = subprocess.run([PYTHON, "-m", "ds_gpt.plan", "--fit", "--model", "1558M", "--gpus", "1", "--gpu", "l4",
                            "--gpu_mem_gb", "2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
