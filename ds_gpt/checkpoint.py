@@ -368,9 +368,8 @@ def check_resumable(info: CheckpointInfo, run: RunConfig) -> None:
     carries the state across); the global batch only with --allow_batch_change; the data's
     tokenizer never; the model's shape is the checkpoint's (run_config.adopt_model_args).
     """
-    elastic.check_resume(Path(run.train.out_dir) / info.tag, info.marker, batch=run.batch,
+    elastic.check_resume(Path(run.train.out_dir) / info.tag, info.marker, batch=run.batch, optimizer=run.optimizer,
                          data_dir=run.train.data_dir, allow_batch_change=run.train.allow_batch_change)
-    elastic.check_optimizer(Path(run.train.out_dir) / info.tag, info.marker, run.optimizer)
 
 
 def resolve_tag(out_dir: Path, tag: str | None) -> str:

@@ -101,6 +101,11 @@ def client_state_of(states: dict) -> dict:
     return {k: v for k, v in states.items() if k not in DEEPSPEED_KEYS}
 
 
+def saved_optimizer(client_state: dict) -> str:
+    """"muon" or "adamw": the optimizer of the DeepSpeed JSON the run was saved under."""
+    return ds_optimizer((client_state.get("config") or {}).get("ds_config") or {})
+
+
 # -----------------------------------------------------------------------------
 # reading a tag of any layout as full tensors by parameter name (CPU, no process group)
 
@@ -136,8 +141,7 @@ class SavedTag:
         self.shards = [safe_load.load(f, mmap=True)["optimizer_state_dict"]
                        for f in optim_files]
         self.stage = int(self.shards[0]["zero_stage"]) if self.shards else 0
-        config = client_state_of(self.states).get("config") or {}
-        self.muon = ds_optimizer(config.get("ds_config") or {}) == "muon"
+        self.muon = saved_optimizer(client_state_of(self.states)) == "muon"
         with torch.device("meta"):  # names, shapes and groups of the parameters, in no memory
             model = GPT(GPTConfig(**model_args))
         name_of = {id(p): n for n, p in model.named_parameters()}
@@ -490,19 +494,26 @@ def tokenizer_of(data_dir: str | None) -> str | None:
     return f"{name} (sha256 {digest[:12]})" if name and digest else name
 
 
-def check_resume(tag_dir: Path, marker: dict, *, batch: BatchSizes, data_dir: str, allow_batch_change: bool) -> None:
+def check_resume(tag_dir: Path, marker: dict, *, batch: BatchSizes, data_dir: str, allow_batch_change: bool,
+                 optimizer: str) -> None:
     """Refuse, with one line, a resume that would not continue the run saved in `tag_dir`.
 
     The layout (world size, ZeRO stage, precision) and the split of the global batch into micro
     batches and accumulation may change; the global batch only with --allow_batch_change (the
-    curve would no longer be the saved run's); the data's tokenizer never: the one the marker
+    curve would no longer be the saved run's); the optimizer never (its state would not carry
+    over: AdamW's moments are not Muon's momentum); the data's tokenizer never: the one the marker
     recorded at save time, not the one the saved data directory's meta.json names today (data
     re-prepared in place with another tokenizer). The model's shape is the checkpoint's
     (run_config.adopt_model_args refuses flags that contradict it).
     """
-    saved_config = client_state_of(read_model_states(tag_dir)).get("config") or {}
+    client_state = client_state_of(read_model_states(tag_dir))
+    saved_config = client_state.get("config") or {}
     saved_batch = (saved_config.get("batch") or {}).get("global_batch")
     tag = tag_dir.name
+    if (saved := saved_optimizer(client_state)) != optimizer:
+        raise UserError(f"checkpoint {tag} was trained with {saved}; this run's optimizer is {optimizer}",
+                        hint="resume with the checkpoint's DeepSpeed JSON, or start a new run from its weights: "
+                             "--init_from weights:OUT --out_dir NEW_OUT")
     if saved_batch is not None and saved_batch != batch.global_batch and not allow_batch_change:
         flags = flags_for_global_batch(saved_batch, batch)
         keep = f"pass {flags}" if flags else f"resume on a number of ranks that divides {saved_batch}"
@@ -517,16 +528,6 @@ def check_resume(tag_dir: Path, marker: dict, *, batch: BatchSizes, data_dir: st
         raise UserError(f"checkpoint {tag} was trained on {saved_data} tokenized with {before}; --data_dir {data_dir} "
                         f"is tokenized with {now}", hint="resume on data prepared with the checkpoint's tokenizer, "
                         "or start a new run from its weights: --init_from weights:OUT --out_dir NEW_OUT")
-
-
-def check_optimizer(tag_dir: Path, marker: dict, optimizer: str) -> None:
-    """Refuse a resume with another optimizer than the checkpoint's: its state would not carry over."""
-    saved_config = client_state_of(read_model_states(tag_dir)).get("config") or {}
-    saved = ds_optimizer(saved_config.get("ds_config") or {})
-    if saved != optimizer:
-        raise UserError(f"checkpoint {tag_dir.name} was trained with {saved}; this run's optimizer is {optimizer}",
-                        hint="resume with the checkpoint's DeepSpeed JSON, or start a new run from its weights: "
-                             "--init_from weights:OUT --out_dir NEW_OUT")
 
 
 def resume_events(tag: str, marker: dict, client_state: dict, new: Layout, global_batch: int,

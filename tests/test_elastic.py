@@ -324,7 +324,7 @@ def test_refusals_and_an_allowed_batch_change(runs, data_dir, tmp_path):
     assert sorted(losses(out)) == list(range(12))
 
 
-def test_the_data_tokenizer_may_not_change(tmp_path):
+def test_the_data_tokenizer_and_the_optimizer_may_not_change(tmp_path):
     """Checked on the tag's own record of the run (its client state), before anything is built; a tag
     whose marker records no tokenizer (saved before it did) is checked on its data directory."""
     tag = tmp_path / "out" / "global_step5"
@@ -335,12 +335,18 @@ def test_the_data_tokenizer_may_not_change(tmp_path):
         (data / "meta.json").write_text(json.dumps({"tokenizer": tokenizer}))
     config = {"batch": {"global_batch": 8}, "train": {"data_dir": str(old)}}
     torch.save({"module": {}, "iter_num": 5, "config": config}, tag / "mp_rank_00_model_states.pt")
+    def check(global_batch=8, data=old, allow=False, optimizer="adamw"):
+        elastic.check_resume(tag, {}, batch=BatchSizes(global_batch, 1, 1), data_dir=str(data),
+                             allow_batch_change=allow, optimizer=optimizer)
+
     with pytest.raises(UserError, match=f"{old} tokenized with gpt2; --data_dir {new} is tokenized with cl100k_base"):
-        elastic.check_resume(tag, {}, batch=BatchSizes(8, 1, 1), data_dir=str(new), allow_batch_change=False)
-    elastic.check_resume(tag, {}, batch=BatchSizes(8, 1, 1), data_dir=str(old), allow_batch_change=False)
+        check(data=new)
+    check()
     with pytest.raises(UserError, match="global batch of 8 sequences; this run's is 4"):
-        elastic.check_resume(tag, {}, batch=BatchSizes(4, 1, 1), data_dir=str(old), allow_batch_change=False)
-    elastic.check_resume(tag, {}, batch=BatchSizes(4, 1, 1), data_dir=str(old), allow_batch_change=True)
+        check(global_batch=4)
+    check(global_batch=4, allow=True)
+    with pytest.raises(UserError, match="was trained with adamw; this run's optimizer is muon"):
+        check(optimizer="muon")  # AdamW's moments are no Muon momentum
 
 
 def test_which_resumes_need_a_conversion():
