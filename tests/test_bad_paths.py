@@ -460,7 +460,7 @@ def test_wrong_shape(name, tmp_path, capsys):
         assert not errors, stderr[-3000:]
     after = fs_faults.snapshot(work, IGNORED)
     changed = {Path(p).name for p in set(before) | set(after) if after.get(p) != before.get(p)}
-    assert changed <= SHAPE_CHANGES.get(command, set()) if code == 0 else changed == set(), changed
+    assert changed == (SHAPE_CHANGES.get(command, set()) if code == 0 else set()), changed
     assert not (created_run and (work / "run").exists()), "the trainer left an out_dir it created"
     assert not (work / "pwned").exists()  # nothing loaded ran code
 

@@ -7,11 +7,12 @@ cases run their ranks forked (tests/helpers.py); the other commands run their ma
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, forked_train, write_token_bins
+from helpers import TINY, forked_train, read_jsonl, write_token_bins
 
 from ds_gpt.errors import UserError
 
@@ -59,21 +60,41 @@ def two_rank_run(tmp_path_factory) -> tuple[list[str], Path]:
     return args, tmp
 
 
-def test_batch_change_hint_resumes_on_another_world_size(two_rank_run):
+def own_copy(two_rank_run, tmp_path: Path) -> tuple[list[str], Path]:
+    """The finished run copied for one test (which trains on), and its options pointing at the copy."""
+    args, tmp = two_rank_run
+    out = tmp_path / "out"
+    shutil.copytree(tmp / "out", out)
+    args = list(args)
+    args[args.index("--out_dir") + 1] = str(out)
+    return args, out
+
+
+def continued_from_4_to_6(out: Path) -> bool:
+    """The last start in metrics.jsonl resumed at iteration 4, and iterations 4 and 5 trained after it."""
+    records = read_jsonl(out / "metrics.jsonl")
+    last = max(i for i, r in enumerate(records) if r.get("event") == "start")
+    trained = {r["iter"] for r in records[last:] if "loss" in r and "event" not in r}
+    return records[last]["iter"] == 4 and trained == {4, 5}
+
+
+def test_batch_change_hint_resumes_on_another_world_size(two_rank_run, tmp_path):
     """One rank cannot keep a global batch of 4 with micro 2 and no accumulation; the HINT's
     flags (all three batch sizes, so no TOML or JSON value contradicts them) can."""
-    args, tmp = two_rank_run
+    args, out = own_copy(two_rank_run, tmp_path)
     resume = [*args, "--init_from", "resume", "--max_iters", "6"]
-    refused = forked_train(1, *resume, log_dir=tmp / "refused", expect=2)
+    refused = forked_train(1, *resume, log_dir=tmp_path / "refused", expect=2)
     flags = flags_in(hint_of(refused.stdout))
     assert "--allow_batch_change" not in flags
-    forked_train(1, *resume, *flags, log_dir=tmp / "followed")
+    forked_train(1, *resume, *flags, log_dir=tmp_path / "followed")
+    assert continued_from_4_to_6(out)
 
 
-def test_new_run_over_checkpoints_hint_continues_the_run(two_rank_run):
-    args, tmp = two_rank_run
-    refused = forked_train(2, *args, "--init_from", "scratch", log_dir=tmp / "over", expect=2)
-    forked_train(2, *args, *flags_in(hint_of(refused.stdout)), log_dir=tmp / "continued")
+def test_new_run_over_checkpoints_hint_continues_the_run(two_rank_run, tmp_path):
+    args, out = own_copy(two_rank_run, tmp_path)
+    refused = forked_train(2, *args, "--init_from", "scratch", log_dir=tmp_path / "over", expect=2)
+    forked_train(2, *args, *flags_in(hint_of(refused.stdout)), "--max_iters", "6", log_dir=tmp_path / "continued")
+    assert continued_from_4_to_6(out)
 
 
 @pytest.mark.slow  # a real trainer start, ~3 s

@@ -142,7 +142,8 @@ def test_a_failed_preflight_leaves_no_out_dir(tmp_path, capsys):
     assert stop.value.code == 2 and "no-such-host.invalid" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "hosts"]
     # asked for its report inside the run directory (as slurm/ds_train.sh does), it makes the directory for it
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         run_cli(lambda: preflight.main(["--json", str(tmp_path / "a" / "out" / "preflight.json"), *argv],
                                        environ={"PATH": os.environ["PATH"]}), prog="ds_gpt.preflight")
+    assert stop.value.code == 2
     assert [p.name for p in (tmp_path / "a" / "out").iterdir()] == ["preflight.json"]

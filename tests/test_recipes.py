@@ -24,9 +24,12 @@ def test_wsd_holds_the_peak_after_warmup_then_cools_down_linearly_to_min_lr():
     assert cosine.train.lr_schedule == "cosine" and cosine.lr_at(55) == pytest.approx((1e-3 + 1e-4) / 2)
 
 
-@pytest.mark.parametrize("argv", [["--lr_schedule", "linear"], ["--cooldown_frac", "0"], ["--cooldown_frac", "1.5"]])
-def test_bad_schedules_are_refused(argv):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("argv, message", [
+    (["--lr_schedule", "linear"], r"--lr_schedule must be one of cosine, wsd \(got 'linear'\)"),
+    (["--cooldown_frac", "0"], r"cooldown_frac must be in \(0, 1\] \(got 0.0\)"),
+    (["--cooldown_frac", "1.5"], r"cooldown_frac must be in \(0, 1\] \(got 1.5\)")])
+def test_bad_schedules_are_refused(argv, message):
+    with pytest.raises(UserError, match=message):
         parse_args(argv)
 
 
