@@ -104,9 +104,10 @@ class TrainConfig:
     # which options the user set (CLI or --config): a checkpoint's model args fill in the rest
     explicit: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"cli": False})
 
-    def eval_due(self, iter_num: int) -> bool:
-        """Evaluate before this iteration: on the interval, at the end, or once with --eval_only."""
-        return iter_num % self.eval_interval == 0 or iter_num >= self.max_iters or self.eval_only
+    def eval_due(self, iter_num: int, interval: int | None = None) -> bool:
+        """Evaluate before this iteration: every `interval` (default --eval_interval), at the end, or
+        once with --eval_only."""
+        return iter_num % (interval or self.eval_interval) == 0 or iter_num >= self.max_iters or self.eval_only
 
     def milestone_set(self) -> set[int]:
         return {int(m) for m in self.milestones.split(",") if m.strip()}

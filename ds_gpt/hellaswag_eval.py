@@ -127,7 +127,7 @@ class HellaSwagEval:
         return cls(hs, cfg, cfg.hellaswag_interval if asked else cfg.eval_interval, batches)
 
     def due(self, iter_num: int) -> bool:
-        return iter_num % self.interval == 0 or iter_num >= self.cfg.max_iters or self.cfg.eval_only
+        return self.cfg.eval_due(iter_num, self.interval)
 
     def score(self, eng) -> dict:
         """{"items", "acc", "acc_norm", "seconds"} over the whole set (seconds: the pass's wall time, what

@@ -188,10 +188,7 @@ def probe_matmul_flops(dtype: str = "fp32", n: int = 1024, seconds: float = 0.5)
 
 def usable_cores() -> int:
     """The cores this process may run on (its affinity: what SLURM or taskset gave it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0))
 
 
 def cpu_peak_flops(dtype: str = "fp32", cache_path: Path | None = None) -> float:

@@ -275,8 +275,8 @@ def prepare_streamed(source: corpus.Source, args: argparse.Namespace, wanted: di
     """Stream the source into out_dir (ds_gpt/stream.py) and publish; returns the meta.json written.
     Called with the out_dir's lock held; a failure keeps the staged files for the next run."""
     docs = corpus.load_documents(source, hf_cache=args.cache_dir, streaming=True)
-    staged = {"train": args.out_dir / stream.STAGED["train"], "val": args.out_dir / stream.STAGED["val"]}
-    splits = stream.write_stream(docs, args.out_dir, wanted, staged, source.text_field, args.val_tokens,
+    staged = stream.staged_paths(args.out_dir)
+    splits = stream.write_stream(docs, args.out_dir, wanted, source.text_field, args.val_tokens,
                                  args.max_tokens, args.num_proc, args.tokenizer_cache,
                                  lambda err: corpus.explain(source, err), corpus.known_documents(source, docs))
     if splits["train"]["tokens"] == 0:

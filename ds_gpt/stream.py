@@ -139,14 +139,19 @@ def leading_documents(ids: np.ndarray, room: int) -> tuple[int, int]:
 # -----------------------------------------------------------------------------
 # checkpoints
 
+def staged_paths(out_dir: Path) -> dict[str, Path]:
+    """Where each split is written until the set is published: out_dir / STAGED[split]."""
+    return {split: out_dir / name for split, name in STAGED.items()}
+
+
 def load_checkpoint(out_dir: Path, wanted: dict) -> dict | None:
     """The last checkpoint of a run with the same inputs and options, if its files are there."""
     try:
         checkpoint = json.loads((out_dir / CHECKPOINT).read_text())
         if checkpoint["wanted"] != wanted:
             return None
-        for split, name in STAGED.items():
-            if (out_dir / name).stat().st_size < 2 * checkpoint["splits"][split]["tokens"]:
+        for split, path in staged_paths(out_dir).items():
+            if path.stat().st_size < 2 * checkpoint["splits"][split]["tokens"]:
                 return None
         return checkpoint
     except (OSError, ValueError, KeyError, TypeError):
@@ -208,11 +213,11 @@ def read_batches(ds, field: str, explain: Callable[[Exception], UserError]) -> I
         yield texts, ds.state_dict()
 
 
-def write_stream(ds, out_dir: Path, wanted: dict, staged: dict[str, Path], field: str, val_tokens: int,
+def write_stream(ds, out_dir: Path, wanted: dict, field: str, val_tokens: int,
                  max_tokens: int | None, num_proc: int, tokenizer_cache: str | None,
                  explain: Callable[[Exception], UserError], total_docs: int | None) -> dict:
-    """Stream `ds` (an IterableDataset) into staged[...]["train"/"val"], resuming from the last
-    checkpoint of the same `wanted`; returns each split's {"tokens", "documents", "bytes", "sha256"}."""
+    """Stream `ds` (an IterableDataset) into the staged train and val files (staged_paths), resuming
+    from the last checkpoint of the same `wanted`; returns each split's {"tokens", "documents", "bytes", "sha256"}."""
     checkpoint = load_checkpoint(out_dir, wanted)
     if checkpoint is None:
         discard_checkpoint(out_dir)
@@ -224,7 +229,7 @@ def write_stream(ds, out_dir: Path, wanted: dict, staged: dict[str, Path], field
     pool = start_pool(num_proc, _init_encoder, (tokenizer_cache,)) if num_proc > 1 else None
     if pool is None:
         _init_encoder(tokenizer_cache)
-    writers = {s: TokenWriter(staged[s], done[s]["tokens"]) for s in STAGED}
+    writers = {s: TokenWriter(path, done[s]["tokens"]) for s, path in staged_paths(out_dir).items()}
     documents = {s: done[s]["documents"] for s in STAGED}
     total_tokens = None if max_tokens is None else val_tokens + max_tokens
     progress = Progress(total_docs, total_tokens, sum(documents.values()), sum(w.pos for w in writers.values()))

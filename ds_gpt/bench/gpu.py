@@ -29,8 +29,8 @@ from pathlib import Path
 from ds_gpt.bench.common import add_json_arg, machine, positive_int, write_json, write_synthetic_bin
 from ds_gpt.errors import UserError
 from ds_gpt.paths import REPO_ROOT
+from ds_gpt.presets import GPT2_VOCAB_SIZE, MODELS
 
-GPT2_VOCAB = 50257  # ids a real corpus holds; the model's 50304 is padding
 WORDS = ("the a man woman dog car house water ball he she they it runs walks holds puts takes opens closes "
          "then while after before into onto with from over under quickly slowly small large red blue green "
          "kitchen field street table door window bread knife rope board camera guitar").split()
@@ -108,7 +108,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="ds_gpt-gpu-") as tmp_name:
         tmp = Path(tmp_name)
         for split, n in (("train", 1 << 24), ("val", 1 << 20)):
-            write_synthetic_bin(tmp / f"{split}.bin", n, GPT2_VOCAB)
+            write_synthetic_bin(tmp / f"{split}.bin", n, GPT2_VOCAB_SIZE)  # ids a real corpus holds
         write_synthetic_hellaswag(tmp / "hellaswag.jsonl", 10_042)
         _run([sys.executable, "-m", "ds_gpt.prepare", "--dataset", "hellaswag", "--data_files",
               str(tmp / "hellaswag.jsonl"), "--out_dir", str(tmp / "hellaswag")], "a synthetic HellaSwag set")
@@ -120,7 +120,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
         figures["adamw"] = _trainer(tmp, "adamw", "ds_configs/zero1.json", args, "--hellaswag_dir",
                                     str(tmp / "hellaswag"), "--hellaswag_interval", str(args.iters))
         figures["muon"] = _trainer(tmp, "muon", "ds_configs/zero1_muon.json", args, "--hellaswag_interval", "0")
-    predicted = plan.plan(12, 12, 768, gpus=1, gpu="h100", zero_stage=1, micro_batch=args.micro_batch_size,
+    predicted = plan.plan(*MODELS["124M"], gpus=1, gpu="h100", zero_stage=1, micro_batch=args.micro_batch_size,
                           tokens_per_iter=args.micro_batch_size * 1024, gpu_mem_gb=torch.cuda.get_device_properties(
                               0).total_memory / 1e9)
     figures["memory"] = {"plan_peak_gib": predicted["peak_bytes_per_gpu"] / 2**30,
