@@ -74,6 +74,14 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 
+@pytest.fixture
+def mounts():
+    """tmpfs mounts for the test (fs_faults.Mounts: small real filesystems), all unmounted when it ends."""
+    import fs_faults
+
+    yield from fs_faults.mounted()
+
+
 @pytest.fixture(autouse=True)
 def signal_handlers_restored():
     """The trainer's main() installs its graceful-stop handlers (and ignores SIGTERM once a stop is

@@ -72,7 +72,7 @@ class Mounts:
 
 
 def mounted() -> Iterator[Mounts]:
-    """The body of a test module's `mounts` fixture: `yield from fs_faults.mounted()`."""
+    """The body of conftest's `mounts` fixture."""
     m = Mounts()
     yield m
     m.unmount_all()

@@ -89,6 +89,20 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def consolidated(tag_dir: Path) -> tuple[dict, int]:
+    """A tag's fp32 masters and optimizer state, full size by parameter name ({key: {name: tensor}}, the
+    keys of ds_gpt.elastic.STATES), read from any layout by elastic.SavedTag; and AdamW's step count."""
+    from ds_gpt import elastic
+
+    saved = elastic.SavedTag(tag_dir, json.loads((tag_dir / "ds_gpt_complete.json").read_text())["model_args"])
+    return {key: saved.tensors(key) for key in elastic.STATES}, saved.step()
+
+
+def relative_gap(a: dict, b: dict) -> float:
+    """max over tensors of |a - b| / |a| (Frobenius norms)."""
+    return max(float((a[n] - b[n]).norm() / a[n].norm().clamp_min(1e-30)) for n in a)
+
+
 def free_port() -> int:
     """A port for a run's rendezvous, below the kernel's ephemeral range: a port the kernel hands
     out for bind(0) can be taken again by gloo's own outgoing connections before the launcher binds it."""

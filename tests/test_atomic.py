@@ -4,16 +4,10 @@ from __future__ import annotations
 import errno
 import os
 
-import fs_faults
 import pytest
 
 from ds_gpt import atomic
 from ds_gpt.errors import UserError
-
-
-@pytest.fixture
-def mounts():
-    yield from fs_faults.mounted()
 
 
 def test_write_text_onto_a_directory_names_it_and_leaves_nothing(tmp_path):

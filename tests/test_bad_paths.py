@@ -40,11 +40,6 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
 IGNORED = frozenset({fileset.LOCK_NAME})  # prepare's lock file: empty, created on first use
 
 
-@pytest.fixture
-def mounts():
-    yield from fs_faults.mounted()
-
-
 @dataclass
 class Place:
     """What a case builds its arguments from."""

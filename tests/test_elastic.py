@@ -20,7 +20,18 @@ from pathlib import Path
 import fs_faults
 import pytest
 import torch
-from helpers import PYTHON, REPO_ROOT, forked_train, free_port, losses, read_jsonl, tiny_run_args, write_token_bins
+from helpers import (
+    PYTHON,
+    REPO_ROOT,
+    consolidated,
+    forked_train,
+    free_port,
+    losses,
+    read_jsonl,
+    relative_gap,
+    tiny_run_args,
+    write_token_bins,
+)
 
 from ds_gpt import elastic
 from ds_gpt.errors import UserError
@@ -110,17 +121,6 @@ def runs(tmp_path_factory, data_dir) -> dict[str, Path]:
     return {name: root / name for name in RUNS}
 
 
-def consolidated(out: Path, iter_num: int) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
-    tag_dir = out / f"global_step{iter_num}"
-    saved = elastic.SavedTag(tag_dir, json.loads((tag_dir / "ds_gpt_complete.json").read_text())["model_args"])
-    return {key: saved.tensors(key) for key in elastic.STATES}, saved.step()
-
-
-def relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """max over tensors of |a - b| / |a| (Frobenius norms)."""
-    return max(float((a[n] - b[n]).norm() / a[n].norm().clamp_min(1e-30)) for n in a)
-
-
 # --- the loss curve continues --------------------------------------------------------------
 
 @pytest.mark.slow
@@ -143,8 +143,8 @@ def test_resumed_state_matches_the_uninterrupted_state(runs, name):
     """AdamW's moments, step count and the weights SEGMENT iterations later agree with the run that
     went on uninterrupted; moments restarted from zero would be ~30% off (0.9^3 of them lost)."""
     run = RUNS[name]
-    mine, my_step = consolidated(runs[name], run.start + SEGMENT)
-    theirs, their_step = consolidated(runs[run.parent], run.start + SEGMENT)
+    mine, my_step = consolidated(runs[name] / f"global_step{run.start + SEGMENT}")
+    theirs, their_step = consolidated(runs[run.parent] / f"global_step{run.start + SEGMENT}")
     assert my_step == their_step == run.start + SEGMENT
     for key in ("fp32", *elastic.MOMENTS):  # AdamW runs: no Muon momentum
         assert relative_gap(theirs[key], mine[key]) < 1e-4, key
@@ -374,7 +374,7 @@ def test_sample_export_and_report_on_a_changed_layout(runs, tmp_path, capsys):
     after, client = load_fp32_state_dict(out)
     assert client["iter_num"] == 9 and json.loads((out / "global_step9" / "ds_gpt_complete.json").read_text())[
         "zero_stage"] == 3
-    mine, _ = consolidated(out, 9)
+    mine, _ = consolidated(out / "global_step9")
     assert all(torch.equal(after[n], mine["fp32"][n]) for n in mine["fp32"])
     for fmt in ("nanogpt", "hf", "fp32"):
         assert export.main(["--out_dir", str(out), "--format", fmt, "--dest", str(tmp_path / fmt)]) == 0
@@ -385,11 +385,6 @@ def test_sample_export_and_report_on_a_changed_layout(runs, tmp_path, capsys):
 
 
 # --- a full disk, a killed conversion: found on the next start ---------------------------------
-
-@pytest.fixture
-def mounts():
-    yield from fs_faults.mounted()
-
 
 def tiny_run_copy(tiny_run: Path, out: Path) -> Path:
     """The tiny run's newest tag (global_step4, ZeRO-1, one rank) as the only one in `out`."""

@@ -44,7 +44,7 @@ def test_our_copy_of_the_harness_text_is_the_harness(tmp_path):
     import datasets
     from lm_eval.tasks.hellaswag import utils
 
-    docs = [json.loads(line) for line in (REPO_ROOT / TASK_DIR / f"{TASK}.jsonl").read_text().splitlines()]
+    docs = read_jsonl(REPO_ROOT / TASK_DIR / f"{TASK}.jsonl")
     theirs = utils.process_docs(datasets.Dataset.from_list(docs))
     for doc, processed in zip(docs, theirs, strict=True):
         assert hellaswag.query_and_choices(doc) == (processed["query"], processed["choices"])
@@ -88,7 +88,7 @@ def test_harness_scores_the_export_as_our_training_loop_does(tmp_path):
     (results_file,) = (tmp_path / "eval").rglob("results_*.json")
     (samples_file,) = (tmp_path / "eval").rglob(f"samples_{TASK}_*.jsonl")
     results = json.loads(results_file.read_text())["results"][TASK]
-    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    samples = sorted(read_jsonl(samples_file), key=lambda s: s["doc_id"])
 
     # the training loop's figure is the harness's
     assert results["sample_len"] == len(samples) == 10

@@ -26,10 +26,6 @@ from ds_gpt.tokenizer import encode
 MINI = Path(__file__).resolve().parent / "data" / "hellaswag_mini" / "hellaswag_mini.jsonl"
 
 
-def mini_docs() -> list[dict]:
-    return [json.loads(line) for line in MINI.read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def mini_set(tmp_path_factory) -> Path:
     """The mini items prepared by the command, as a user would (the Hub's schema: label a string)."""
@@ -42,7 +38,7 @@ def mini_set(tmp_path_factory) -> Path:
 def test_both_schemas_give_one_set_with_its_sha256(mini_set, tmp_path):
     original = tmp_path / "hellaswag_val.jsonl"  # the original jsonl: label an int, no `ind`
     original.write_text("".join(json.dumps({**{k: v for k, v in d.items() if k != "ind"}, "label": int(d["label"])})
-                                + "\n" for d in mini_docs()))
+                                + "\n" for d in read_jsonl(MINI)))
     meta = hellaswag.prepare(tmp_path / "set", [str(original)], cache_dir=str(tmp_path / "hf"))
     assert meta["items"] == 10 and meta["source"]["files"][0]["path"] == str(original)
     published = json.loads((mini_set / "meta.json").read_text())
@@ -53,7 +49,7 @@ def test_both_schemas_give_one_set_with_its_sha256(mini_set, tmp_path):
 
 def test_ids_are_tiktokens_for_the_harness_strings(mini_set):
     hs = hellaswag.load(mini_set)
-    for item, doc in enumerate(mini_docs()):
+    for item, doc in enumerate(read_jsonl(MINI)):
         query, choices = hellaswag.query_and_choices(doc)
         for (ids, n_ending), choice in zip(hs.rows(item), choices, strict=True):
             assert ids.tolist() == encode(query + " " + choice)  # context + ending: the whole string's ids
@@ -66,7 +62,7 @@ def test_ids_are_tiktokens_for_the_harness_strings(mini_set):
 
 def test_bad_sources_and_damaged_sets_are_refused(mini_set, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({**mini_docs()[0], "label": "7"}) + "\n")
+    bad.write_text(json.dumps({**read_jsonl(MINI)[0], "label": "7"}) + "\n")
     with pytest.raises(UserError, match="label '7'"):
         hellaswag.prepare(tmp_path / "out", [str(bad)], cache_dir=str(tmp_path / "hf"))
     assert not (tmp_path / "out").exists()

@@ -13,7 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import fs_faults
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,11 +35,6 @@ DOCS = [
     "The last one, with a trailing newline.\n",
 ]
 OUTPUT = {"train.bin", "val.bin", "meta.json", fileset.LOCK_NAME}
-
-
-@pytest.fixture
-def mounts():
-    yield from fs_faults.mounted()
 
 
 @pytest.fixture(scope="module")
