@@ -30,7 +30,7 @@ import torch
 
 from ds_gpt import atomic, elastic, safe_load
 from ds_gpt.collectives import Collectives
-from ds_gpt.errors import UserError, write_hint
+from ds_gpt.errors import UserError, maybe_full, write_hint
 from ds_gpt.fileset import file_digest
 
 if TYPE_CHECKING:
@@ -315,7 +315,7 @@ class Checkpointer:
         cause = f"rank {self.rank}: {str(error).strip().splitlines()[0]}" if error else "see the failing rank's error"
         kept = f"the previous checkpoint {previous[-1].tag} is intact" if previous else "no earlier checkpoint exists"
         hint = RESUME_HINT if error is None else write_hint(error, RESUME_HINT)
-        if hint == RESUME_HINT:  # a full disk, or this rank cannot tell: how much room there is
+        if error is None or maybe_full(error):  # a full disk, or this rank cannot tell: how much room there is
             kept = f"{shutil.disk_usage(self.out_dir).free / 2**30:.1f} GiB free under {self.out_dir}; {kept}"
         raise UserError(f"saving checkpoint {tag} failed on {int(failed)} rank(s): {cause}; {kept}", hint=hint)
 

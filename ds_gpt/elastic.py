@@ -39,7 +39,7 @@ import torch
 
 from ds_gpt import atomic, safe_load
 from ds_gpt.collectives import all_reduce_sum
-from ds_gpt.errors import UserError
+from ds_gpt.errors import UserError, write_reason
 from ds_gpt.run_config import BatchSizes, ds_optimizer, flags_for_global_batch
 
 DIRNAME = "layout_free"
@@ -327,11 +327,9 @@ def convert(tag_dir: Path, marker: dict) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         if not atomic.write_failed(err):
             raise
-        # torch.save's zip writer turns a full disk into a RuntimeError ("unexpected pos ...")
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else "a write failed: a full disk or quota?"
         need = "" if saved is None else \
             f", it needs {len(STATES) * 4 * sum(s.numel() for s in saved.shapes.values()) / 2**20:.0f} MiB"
-        raise UserError(f"converting {tag_dir} for another layout failed ({reason}; "
+        raise UserError(f"converting {tag_dir} for another layout failed ({write_reason(err)}; "
                         f"{shutil.disk_usage(tag_dir).free / 2**20:.0f} MiB free there{need}); the checkpoint itself "
                         "is intact", hint=f"free disk space under {tag_dir.parent} and resume again") from None
     return meta

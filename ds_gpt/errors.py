@@ -56,12 +56,22 @@ ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EN
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-def write_hint(err: BaseException, when_full: str, where: str = "--out_dir") -> str:
-    """The fix for a failed write: `when_full` for a full disk or quota (or an error that does not
-    say, such as torch's zip writer's RuntimeError), else what that errno calls for. A directory
-    where our file belongs is no matter of free space."""
+def maybe_full(err: BaseException) -> bool:
+    """A full disk or quota, or an error that does not say (torch's zip writer's RuntimeError)."""
     code = getattr(err, "errno", None)
-    if code is None or code in FULL_ERRNOS:
+    return code is None or code in FULL_ERRNOS
+
+
+def write_reason(err: BaseException) -> str:
+    """Why a write failed, for an error line: the OS's words, or a guess where the error has none."""
+    return err.strerror if isinstance(err, OSError) and err.strerror else "the write failed (a full disk or quota?)"
+
+
+def write_hint(err: BaseException, when_full: str, where: str = "--out_dir") -> str:
+    """The fix for a failed write: `when_full` if it may be a full disk or quota (maybe_full), else
+    what the errno calls for. A directory where our file belongs is no matter of free space."""
+    code = getattr(err, "errno", None)
+    if maybe_full(err):
         return when_full
     if code == errno.EISDIR:
         path = getattr(err, "filename", None) or "the file"

@@ -37,7 +37,7 @@ import torch
 from ds_gpt import file_modes, safe_load, tokenizer
 from ds_gpt.atomic import write_failed
 from ds_gpt.checkpoint import load_fp32_state_dict  # the one place that consolidates ZeRO shards
-from ds_gpt.errors import ArgumentParser, RawDescriptionHelpFormatter, UserError, run_cli, write_hint
+from ds_gpt.errors import ArgumentParser, RawDescriptionHelpFormatter, UserError, run_cli, write_hint, write_reason
 from ds_gpt.hf_tokenizer import write_gpt2_tokenizer
 from ds_gpt.interop import (
     GPT2_VOCAB_SIZE,
@@ -180,8 +180,7 @@ def export(state_dict: dict[str, torch.Tensor], client_state: dict, fmt: str, de
         except Exception as err:
             if not write_failed(err):  # torch.save reports a full disk as a RuntimeError
                 raise
-            reason = err.strerror if isinstance(err, OSError) else "the write failed (a full disk or quota?)"
-            raise UserError(f"writing --dest {dest} failed: {reason}; nothing was replaced",
+            raise UserError(f"writing --dest {dest} failed: {write_reason(err)}; nothing was replaced",
                             hint=write_hint(err, "free some space there (`df -h` shows how much is left), "
                                                  "or pick another --dest", where="--dest")) from None
         file_modes.as_created(tmp)  # mkdtemp's 0700 and safetensors' 0600 would hide it from a shared group
