@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,23 @@ def _clean(value):
     return value
 
 
+def _leave_tensorboard_write_errors_to_the_main_thread() -> None:
+    """TensorBoard writes its events from a thread of its own. A write that fails there (a full disk)
+    ends that thread, and Python prints its traceback; tensorboard keeps the exception and raises it
+    again in the main thread at the next write, where _guarded turns it into the run's one error
+    line. So the thread's OSError is not printed; every other thread error still is."""
+    if getattr(threading.excepthook, "_leaves_tensorboard_errors", False):
+        return
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (issubclass(args.exc_type, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            default(args)
+
+    hook._leaves_tensorboard_errors = True
+    threading.excepthook = hook
+
+
 class MetricsLogger:
     """metrics.jsonl lines (one os.write each: a reader never sees half a line, and a failed write
     is cut back to the last whole line), console lines and TensorBoard scalars.
@@ -45,6 +63,8 @@ class MetricsLogger:
                  wandb: WandbRun | None = None):
         self.enabled = enabled
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
+        if self.monitor is not None:
+            _leave_tensorboard_write_errors_to_the_main_thread()
         self.wandb = wandb
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tokens_per_iter = tokens_per_iter

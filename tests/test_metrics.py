@@ -67,3 +67,26 @@ def test_the_run_directory_docs_name_every_scalar_and_event():
     assert sorted(e for e in events if f'`"event": "{e}"`' not in docs) == []
     training_row = next(line for line in docs.splitlines() if line.startswith("| training |"))
     assert "`hfu`" in training_row and "`mfu`" in training_row
+
+
+def test_a_tensorboard_thread_write_error_is_left_to_the_main_thread(tmp_path, monkeypatch, capsys):
+    """Its OSError comes back in the main thread as the run's one error line: the thread prints nothing.
+    Other threads' errors still print."""
+    import threading
+
+    from ds_gpt import metrics
+
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    metrics._leave_tensorboard_write_errors_to_the_main_thread()
+
+    def failing_thread(module: str) -> None:
+        cls = type("Writer", (threading.Thread,), {"__module__": module,
+                                                   "run": lambda self: (_ for _ in ()).throw(OSError(28, "full"))})
+        thread = cls()
+        thread.start()
+        thread.join()
+
+    failing_thread("tensorboard.summary.writer.event_file_writer")
+    assert capsys.readouterr().err == ""
+    failing_thread("somewhere.else")
+    assert "OSError: [Errno 28] full" in capsys.readouterr().err
