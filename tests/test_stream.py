@@ -9,6 +9,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import fs_faults
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -94,8 +95,9 @@ def test_openwebtext_streaming_reads_the_same_way_and_reruns_are_no_ops(tmp_path
     prepare.main(argv)
     assert bins(tmp_path / "out") == expected_split(docs, reference, 300)
     capsys.readouterr()
+    published = fs_faults.snapshot(tmp_path / "out")
     prepare.main(argv)
-    assert "up to date" in capsys.readouterr().out
+    assert "up to date" in capsys.readouterr().out and fs_faults.snapshot(tmp_path / "out") == published
     with pytest.raises(UserError, match="ended inside the validation slice"):  # no train: refused, not published
         prepare.main([*argv[:-6], "--out_dir", str(tmp_path / "small"), "--val_tokens", "10000000"])
     assert not (tmp_path / "small" / "train.bin").exists()
@@ -179,10 +181,15 @@ def test_a_prepare_killed_mid_shard_resumes_from_its_last_checkpoint(tmp_path, r
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
     monkeypatch.setattr(stream, "DOCS_PER_BATCH", 16)
     monkeypatch.setattr(stream, "SHARD_TOKENS", 3000)
+    written, write = [0], stream.TokenWriter.write
+    monkeypatch.setattr(stream.TokenWriter, "write", lambda self, ids: written.__setitem__(0, written[0] + len(ids))
+                        or write(self, ids))
     capsys.readouterr()
     prepare.main(argv)
     assert f"resuming from the checkpoint at {done:,} tokens" in capsys.readouterr().out
     assert bins(out) == expected_split(docs, reference, 1500)
+    total = sum(len(ids) for ids in bins(out))
+    assert written[0] == total - done  # only what the checkpoint did not hold was encoded again
     assert not (out / stream.CHECKPOINT).exists() and not (out / stream.STAGED["train"]).exists()
 
 
