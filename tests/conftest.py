@@ -18,14 +18,24 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(os.environ["DS_GPT_CACHE"])
 put_venv_ninja_first()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def set_up_op_builds_stay_as_built():
+    """No test may rebuild the set-up's DeepSpeed ops in the shared cache: a rebuild costs every
+    process that loads the op next about 30 s (tests that need a build use a private directory)."""
+    def builds() -> dict[str, int]:
+        return {str(so): so.stat().st_mtime_ns for so in Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/*.so")}
 
+    before = builds()
+    yield
+    after = builds()
+    rebuilt = sorted(so for so in before.keys() | after.keys() if after.get(so) != before.get(so))
+    assert not rebuilt, f"the suite rebuilt DeepSpeed ops in the shared cache: {rebuilt}"
 
 
 @pytest.fixture
 def token_bins(tmp_path: Path) -> Path:
     """A fresh synthetic corpus directory (train.bin, val.bin; no meta.json, like nanoGPT's)."""
     return write_token_bins(tmp_path / "data")
-
 
 
 @pytest.fixture(scope="session")

@@ -463,10 +463,15 @@ def test_wrong_shape(name, tmp_path, capsys):
 def test_an_op_that_cannot_compile_is_one_line_naming_the_compiler(tmp_path, monkeypatch, capsys):
     """CXX pointing nowhere, and no build of the op yet: one line naming the compiler, not ninja's log."""
     from deepspeed.ops.op_builder.builder import OpBuilder
+    from torch.utils import cpp_extension
 
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     monkeypatch.setattr(OpBuilder, "_loaded_ops", {})  # this process may have loaded the built op already
+    # torch remembers each JIT build's arguments (its directory included) per process, and a later load
+    # with others builds a "_v1" op into the shared cache, after which every process rebuilds it:
+    # the failed attempt must leave nothing behind for the tests that load the op in this process.
+    monkeypatch.setattr(cpp_extension.JIT_EXTENSION_VERSIONER, "entries", {})
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: ops_main([]), prog="ds_gpt.ops")
