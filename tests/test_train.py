@@ -119,15 +119,17 @@ def test_resume_after_sigkill_is_bitwise_exact(runs, data_dir, tmp_path, stage):
 
 
 def test_compiled_engine_trains_checkpoints_and_resumes_like_eager(runs, data_dir, tmp_path):
-    """--compile True (the default; inductor's C++ backend on CPU): the same losses as eager,
-    checkpoints with the eager parameter names, and a compiled resume that continues the curve.
-    The first half also runs the flops profiler on iteration 3, which must not change the math
-    nor turn on DeepSpeed's per-step wall-clock timers."""
+    """--compile True (the default; inductor's C++ backend on CPU), every block recomputed in
+    backward (--activation_checkpointing full): the same losses as the eager run without
+    recompute, checkpoints with the eager parameter names, and a compiled resume that continues
+    the curve. The first half also runs the flops profiler on iteration 3, which must not change
+    the math nor turn on DeepSpeed's per-step wall-clock timers. (One compiled run serves all of
+    this: inductor's first compile of a model costs ~25 s of this CPU.)"""
     from ds_gpt.checkpoint import load_fp32_state_dict
 
     eager = runs(1, 2, 2)
     common = ["--deepspeed_config", "ds_configs/zero1.json", "--data_dir", str(data_dir), "--out_dir", str(tmp_path),
-              *TINY, "--gradient_accumulation_steps", "2", "--compile", "True"]
+              *TINY, "--gradient_accumulation_steps", "2", "--compile", "True", "--activation_checkpointing", "full"]
     forked_train(2, *common, "--max_iters", "10", "--profile_step", "3", log_dir=tmp_path / "logs")
     (profile,) = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "flops_profile"]
     assert profile["iter"] == 3 and profile["micro_batches"] == 2 and profile["agree"] is True, profile
@@ -141,6 +143,7 @@ def test_compiled_engine_trains_checkpoints_and_resumes_like_eager(runs, data_di
     # The engine got its profiler block off, so DeepSpeed's per-step wall-clock timers stayed off too.
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["profile_step"] == 3 and config["ds_config"]["flops_profiler"]["enabled"] is False
+    assert config["train"]["activation_checkpointing"] == "full"
     forked_train(2, *common, "--init_from", "resume", log_dir=tmp_path / "logs")
     compiled, reference = losses(tmp_path), losses(eager)
     assert sorted(compiled) == list(range(20))
