@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -47,6 +48,12 @@ AGREE_TOLERANCE = 0.05  # analytic vs profiler forward FLOPs: |profiler/analytic
 
 
 PROFILE_FILE = "flops_profile.txt"
+
+
+def graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far (0 while dynamo was never imported)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return int(dynamo.utils.counters["stats"]["unique_graphs"]) if dynamo is not None else 0
 
 
 def profiler_ds_overrides(profile_step: int | None, zero_stage: int) -> dict:
@@ -83,6 +90,7 @@ class FlopsProfileCapture:
         self._profiler = None
         self._micro: list[dict] = []  # one entry per profiled training forward
         self._previous_step_time_s: float | None = None
+        self._graphs_before: int | None = None  # graphs compiled before the profiled iteration
         # Imported here: run_config imports this module for its overrides, and the commands that
         # only read configs (preflight on a login node, plan) should not pay torch's import.
         from ds_gpt.accounting import CommBytesCounter
@@ -100,6 +108,7 @@ class FlopsProfileCapture:
         from deepspeed.profiling.flops_profiler import FlopsProfiler
 
         if self._profiler is None:
+            self._graphs_before = graphs_compiled()
             self._profiler = FlopsProfiler(self.engine.module, self.engine)
             self._comm.start()  # the profiled step's collectives, from its first forward to its optimizer step
             self._counting_comm = True
@@ -161,6 +170,9 @@ class FlopsProfileCapture:
             "mfu_analytic": 3 * analytic / step_time_s / self.peak_flops,
             "profile_file": str(self.output_file),
             "comm_bytes_per_rank": comm_bytes,  # what DeepSpeed's collectives moved for this rank
+            # Under torch.compile: graphs compiled from the profiled iteration's first forward to its
+            # optimizer step; anything but 0 means profiling made dynamo re-trace the model.
+            "graphs_compiled": graphs_compiled() - self._graphs_before,
         }
         zero_config = getattr(getattr(self.engine, "_config", None), "zero_config", None)
         if zero_stage == 3 and getattr(zero_config, "memory_efficient_linear", False):

@@ -133,6 +133,9 @@ def test_compiled_engine_trains_checkpoints_and_resumes_like_eager(runs, data_di
     forked_train(2, *common, "--max_iters", "10", "--profile_step", "3", log_dir=tmp_path / "logs")
     (profile,) = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "flops_profile"]
     assert profile["iter"] == 3 and profile["micro_batches"] == 2 and profile["agree"] is True, profile
+    # The profiled forwards ran eagerly (a compiled forward hides its FLOPs from the profiler: no
+    # agreement) and made dynamo compile nothing (a re-trace under the profiler's hooks would).
+    assert profile["graphs_compiled"] == 0, profile
     assert "DeepSpeed Flops Profiler" in (tmp_path / "flops_profile.txt").read_text()
     # What the profiled step's collectives moved for rank 0 is what the planner predicts (ZeRO-1, 2 ranks).
     from ds_gpt.plan import plan
