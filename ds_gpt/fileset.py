@@ -32,6 +32,8 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -78,6 +80,37 @@ def locked(root: Path) -> Iterator[bool]:
         yield held
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def writing(root: Path) -> Iterator[None]:
+    """One writer at a time in `root` (created if missing): holds its lock, finishes a publish a
+    killed writer committed, removes what killed writers staged. A `root` this call created is
+    removed again if the writer fails before anything but the lock is in it."""
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with locked(root) as held:
+            if not held:
+                print(f"{root}: the filesystem offers no file locks: do not run two writers into it at once",
+                      file=sys.stderr)
+            roll_forward(root, discard_broken=True)
+            if held:  # without the lock another writer's staged files may be in use
+                remove_stale(root)
+            yield
+    except BaseException:
+        if created and {p.name for p in root.iterdir()} <= {LOCK_NAME}:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def write_synced(path: Path, data: bytes) -> dict:
+    """Write and fsync a file to stage it; returns its {"bytes", "sha256"} for the journal."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def remove_stale(root: Path) -> None:

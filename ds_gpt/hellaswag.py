@@ -203,17 +203,6 @@ def up_to_date(out_dir: Path, wanted: dict) -> bool:
         return False
 
 
-def _bytes_digest(data: bytes) -> dict:
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def publish(out_dir: Path, hs: HellaSwagSet, wanted: dict) -> dict:
     """Write the set and its meta.json under hidden names, then publish both as one unit. Returns the meta."""
     import io
@@ -222,28 +211,18 @@ def publish(out_dir: Path, hs: HellaSwagSet, wanted: dict) -> dict:
     np.savez(buffer, **{name: getattr(hs, name) for name in ARRAYS})
     data = buffer.getvalue()
     meta = {**wanted, "items": len(hs), "tokens": int(len(hs.contexts) + len(hs.endings)), "file": SET_FILE,
-            **_bytes_digest(data), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    meta_bytes = (json.dumps(meta, indent=2) + "\n").encode()
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staged = {name: fileset.staged_path(out_dir, name) for name in (SET_FILE, META_FILE)}
-    try:
-        with fileset.locked(out_dir):
-            fileset.roll_forward(out_dir, discard_broken=True)
-            fileset.remove_stale(out_dir)
-            _write_synced(staged[SET_FILE], data)
-            _write_synced(staged[META_FILE], meta_bytes)
-            fileset.publish(out_dir, staged, {SET_FILE: _bytes_digest(data), META_FILE: _bytes_digest(meta_bytes)})
-    except BaseException:
-        if created and {p.name for p in out_dir.iterdir()} <= {fileset.LOCK_NAME} | {p.name for p in staged.values()}:
-            for path in [*staged.values(), out_dir / fileset.LOCK_NAME]:
-                path.unlink(missing_ok=True)
-            out_dir.rmdir()
-        raise
-    finally:
-        if not fileset.pending(out_dir):  # once committed, the staged files are the set: keep them
-            for path in staged.values():
-                path.unlink(missing_ok=True)
+            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    contents = {SET_FILE: data, META_FILE: (json.dumps(meta, indent=2) + "\n").encode()}
+    staged = {name: fileset.staged_path(out_dir, name) for name in contents}
+    with fileset.writing(out_dir):
+        try:
+            expected = {name: fileset.write_synced(staged[name], body) for name, body in contents.items()}
+            fileset.publish(out_dir, staged, expected)
+        finally:
+            if not fileset.pending(out_dir):  # once committed, the staged files are the set: keep them
+                for path in staged.values():
+                    path.unlink(missing_ok=True)
     return meta
 
 

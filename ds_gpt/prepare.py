@@ -26,16 +26,13 @@ re-run whose inputs and options match meta.json does nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -191,28 +188,6 @@ def check_writable(out_dir: Path) -> None:
                         hint="pick an --out_dir on a writable filesystem")
 
 
-@contextlib.contextmanager
-def locked_out_dir(out_dir: Path) -> Iterator[None]:
-    """One prepare at a time per out_dir (parallel test sessions share a fixture dir). Finishes a
-    publish a killed run committed, removes what killed runs staged; an out_dir this run created
-    is removed again if the run fails before publishing anything."""
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with fileset.locked(out_dir) as held:
-            if not held:
-                print(f"{out_dir}: the filesystem offers no file locks: do not run two prepares into it at once",
-                      file=sys.stderr)
-            fileset.roll_forward(out_dir, discard_broken=True)
-            if held:
-                fileset.remove_stale(out_dir)
-            yield
-    except BaseException:
-        if created and {p.name for p in out_dir.iterdir()} <= {fileset.LOCK_NAME}:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-
-
 def publish(out_dir: Path, wanted: dict, splits: dict, staged: dict[str, Path]) -> dict:
     """Write meta.json beside the staged bins and publish the three as one set; returns the meta."""
     import datasets
@@ -221,19 +196,9 @@ def publish(out_dir: Path, wanted: dict, splits: dict, staged: dict[str, Path]) 
             "splits": splits, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"tiktoken": tiktoken.__version__, "datasets": datasets.__version__}}
     expected = {f"{split}.bin": {k: s[k] for k in ("bytes", "sha256")} for split, s in splits.items()}
-    expected["meta.json"] = write_meta(staged["meta.json"], meta)
+    expected["meta.json"] = fileset.write_synced(staged["meta.json"], (json.dumps(meta, indent=2) + "\n").encode())
     fileset.publish(out_dir, staged, expected)
     return meta
-
-
-def write_meta(path: Path, meta: dict) -> dict:
-    """meta.json, fsynced; returns its {"bytes", "sha256"} for the publish journal."""
-    data = (json.dumps(meta, indent=2) + "\n").encode()
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 # -----------------------------------------------------------------------------
@@ -299,7 +264,7 @@ def prepare_corpus(args: argparse.Namespace) -> int:
     """A text corpus (a Hub dataset, local files, the plays) to train.bin / val.bin / meta.json."""
     check_writable(args.out_dir)
     if fileset.pending(args.out_dir):
-        with locked_out_dir(args.out_dir):  # finishes the set a killed run committed, so it can be up to date
+        with fileset.writing(args.out_dir):  # finishes the set a killed run committed, so it can be up to date
             pass
     source = corpus.resolve_source(args.dataset, args.input, args.text_field, args.data_files, args.subset)
     get_encoding(args.tokenizer_cache)  # no ranks: fail now, not after loading the corpus
@@ -313,7 +278,7 @@ def prepare_corpus(args: argparse.Namespace) -> int:
     docs = None if args.streaming else corpus.load_documents(source, args.num_proc, args.cache_dir)
     t1 = time.time()
     try:
-        with locked_out_dir(args.out_dir):
+        with fileset.writing(args.out_dir):
             if up_to_date(args.out_dir, wanted):  # another process just wrote it
                 return 0
             if args.streaming:

@@ -400,3 +400,32 @@ def test_a_split_whose_only_text_lands_in_val_warns(tmp_path, capsys):
                "--seed", str(seed), "--num_proc", "1")
     assert meta["splits"]["train"]["tokens"] == 1  # one <|endoftext|>
     assert "warning: every document with text landed in val" in capsys.readouterr().err
+
+
+def test_a_writer_removes_killed_writers_staged_files_only_under_the_lock(tmp_path, monkeypatch, capsys):
+    """fileset.writing, which the corpus and the HellaSwag set publish under: with the lock, what a
+    killed writer staged goes; where the filesystem offers no locks it stays (another writer may
+    be staging it now) and stderr says not to run two writers; a directory it created and that
+    holds nothing new is removed when the writer fails."""
+    root = tmp_path / "data"
+    root.mkdir()
+    stale = fileset.staged_path(root, "train.bin").with_name(".train.bin.partial-999999")
+    stale.write_bytes(b"killed")
+    with fileset.writing(root):
+        pass
+    assert not stale.exists()
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    stale.write_bytes(b"another writer's")
+    monkeypatch.setattr(fileset.fcntl, "flock", no_locks)
+    with fileset.writing(root):
+        pass
+    assert stale.read_bytes() == b"another writer's"
+    assert "offers no file locks: do not run two writers into it at once" in capsys.readouterr().err
+    monkeypatch.undo()
+    created = tmp_path / "new"
+    with pytest.raises(RuntimeError), fileset.writing(created):
+        raise RuntimeError("failed before publishing")
+    assert not created.exists()
