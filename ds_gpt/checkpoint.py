@@ -30,6 +30,7 @@ import torch
 
 from ds_gpt import atomic, elastic, safe_load
 from ds_gpt.collectives import Collectives
+from ds_gpt.config import is_count
 from ds_gpt.errors import UserError, maybe_full, write_hint
 from ds_gpt.fileset import file_digest
 
@@ -100,26 +101,22 @@ def tag_files(tag_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER)
 
 
-def _is_count(value: object, least: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
 def marker_problem(marker: dict) -> str | None:
     """What in a completion marker is not of the shape a save writes (what resume, sample and export
     read from it), or None. Checked here once, so no reader meets a string where a number belongs."""
     args = marker.get("model_args")
     if not isinstance(args, dict):
         return f"its model_args is {type(args).__name__}, not an object"
-    bad = [k for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd") if not _is_count(args.get(k), 1)]
+    bad = [k for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd") if not is_count(args.get(k))]
     if bad:
         return f"its model_args lack a positive {', '.join(bad)}"
-    if not _is_count(marker.get("world_size"), 1):
+    if not is_count(marker.get("world_size")):
         return f"its world_size is {json.dumps(marker.get('world_size'))}, not a positive integer"
     if marker.get("zero_stage") not in (0, 1, 2, 3) or isinstance(marker.get("zero_stage"), bool):
         return f"its zero_stage is {json.dumps(marker.get('zero_stage'))}, not 0-3"
     files = marker.get("files")
     if files is not None and not (isinstance(files, dict) and all(
-            isinstance(f, dict) and _is_count(f.get("bytes")) and isinstance(f.get("sha256"), str)
+            isinstance(f, dict) and is_count(f.get("bytes"), 0) and isinstance(f.get("sha256"), str)
             for f in files.values())):
         return "its files record lacks a size (bytes) or a sha256 for some file"
     return None

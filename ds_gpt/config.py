@@ -141,6 +141,22 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected True or False, got {text!r}")
 
 
+def is_count(value: object, least: int = 1) -> bool:
+    """A JSON or TOML integer >= least (a bool is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts: checked while parsing, so a bad one fails before any slow step."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})")
+    return value
+
+
 def _coerce(name: str, value: Any, tp: Any, origin: str, *, typed: bool = False) -> Any:
     """Check/convert one value from a config file or the CLI to the field's type (and its choices).
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ds_gpt import hub
-from ds_gpt.errors import FORK_ERRNOS, UserError, fork_failed, not_utf8, os_error
+from ds_gpt.errors import FORK_ERRNOS, UserError, cause_chain, fork_failed, not_utf8, os_error
 from ds_gpt.paths import cache_dir
 from ds_gpt.tokenizer import SETUP_HINT
 
@@ -101,8 +101,9 @@ def shakespeare_files() -> list[Path]:
     return files
 
 
-def _local_files(patterns: list[str], flag: str, kinds: dict[str, str]) -> tuple[tuple[str, ...], str]:
-    """(the files `patterns` match, their load_dataset builder); all must share one builder."""
+def local_files(patterns: list[str], flag: str, kinds: dict[str, str]) -> tuple[tuple[str, ...], str]:
+    """(the files `patterns` match, their load_dataset builder); all must share one builder (`kinds`:
+    builder per suffix), and not all may be empty."""
     files: list[str] = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
@@ -118,7 +119,7 @@ def _local_files(patterns: list[str], flag: str, kinds: dict[str, str]) -> tuple
         raise UserError(f"{flag} files must all be one of {', '.join(kinds)}; got "
                         f"{', '.join(sorted({Path(f).suffix or '(none)' for f in files}))}")
     if sum(os.path.getsize(f) for f in files) == 0:
-        raise UserError(f"the corpus is empty: every {flag} file has 0 bytes")
+        raise UserError(f"every {flag} file is empty (0 bytes)")
     return tuple(files), builders.pop()
 
 
@@ -130,13 +131,13 @@ def resolve_source(dataset: str | None, inputs: list[str] | None, text_field: st
         corpus = HUB_CORPORA[dataset]
         if data_files:  # a local copy in the Hub's schema: the same load_dataset call, other files
             kinds = {k: v for k, v in BUILDERS.items() if v != "text"}
-            files, builder = _local_files(data_files, "--data_files", kinds)
+            files, builder = local_files(data_files, "--data_files", kinds)
             return Source(dataset, builder, files)
         subset = subset or corpus.subset
         choice = hub.resolve(corpus.repo, subset)
         return Source(dataset, choice.load_args(subset)["path"], choice.data_files, repo=corpus.repo,
                       subset=subset, revision=choice.revision, how=choice.how)
-    files, builder = _local_files(inputs or [], "--input", BUILDERS)
+    files, builder = local_files(inputs or [], "--input", BUILDERS)
     return Source("custom", builder, files, text_field)
 
 
@@ -214,10 +215,7 @@ def _check_utf8(column, source: Source) -> None:
 
 def explain(source: Source, err: Exception) -> UserError:
     """Turn a load_dataset failure (or a stream's, while read) into one line that names the file or the fix."""
-    chain, e = [], err
-    while e is not None:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = cause_chain(err)
     text_files = source.files if source.builder in ("text", "json") and source.local else ()
     if any(isinstance(e, UnicodeDecodeError) for e in chain) and (bad := _first_non_utf8(text_files)):
         return not_utf8(*bad)

@@ -79,6 +79,15 @@ def write_hint(err: BaseException, when_full: str, where: str = "--out_dir") -> 
     return OS_ERROR_HINTS.get(code, f"check {where}: its filesystem refused the write")
 
 
+def cause_chain(err: BaseException) -> list[BaseException]:
+    """err, then what raised it, and so on: libraries (datasets, the Hub client) wrap the OSError
+    or UnicodeDecodeError that names the real problem a few levels down."""
+    chain = [err]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    return chain
+
+
 def os_error(err: OSError, doing: str | None = None) -> UserError:
     """One line for an OSError: what failed (`doing`, else the path), the OS's reason, and the fix."""
     where = None if err.filename is None else str(err.filename if err.filename2 is None

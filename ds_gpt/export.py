@@ -25,7 +25,6 @@ From a script of your own, `load_export(DEST)` returns a ready GPT from an fp32 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ import torch
 from ds_gpt import file_modes, safe_load, tokenizer
 from ds_gpt.atomic import write_failed
 from ds_gpt.checkpoint import load_fp32_state_dict  # the one place that consolidates ZeRO shards
+from ds_gpt.config import positive_int
 from ds_gpt.errors import ArgumentParser, RawDescriptionHelpFormatter, UserError, run_cli, write_hint, write_reason
 from ds_gpt.hf_tokenizer import write_gpt2_tokenizer
 from ds_gpt.interop import (
@@ -195,17 +195,6 @@ def export(state_dict: dict[str, torch.Tensor], client_state: dict, fmt: str, de
         if tmp.exists():
             shutil.rmtree(tmp)
     return dest
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a count of rows, checked before the slow consolidation (argparse names the flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number of rows (got {text!r})")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

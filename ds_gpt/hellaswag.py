@@ -21,7 +21,6 @@ Both schemas read: the Hub's (label a string) and the original jsonl's (label an
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -32,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_gpt import fileset
-from ds_gpt.errors import UserError, os_error
+from ds_gpt import corpus, fileset
+from ds_gpt.errors import UserError, cause_chain, os_error
 from ds_gpt.tokenizer import RANKS_SHA256, get_encoding
 
 HUB_DATASET = "Rowan/hellaswag"  # the harness's own dataset_path
@@ -147,17 +146,7 @@ def source_of(data_files: list[str] | None) -> dict:
 
 def local_files(patterns: list[str]) -> list[str]:
     """--data_files: every glob must match files, all .jsonl/.json or all .parquet."""
-    files = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not matches or not all(os.path.isfile(m) for m in matches):
-            raise UserError(f"no file matches --data_files {pattern}", hint="e.g. --data_files hellaswag_val.jsonl")
-        files += [os.path.abspath(m) for m in matches]
-    kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
-    if None in kinds or len(kinds) != 1:
-        raise UserError("--data_files for hellaswag must all be .jsonl/.json or all .parquet (got "
-                        f"{', '.join(sorted({Path(f).suffix or '(none)' for f in files}))})")
-    return list(dict.fromkeys(files))
+    return list(corpus.local_files(patterns, "--data_files", BUILDERS)[0])
 
 
 def load_items(data_files: list[str] | None, cache_dir: str | None = None):
@@ -170,9 +159,7 @@ def load_items(data_files: list[str] | None, cache_dir: str | None = None):
             return datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=cache_dir)
         return datasets.load_dataset(HUB_DATASET, split=HUB_SPLIT, cache_dir=cache_dir)
     except Exception as err:  # noqa: BLE001 - connection, Hub and parse errors all mean "this source cannot be read"
-        chain = [err]
-        while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None:
-            chain.append(nxt)
+        chain = cause_chain(err)
         if (os_err := next((e for e in chain if isinstance(e, OSError) and e.filename), None)) is not None:
             raise os_error(os_err) from None  # a read-only or full cache dir, an unreadable file
         cause = chain[-1]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_gpt import muon
-from ds_gpt.config import MODEL_KEYS, TrainConfig, model_args
+from ds_gpt.config import MODEL_KEYS, TrainConfig, is_count, model_args
 from ds_gpt.errors import UserError
 from ds_gpt.flops_profile import profiler_ds_overrides
 from ds_gpt.paths import repo_path
@@ -143,10 +143,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def ds_shape_problems(ds: dict) -> list[str]:
     """What is of the wrong shape among the settings ds_gpt and DeepSpeed read, each named by its path."""
     problems = [f"{key} must be a JSON object (got {json.dumps(value)}); remove the key to take DeepSpeed's defaults"
@@ -165,14 +161,14 @@ def ds_shape_problems(ds: dict) -> list[str]:
             problems.append(f"{path} must be {want} (got {json.dumps(node[key])})")
 
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        check(key, _is_count, "a positive integer")
+        check(key, is_count, "a positive integer")
     check("gradient_clipping", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: no clipping)")
     check("zero_optimization.stage", lambda v: v in (0, 1, 2, 3) and not isinstance(v, bool), "one of 0, 1, 2, 3")
     for name in ("offload_optimizer", "offload_param"):
         check(f"zero_optimization.{name}", lambda v: isinstance(v, dict), 'an object such as {"device": "cpu"}')
     for name in ("bf16", "fp16", "tensorboard", "flops_profiler"):
         check(f"{name}.enabled", lambda v: isinstance(v, bool), "true or false")
-    check("flops_profiler.profile_step", _is_count, "a positive integer")
+    check("flops_profiler.profile_step", is_count, "a positive integer")
     check("optimizer.type", lambda v: isinstance(v, str), 'a name such as "AdamW"')
     check("optimizer.params", lambda v: isinstance(v, dict), "an object")
     for name in ("lr", "weight_decay", "eps"):

@@ -425,7 +425,7 @@ SHAPES: dict[str, tuple[str, Callable[[Path], list[str]], int, str]] = {
     "marker model_args a string": ("export", lambda w: export_args(run_with_marker(
         w, put("124M", "model_args")), w / "exported", "--tag", "global_step4"), 2, "its model_args is str"),
     "export hf_vocab_size -5": ("export", lambda w: export_args(w / "in", w / "exported", "--hf_vocab_size", "-5"), 2,
-                                "--hf_vocab_size: must be a positive number of rows (got '-5')"),
+                                "--hf_vocab_size: must be a positive integer (got '-5')"),
     "report list and string lines": ("report", lambda w: report_run(w, ["[1, 2]", '"a string"', '{"iter": "x"}']),
                                      0, ""),
     "report config a list": ("report", lambda w: report_run(w, config="[1, 2]"), 0, ""),

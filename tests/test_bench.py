@@ -103,7 +103,7 @@ def test_step_reports_tokens_per_s_overhead_and_mfu(tmp_path, zero_stage, extra)
 def test_step_refuses_a_count_below_one():
     proc = subprocess.run([PYTHON, "-m", "ds_gpt.bench", "step", "--iters", "0"], cwd=REPO_ROOT,
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "--iters: 0 is not a positive integer" in proc.stderr
+    assert proc.returncode == 2 and "--iters: must be a positive integer (got '0')" in proc.stderr
 
 
 @pytest.mark.slow

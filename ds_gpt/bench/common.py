@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from ds_gpt import atomic
+from ds_gpt.config import positive_int
 from ds_gpt.data import TOKEN_DTYPE, RandomWindowSampler, TokenFile
 from ds_gpt.mfu import cpu_model
 
@@ -180,14 +181,6 @@ def sampler_for(token_file: TokenFile, batch: int, block: int, vocab_size: int,
                 cls: type[RandomWindowSampler] = RandomWindowSampler) -> RandomWindowSampler:
     """A one-rank, no-accumulation sampler: each step is one batch x block micro-batch."""
     return cls(token_file, "train", block, vocab_size, seed=1337, micro=batch, grad_accum=1, world_size=1, rank=0)
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts: a zero or negative one would only fail later, less clearly."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 def add_window_args(p: argparse.ArgumentParser) -> None:
