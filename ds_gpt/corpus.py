@@ -135,7 +135,7 @@ def resolve_source(dataset: str | None, inputs: list[str] | None, text_field: st
             return Source(dataset, builder, files)
         subset = subset or corpus.subset
         choice = hub.resolve(corpus.repo, subset)
-        return Source(dataset, choice.load_args(subset)["path"], choice.data_files, repo=corpus.repo,
+        return Source(dataset, choice.builder, choice.data_files, repo=corpus.repo,
                       subset=subset, revision=choice.revision, how=choice.how)
     files, builder = local_files(inputs or [], "--input", BUILDERS)
     return Source("custom", builder, files, text_field)

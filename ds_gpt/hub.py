@@ -44,10 +44,10 @@ class Choice:
     data_files: tuple[str, ...] = ()
     how: str = "main"  # "main", "main parquet" or "converted": said in meta.json and the console
 
-    def load_args(self, subset: str | None) -> dict:
-        if self.data_files:
-            return {"path": "parquet", "data_files": list(self.data_files)}
-        return {"path": self.repo, "name": subset, "revision": self.revision}
+    @property
+    def builder(self) -> str:
+        """load_dataset's `path`: the parquet builder over `data_files`, else the repo itself."""
+        return "parquet" if self.data_files else self.repo
 
 
 def _scripts(files: tuple[str, ...]) -> list[str]:

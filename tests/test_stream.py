@@ -245,10 +245,10 @@ def test_the_hub_revision_is_chosen_from_the_listings(case):
         return
     choice = hub.choose(repo, None, main, converted)
     if case == "no script":
-        assert choice.load_args(None) == {"path": repo, "name": None, "revision": "b" * 40}
+        assert (choice.builder, choice.revision, choice.data_files) == (repo, "b" * 40, ())
     elif case == "script and parquet":
-        assert choice.load_args(None) == {"path": "parquet", "data_files": [
-            f"hf://datasets/{repo}@{'c' * 40}/data/train-0000{k}-of-00002.parquet" for k in (0, 1)]}
+        assert choice.builder == "parquet" and choice.data_files == tuple(
+            f"hf://datasets/{repo}@{'c' * 40}/data/train-0000{k}-of-00002.parquet" for k in (0, 1))
     else:
         assert choice.data_files == tuple(f"hf://datasets/{repo}@{'d' * 40}/plain_text/train/000{k}.parquet"
                                           for k in (0, 1))
