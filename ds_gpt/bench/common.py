@@ -198,3 +198,31 @@ def bench_data(args: argparse.Namespace, tmp: Path, n_tokens: int, vocab_size: i
     write_synthetic_bin(data / "train.bin", n_tokens, vocab_size)
     write_synthetic_bin(data / "val.bin", 64 * (args.block + 1), vocab_size, seed=1)
     return data, f"synthetic {n_tokens * 2 / 2**20:,.0f} MiB train.bin"
+
+
+class TrainerStep:
+    """train.main's step for one rank, less logging and checkpoints: each optimizer side at the
+    schedule's lr, then train.train_step with the trainer's default guard (--on_nan stop) and no
+    profiler. The benchmarks time and sweep exactly what a run executes."""
+
+    def __init__(self, model: torch.nn.Module, run) -> None:
+        from ds_gpt import engine as ds_engine
+        from ds_gpt.flops_profile import FlopsProfileCapture
+        from ds_gpt.nonfinite import NonFiniteGuard
+        from ds_gpt.signals import GracefulStop
+
+        self.run = run
+        self.engine = ds_engine.build_engine(model, run)
+        self.guard = NonFiniteGuard("stop", run.batch.grad_accum, self.engine.module)
+        self.stop = GracefulStop()  # not installed: Ctrl-C stops a benchmark as usual
+        self.no_profile = FlopsProfileCapture(self.engine, profile_step=None, output_file=os.devnull,
+                                              n_params=model.num_params(), n_layer=model.config.n_layer,
+                                              n_embd=model.config.n_embd, peak_flops=1.0)
+
+    def __call__(self, batches, it: int):
+        """One iteration `it` on `batches` (a BatchPrefetcher); train.train_step's result."""
+        from ds_gpt import engine as ds_engine
+        from ds_gpt.train import train_step
+
+        ds_engine.set_lr(self.engine, self.run.side_lrs(self.run.lr_at(it)))
+        return train_step(self.engine, batches, it, self.guard, self.stop, self.no_profile)

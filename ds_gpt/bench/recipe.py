@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_gpt.bench.common import add_json_arg, load, machine, positive_int, write_json
+from ds_gpt.bench.common import TrainerStep, add_json_arg, load, machine, positive_int, write_json
 from ds_gpt.errors import UserError
 from ds_gpt.paths import repo_path
 
@@ -122,12 +122,9 @@ def train_one(args: argparse.Namespace, name: str, recipe: dict, scale: float, d
     from ds_gpt import engine as ds_engine
     from ds_gpt.config import parse_args
     from ds_gpt.data import BatchPrefetcher, RandomWindowSampler, check_data_dir
-    from ds_gpt.flops_profile import FlopsProfileCapture
     from ds_gpt.model import GPT, GPTConfig
-    from ds_gpt.nonfinite import NonFiniteGuard
     from ds_gpt.run_config import resolve
-    from ds_gpt.signals import GracefulStop
-    from ds_gpt.train import evaluate, train_step
+    from ds_gpt.train import evaluate
 
     lr = recipe["lr"] * scale
     ds_json = repo_path(recipe["json"])
@@ -148,22 +145,17 @@ def train_one(args: argparse.Namespace, name: str, recipe: dict, scale: float, d
     samplers = {split: RandomWindowSampler(files[split], split, cfg.block_size, vocab, cfg.seed, run.batch.micro,
                                            run.batch.grad_accum, 1, 0) for split in ("train", "val")}
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**run.model))
-    eng = ds_engine.build_engine(model, run)
-    guard = NonFiniteGuard("stop", run.batch.grad_accum, eng.module)
-    no_profile = FlopsProfileCapture(eng, profile_step=None, output_file=out, n_params=model.num_params(),
-                                     n_layer=cfg.n_layer, n_embd=cfg.n_embd, peak_flops=1.0)
+    step = TrainerStep(GPT(GPTConfig(**run.model)), run)
     t0 = time.perf_counter()
     curve = []
     with BatchPrefetcher(samplers["train"], ds_engine.device()) as batches:
         for it in range(args.steps + 1):
             if it % args.eval_every == 0 or it == args.steps:
-                val = evaluate(eng, {"val": samplers["val"]}, args.eval_iters)["val"]
+                val = evaluate(step.engine, {"val": samplers["val"]}, args.eval_iters)["val"]
                 curve.append((it * run.tokens_per_iter, val if math.isfinite(val) else float("inf")))
             if it == args.steps:
                 break
-            ds_engine.set_lr(eng, run.side_lrs(run.lr_at(it)))
-            if train_step(eng, batches, it, guard, GracefulStop(), no_profile).action == "stop":
+            if step(batches, it).action == "stop":
                 curve.append((it * run.tokens_per_iter, float("inf")))  # diverged: this lr loses the sweep
                 break
     print(f"  {name} lr {lr:.3g}: final val loss {curve[-1][1]:.4f}", flush=True)

@@ -13,6 +13,7 @@ import torch
 
 from ds_gpt import mfu
 from ds_gpt.bench.common import (
+    TrainerStep,
     add_json_arg,
     load,
     machine,
@@ -54,12 +55,8 @@ def add_step(sub: argparse._SubParsersAction) -> None:
 def bench_step(args: argparse.Namespace) -> None:
     from ds_gpt import engine as ds_engine
     from ds_gpt.config import parse_args
-    from ds_gpt.flops_profile import FlopsProfileCapture
     from ds_gpt.model import GPT, GPTConfig
-    from ds_gpt.nonfinite import NonFiniteGuard
     from ds_gpt.run_config import resolve
-    from ds_gpt.signals import GracefulStop
-    from ds_gpt.train import train_step
 
     ds_engine.init_distributed(timeout_s=120)  # one "single" rank: RANK/WORLD_SIZE/MASTER_* exported
     cuda = torch.cuda.is_available()
@@ -81,7 +78,8 @@ def bench_step(args: argparse.Namespace) -> None:
         model = GPT(model_cfg)
         plain = copy.deepcopy(model).to(dev)  # the same initial weights for both
         n_params = model.num_params()
-        eng = ds_engine.build_engine(model, run)
+        trainer_step = TrainerStep(model, run)
+        eng = trainer_step.engine
 
         # The plain loop is nanoGPT's train.py step: torch AdamW (fused on GPUs) over the same param
         # groups and JSON hyper-parameters, autocast for bf16, loss / accum, clipping, torch.compile.
@@ -96,16 +94,11 @@ def bench_step(args: argparse.Namespace) -> None:
         clip = float(run.ds_config.get("gradient_clipping", 0.0))
         autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                     else contextlib.nullcontext())
-        stop = GracefulStop()  # not installed: Ctrl-C stops the benchmark as usual
-        guard = NonFiniteGuard("stop", run.batch.grad_accum, eng.module)  # the trainer's default
-        no_profile = FlopsProfileCapture(eng, profile_step=None, output_file=tmp, n_params=n_params,
-                                         n_layer=model_cfg.n_layer, n_embd=model_cfg.n_embd, peak_flops=1.0)
         sync = torch.cuda.synchronize if cuda else (lambda: None)  # time the GPU's work, not its queueing
         batches = BatchPrefetcher(sampler, dev)  # the trainer's read-ahead; the plain loop reads inline
 
-        def ds_iter(it: int) -> float:  # train.main's loop body, less logging and checkpoints
-            ds_engine.set_lr(eng, run.lr_at(it))
-            return train_step(eng, batches, it, guard, stop, no_profile).loss
+        def ds_iter(it: int) -> float:
+            return trainer_step(batches, it).loss
 
         class PlainLoop:
             """nanoGPT's train.py step; `update` is its clipping, optimizer step and zero_grad."""
