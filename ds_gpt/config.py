@@ -107,7 +107,8 @@ class TrainConfig:
     def eval_due(self, iter_num: int, interval: int | None = None) -> bool:
         """Evaluate before this iteration: every `interval` (default --eval_interval), at the end, or
         once with --eval_only."""
-        return iter_num % (interval or self.eval_interval) == 0 or iter_num >= self.max_iters or self.eval_only
+        every = self.eval_interval if interval is None else interval
+        return iter_num % every == 0 or iter_num >= self.max_iters or self.eval_only
 
     def milestone_set(self) -> set[int]:
         return {int(m) for m in self.milestones.split(",") if m.strip()}
