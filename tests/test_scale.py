@@ -223,7 +223,9 @@ def run_worker(tmp_path: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def relative_gap(a: list[float], b: list[float]) -> float:
+def curve_gap(a: list[float], b: list[float]) -> float:
+    """max over points of |a - b| / |b|: how far a loss curve strays from its reference
+    (helpers.relative_gap is the same for dicts of tensors)."""
     return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
 
 
@@ -236,7 +238,7 @@ def engine_curves(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("stage", range(4))
 def test_checkpointing_keeps_the_loss_curve_at_every_zero_stage(engine_curves, stage):
     plain, checkpointed = engine_curves[f"z{stage}-none"]["losses"], engine_curves[f"z{stage}-full"]["losses"]
-    assert relative_gap(checkpointed, plain) <= 1e-6, (plain, checkpointed)
+    assert curve_gap(checkpointed, plain) <= 1e-6, (plain, checkpointed)
     assert plain[-1] < plain[0] - 0.1  # it trains: the steps in between count
 
 
@@ -246,7 +248,7 @@ def test_offload_keeps_the_loss_curve_with_deepspeeds_cpu_adam(engine_curves):
     assert [run["optimizer"] for run in offloaded.values()] == ["DeepSpeedCPUAdam"] * 2
     assert engine_curves["z2-none"]["optimizer"] == "AdamW"
     for stage, run in offloaded.items():
-        gap = relative_gap(run["losses"], engine_curves[f"z{stage}-none"]["losses"])
+        gap = curve_gap(run["losses"], engine_curves[f"z{stage}-none"]["losses"])
         assert gap <= 1e-5, (stage, gap)
 
 
@@ -262,7 +264,7 @@ def test_two_ranks_offloaded_and_checkpointed_follow_the_plain_curve(tmp_path):
                  "--out_dir", str(tmp_path / "scaled"), *common, log_dir=tmp_path / "logs")
     plain, scaled = losses(tmp_path / "plain"), losses(tmp_path / "scaled")
     assert sorted(plain) == sorted(scaled) == list(range(8))
-    assert relative_gap([scaled[i] for i in range(8)], [plain[i] for i in range(8)]) <= 1e-5
+    assert curve_gap([scaled[i] for i in range(8)], [plain[i] for i in range(8)]) <= 1e-5
     effective = json.loads((tmp_path / "scaled" / "config.json").read_text())
     assert effective["train"]["activation_checkpointing"] == "full"
     assert effective["ds_config"]["optimizer"]["params"]["torch_adam"] is False
