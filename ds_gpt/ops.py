@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
+import sys
 import sysconfig
 import time
 from collections.abc import Iterator
@@ -35,6 +37,10 @@ from ds_gpt import build_locks
 from ds_gpt.errors import UserError, run_cli
 
 OP = "deepspeed_shm_comm"
+# Written into the extensions directory once both ops have loaded: what they were loaded with
+# and each build's size and mtime. A later `make setup` that finds all of it unchanged (and no
+# build lock) has nothing to check and skips importing torch and DeepSpeed: 4 s per `make`.
+RECEIPT = ".ds_gpt-ops.json"
 
 
 def put_venv_ninja_first() -> None:
@@ -91,9 +97,38 @@ def _build(name: str, build, root: Path):
         raise build_failure(err, name, root) from err
 
 
+def _loaded_with(root: Path) -> dict:
+    """What a load of the ops depends on, read without importing torch (receipt: RECEIPT)."""
+    from importlib.metadata import version
+
+    builds = {str(so.relative_to(root)): [so.stat().st_size, so.stat().st_mtime_ns]
+              for so in sorted(root.glob("*/*.so"))}
+    return {"torch": version("torch"), "deepspeed": version("deepspeed"), "venv": os.path.realpath(sys.prefix),
+            "cxx": os.environ.get("CXX", ""), "builds": builds}
+
+
+def already_loaded(root: Path) -> bool:
+    """True when the receipt matches the venv and builds as they are now, and no build holds a lock."""
+    try:
+        receipt = json.loads((root / RECEIPT).read_text())
+    except (OSError, ValueError):
+        return False
+    return receipt == _loaded_with(root) and bool(receipt["builds"]) and not build_locks.build_locks(root)
+
+
+def write_receipt(root: Path) -> None:
+    staged = root / f".{RECEIPT}.tmp-{os.getpid()}"
+    staged.write_text(json.dumps(_loaded_with(root)))
+    os.replace(staged, root / RECEIPT)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ds_gpt.ops", description=__doc__.split("\n\n")[0])
     parser.parse_args(argv)
+    given_root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if given_root and already_loaded(Path(given_root)):
+        print(f"ds_gpt.ops: {OP} and cpu_adam ready under {given_root} (loaded before; builds unchanged)")
+        return 0
     # Imported here, not at the top: deepspeed takes seconds to import, and --help should not.
     import torch
     from deepspeed.accelerator import get_accelerator
@@ -122,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if op is None:
         print("ds_gpt.ops: DeepSpeed has no shared-memory all-reduce for this CPU; nothing to build")
     else:
+        write_receipt(root)
         print(f"ds_gpt.ops: {OP} and cpu_adam ready under {root} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -81,7 +81,7 @@ def ds_comm_backend():
     return importlib.import_module("deepspeed.comm.torch")
 
 
-def test_a_cuda_torch_builds_nothing(monkeypatch, capsys):
+def test_a_cuda_torch_builds_nothing(monkeypatch, capsys, tmp_path):
     import torch
 
     from ds_gpt import ops
@@ -90,12 +90,13 @@ def test_a_cuda_torch_builds_nothing(monkeypatch, capsys):
         raise AssertionError("the CPU op was built for a GPU install")
 
     monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no receipt of the set-up's CPU builds
     monkeypatch.setattr(ds_comm_backend(), "build_shm_op", must_not_build)
     assert ops.main([]) == 0
     assert "nothing to build" in capsys.readouterr().out
 
 
-def test_a_failed_compile_is_one_error_naming_the_op_and_the_fix(monkeypatch):
+def test_a_failed_compile_is_one_error_naming_the_op_and_the_fix(monkeypatch, tmp_path):
     from ds_gpt import ops
     from ds_gpt.errors import UserError
 
@@ -103,7 +104,34 @@ def test_a_failed_compile_is_one_error_naming_the_op_and_the_fix(monkeypatch):
         raise RuntimeError("ninja: build stopped: subcommand failed.\nError building extension 'deepspeed_shm_comm'")
 
     monkeypatch.setattr(ds_comm_backend(), "build_shm_op", compiler_fails)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there: the build is attempted
     with pytest.raises(UserError, match="compiling DeepSpeed's deepspeed_shm_comm op under .* failed: Error building "
                                         "extension 'deepspeed_shm_comm'") as info:
         ops.main([])
     assert "C++ compiler" in info.value.hint
+
+
+def test_a_receipt_skips_only_an_unchanged_locked_free_set_up(tmp_path):
+    """`make setup` skips loading the ops when the receipt matches; any change to a build, a new
+    build (torch's _v1 rebuild), a build lock or a damaged receipt sends it down the full load."""
+    from ds_gpt import ops
+
+    for op in ("deepspeed_shm_comm", "cpu_adam"):
+        (tmp_path / op).mkdir()
+        (tmp_path / op / f"{op}.so").write_bytes(b"built")
+    assert not ops.already_loaded(tmp_path)  # no receipt yet
+    ops.write_receipt(tmp_path)
+    assert ops.already_loaded(tmp_path)
+    library = tmp_path / "cpu_adam" / "cpu_adam.so"
+    library.write_bytes(b"built again")
+    assert not ops.already_loaded(tmp_path)
+    ops.write_receipt(tmp_path)
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm_v1.so").write_bytes(b"rebuilt")
+    assert not ops.already_loaded(tmp_path)
+    ops.write_receipt(tmp_path)
+    (tmp_path / "cpu_adam" / "lock").touch()
+    assert not ops.already_loaded(tmp_path)
+    (tmp_path / "cpu_adam" / "lock").unlink()
+    assert ops.already_loaded(tmp_path)
+    (tmp_path / ops.RECEIPT).write_text("{")
+    assert not ops.already_loaded(tmp_path)
