@@ -11,7 +11,8 @@ command that needs SLURM, a GPU or the internet and is not marked fails here, so
 true. Two changes are made to what runs, both for time: every training command trains TRAIN_CAP
 iterations (appended flags win over earlier ones and over the TOML), and `make demo` gets the same
 through the Makefile's DEMO_ARGS. `make test` and `make test-fast` are this suite and are not run
-from within it.
+from within it. A command a page repeats word for word from an earlier block (the README's train
+command in docs/training.md, say) already ran there, in this same copy, and is not run again.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ TRAIN_CAP = "--max_iters 4 --eval_interval 2 --eval_iters 1 --checkpoint_interva
 # the builds the suite already has instead of recompiling them into the shared cache.
 VENV = VENV_BIN.parent
 TRAINER = re.compile(r"(ds_gpt/train\.py|-m ds_gpt\.train)\b")
+# The commands whose second run, word for word in the same copy, repeats the first one's outcome
+# (set-up, ds_gpt's commands, the trainer with init_from auto): only these are not run twice.
+IDEMPOTENT = re.compile(r"(make setup|(\.venv/bin/)?python -m ds_gpt\.|deepspeed )")
 
 
 @dataclass
@@ -98,9 +102,15 @@ def as_run_here(line: str) -> str:
 
 
 def blocks() -> list[Block]:
+    return parse([(str(page.relative_to(REPO_ROOT)), page.read_text()) for page in reading_order()])
+
+
+def parse(pages: list[tuple[str, str]]) -> list[Block]:
+    """The ```bash blocks of (name, text) pages, in the order given, as this test runs them."""
     found = []
-    for page in reading_order():
-        text = page.read_text().splitlines()
+    first_run: dict[str, str] = {}  # a command, its whitespace collapsed -> the block that ran it
+    for name, page_text in pages:
+        text = page_text.splitlines()
         i = 0
         while i < len(text):
             if text[i].strip() != "```bash":
@@ -112,20 +122,32 @@ def blocks() -> list[Block]:
                 body.append(text[i])
                 i += 1
             lines = command_lines(body)
-            name = str(page.relative_to(REPO_ROOT))
             block_mark = not_here(lines[0]) if lines and lines[0].lstrip().startswith("#") else None
             script, skipped = [], []
+            heredoc_end, heredoc_kept = None, False
             for line in lines:
+                if heredoc_end is not None:  # a heredoc's body goes (or is left out) with its command, verbatim
+                    script += [line] if heredoc_kept else []
+                    heredoc_end = None if line.strip() == heredoc_end else heredoc_end
+                    continue
+                opens = re.search(r"<<-?'?(\w+)'?", line)
+                heredoc_end = opens.group(1) if opens else None
                 comment = line.partition("#")[2] if "#" in line else ""
                 mark = block_mark or not_here(comment)
                 if line.lstrip().startswith("#") or not line.strip():
                     continue
+                command = " ".join(line.partition(" #")[0].split())
+                heredoc_kept = False
                 if line.lstrip().startswith("make test"):
                     skipped.append(f"{line.strip()}  [the suite itself]")
                 elif mark:
                     skipped.append(f"{line.strip()}  [{NOT_HERE[mark]}]")
+                elif command in first_run and IDEMPOTENT.match(command):
+                    skipped.append(f"{line.strip()}  [ran at {first_run[command]}]")
                 else:
+                    first_run.setdefault(command, f"{name}:{start}")
                     script.append(as_run_here(line))
+                    heredoc_kept = True
             found.append(Block(name, start, "\n".join(script), skipped))
     return found
 
@@ -133,6 +155,13 @@ def blocks() -> list[Block]:
 @pytest.fixture(scope="module")
 def fresh_clone(tmp_path_factory, shakespeare_data) -> Path:
     """The tracked files in a new directory, with the set-up's venv and caches beside them."""
+    # The pages' `make` commands name the set-up's venv. Were its stamps older than the pins, they
+    # would reinstall into it, ds_gpt included, from this copy: the other test worker's commands
+    # would then find no ds_gpt mid-install, and the venv would point at a directory soon removed.
+    stamps = [f"{VENV}/.installed-{part}" for part in ("ds_gpt", "hf", "wandb", "eval")]
+    if subprocess.run(["make", "-q", f"VENV={VENV}", *stamps], cwd=REPO_ROOT, capture_output=True).returncode:
+        pytest.fail(f"{VENV} is older than requirements*.txt or pyproject.toml: run `make setup` "
+                    "(make test does), then the suite")
     work = tmp_path_factory.mktemp("reader") / "ds_gpt"
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True,
                              text=True).stdout.split("\0")
@@ -181,3 +210,14 @@ def test_the_parser_joins_continuations_keeps_heredocs_and_honours_marks(tmp_pat
     assert capped.startswith("deepspeed --master_port ") and capped.endswith(TRAIN_CAP)
     assert as_run_here("python -m ds_gpt.train --help") == "python -m ds_gpt.train --help"
     assert as_run_here("python -m ds_gpt.sample --out_dir out/demo") == "python -m ds_gpt.sample --out_dir out/demo"
+
+
+def test_a_command_already_run_word_for_word_is_not_run_again() -> None:
+    first = "```bash\nmake setup\npython -m ds_gpt.sample --out_dir out/demo\necho hi\n```\n"
+    second = ("```bash\nmake   setup   # once\npython -m ds_gpt.sample --out_dir out/demo\n"
+              "python -m ds_gpt.sample --out_dir out/other\necho hi\ncat <<'EOF'\nmake setup\nEOF\n```\n")
+    one, two = parse([("README.md", first), ("docs/x.md", second)])
+    assert one.script == "make setup VENV=%s\npython -m ds_gpt.sample --out_dir out/demo\necho hi" % VENV
+    assert two.script == "python -m ds_gpt.sample --out_dir out/other\necho hi\ncat <<'EOF'\nmake setup\nEOF"
+    assert two.skipped == ["make   setup   # once  [ran at README.md:1]",
+                           "python -m ds_gpt.sample --out_dir out/demo  [ran at README.md:1]"]
