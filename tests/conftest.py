@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import REPO_ROOT, TINY_RUN_TOKENIZER, tiny_run_args, write_token_bins
 
 from ds_gpt.ops import put_venv_ninja_first
@@ -13,6 +14,12 @@ from ds_gpt.ops import put_venv_ninja_first
 os.environ.setdefault("DS_GPT_CACHE", str(REPO_ROOT / ".cache"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ["DS_GPT_CACHE"]) / "torch_extensions"))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(os.environ["DS_GPT_CACHE"]) / "tiktoken"))
+# Two test workers share the machine's cores (pytest.ini: -n 2): each process they start gets
+# one OpenMP thread, as the trainer gives each of several ranks on a node its share (engine.py),
+# so that the workers' threads do not spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # this process imported torch already
 # Tests that start DeepSpeed in-process (not through the trainer) load its ops too: with the
 # same ninja as every run (see ds_gpt.ops), or each switch between two ninjas recompiles them.
 put_venv_ninja_first()
@@ -104,3 +111,22 @@ def signal_handlers_restored():
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+
+
+# The tests that must run one after another in one worker (pytest.ini starts two, pytest-xdist):
+# the cluster tests share one local SLURM cluster (its set-up is not safe to run twice at once),
+# and the docs pages run in reading order in one shared copy of the repository.
+SERIAL = ("tests/cluster/", "tests/test_docs.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load-by-scope scheduling, with SERIAL as one scope and every other test its own.
+    (Its `loadgroup` marks do not reach the scheduler under pytest 9, whose node ids ignore them.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SerialChainsFirst(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "serial" if nodeid.startswith(SERIAL) else nodeid
+
+    return SerialChainsFirst(config, log)

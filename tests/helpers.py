@@ -219,7 +219,7 @@ class Ranks:
 
     def __init__(self, nproc: int, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
                  prelude: Callable[[], None] | None = None, entry: Callable[[], None] | None = None):
-        port = str(free_port())
+        self.port = port = str(free_port())
         base = {**(os.environ if env is None else env), "MASTER_PORT": port}  # `env` replaces, as in Popen
         self.logs = [log_dir / f"rank{rank}.log" for rank in range(nproc)]
         self.procs = []
@@ -269,6 +269,7 @@ def forked_train(nproc: int, *args: str, log_dir: Path, expect: int | None = 0, 
     assert expect is None or ranks.returncode == expect, f"exit {ranks.returncode}, not {expect}:\n{output[-6000:]}"
     result = subprocess.CompletedProcess(["forked ds_gpt/train.py", *args], ranks.returncode, output, "")
     result.rank_codes = [proc.exitcode for proc in ranks.procs]  # every rank's own exit code
+    result.master_port = ranks.port
     return result
 
 
