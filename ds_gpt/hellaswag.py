@@ -144,18 +144,20 @@ def source_of(data_files: list[str] | None) -> dict:
     return {"files": [{"path": f, **fileset.file_digest(Path(f))} for f in data_files]}
 
 
-def local_files(patterns: list[str]) -> list[str]:
-    """--data_files: every glob must match files, all .jsonl/.json or all .parquet."""
-    return list(corpus.local_files(patterns, "--data_files", BUILDERS)[0])
+def local_files(patterns: list[str]) -> tuple[list[str], str]:
+    """--data_files: every glob must match files, all .jsonl/.json or all .parquet. Returns the
+    files and their load_dataset builder."""
+    files, builder = corpus.local_files(patterns, "--data_files", BUILDERS)
+    return list(files), builder
 
 
-def load_items(data_files: list[str] | None, cache_dir: str | None = None):
-    """The items as a datasets.Dataset: the Hub's split, or the local files through the same loader."""
+def load_items(data_files: list[str] | None, builder: str | None = None, cache_dir: str | None = None):
+    """The items as a datasets.Dataset: the Hub's split, or the local files (read by `builder`,
+    from local_files) through the same loader."""
     import datasets
 
     try:
         if data_files:
-            builder = BUILDERS[Path(data_files[0]).suffix.lower()]
             return datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=cache_dir)
         return datasets.load_dataset(HUB_DATASET, split=HUB_SPLIT, cache_dir=cache_dir)
     except Exception as err:  # noqa: BLE001 - connection, Hub and parse errors all mean "this source cannot be read"
@@ -215,13 +217,13 @@ def publish(out_dir: Path, hs: HellaSwagSet, wanted: dict) -> dict:
 
 def prepare(out_dir: Path, data_files: list[str] | None = None, cache_dir: str | None = None) -> dict | None:
     """`prepare --dataset hellaswag`: the set in out_dir; None when it was already up to date."""
-    files = local_files(data_files) if data_files else None
+    files, builder = local_files(data_files) if data_files else (None, None)
     get_encoding()  # no ranks: fail now, not after the download
     wanted = wanted_meta(source_of(files))
     if up_to_date(out_dir, wanted):
         print(f"{out_dir}: up to date (meta.json matches the source); nothing to do")
         return None
-    items = load_items(files, cache_dir)
+    items = load_items(files, builder, cache_dir)
     try:
         meta = publish(out_dir, tokenize(items), wanted)
     except OSError as err:  # the previous set is intact
