@@ -12,7 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ds_gpt.bench.common import add_json_arg, positive_int, write_json
+from ds_gpt.bench.common import add_json_arg, write_json
+from ds_gpt.config import positive_int
 
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 

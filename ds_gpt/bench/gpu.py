@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ds_gpt.bench.common import add_json_arg, machine, positive_int, write_json, write_synthetic_bin
+from ds_gpt.bench.common import add_json_arg, machine, write_json, write_synthetic_bin
+from ds_gpt.config import positive_int
 from ds_gpt.errors import UserError
 from ds_gpt.paths import REPO_ROOT
 from ds_gpt.presets import GPT2_VOCAB_SIZE, MODELS

@@ -22,11 +22,11 @@ from ds_gpt.bench.common import (
     load,
     machine,
     nanogpt_get_batch,
-    positive_int,
     read_into_page_cache,
     sampler_for,
     write_json,
 )
+from ds_gpt.config import positive_int
 from ds_gpt.data import TokenFile, check_token_file
 from ds_gpt.presets import PADDED_VOCAB_SIZE
 

@@ -19,11 +19,11 @@ from ds_gpt.bench.common import (
     load,
     loader_rss,
     machine,
-    positive_int,
     rss_mb,
     sampler_for,
     write_json,
 )
+from ds_gpt.config import positive_int
 from ds_gpt.data import check_token_file
 from ds_gpt.errors import UserError
 from ds_gpt.paths import REPO_ROOT

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_gpt.bench.common import add_json_arg, machine, positive_int, write_json
+from ds_gpt.bench.common import add_json_arg, machine, write_json
+from ds_gpt.config import positive_int
 
 
 def add_prepare(sub: argparse._SubParsersAction) -> None:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_gpt.bench.common import TrainerStep, add_json_arg, load, machine, positive_int, write_json
+from ds_gpt.bench.common import TrainerStep, add_json_arg, load, machine, write_json
+from ds_gpt.config import positive_int
 from ds_gpt.errors import UserError
 from ds_gpt.paths import repo_path
 

@@ -18,11 +18,11 @@ from ds_gpt.bench.common import (
     load,
     machine,
     median_with_spread,
-    positive_int,
     write_json,
     write_synthetic_bin,
 )
 from ds_gpt.bench.step_profile import marked_forward, marked_method, profile_steps
+from ds_gpt.config import positive_int
 from ds_gpt.data import BatchPrefetcher, RandomWindowSampler
 
 # A CPU-sized model by default; GPT-2's vocabulary (50304) would make its head dominate a CPU step.
