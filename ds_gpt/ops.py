@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ds_gpt import build_locks
+from ds_gpt import atomic, build_locks
 from ds_gpt.errors import UserError, run_cli
 
 OP = "deepspeed_shm_comm"
@@ -117,9 +117,7 @@ def already_loaded(root: Path) -> bool:
 
 
 def write_receipt(root: Path) -> None:
-    staged = root / f".{RECEIPT}.tmp-{os.getpid()}"
-    staged.write_text(json.dumps(_loaded_with(root)))
-    os.replace(staged, root / RECEIPT)
+    atomic.write_text(root / RECEIPT, json.dumps(_loaded_with(root)))
 
 
 def main(argv: list[str] | None = None) -> int:
