@@ -210,8 +210,10 @@ class TrainerStep:
         from ds_gpt.flops_profile import FlopsProfileCapture
         from ds_gpt.nonfinite import NonFiniteGuard
         from ds_gpt.signals import GracefulStop
+        from ds_gpt.train import train_step
 
         self.run = run
+        self._set_lr, self._train_step = ds_engine.set_lr, train_step  # bound once, out of the timed step
         self.engine = ds_engine.build_engine(model, run)
         self.guard = NonFiniteGuard("stop", run.batch.grad_accum, self.engine.module)
         self.stop = GracefulStop()  # not installed: Ctrl-C stops a benchmark as usual
@@ -221,8 +223,5 @@ class TrainerStep:
 
     def __call__(self, batches, it: int):
         """One iteration `it` on `batches` (a BatchPrefetcher); train.train_step's result."""
-        from ds_gpt import engine as ds_engine
-        from ds_gpt.train import train_step
-
-        ds_engine.set_lr(self.engine, self.run.side_lrs(self.run.lr_at(it)))
-        return train_step(self.engine, batches, it, self.guard, self.stop, self.no_profile)
+        self._set_lr(self.engine, self.run.side_lrs(self.run.lr_at(it)))
+        return self._train_step(self.engine, batches, it, self.guard, self.stop, self.no_profile)
