@@ -43,6 +43,7 @@ TRAIN_CAP = "--max_iters 4 --eval_interval 2 --eval_iters 1 --checkpoint_interva
 # the builds the suite already has instead of recompiling them into the shared cache.
 VENV = VENV_BIN.parent
 TRAINER = re.compile(r"(ds_gpt/train\.py|-m ds_gpt\.train)\b")
+HEREDOC = re.compile(r"<<-?'?(\w+)'?")  # a heredoc's start; group 1 is the word that ends it
 # The commands whose second run, word for word in the same copy, repeats the first one's outcome
 # (set-up, ds_gpt's commands, the trainer with init_from auto): only these are not run twice.
 IDEMPOTENT = re.compile(r"(make setup|(\.venv/bin/)?python -m ds_gpt\.|deepspeed )")
@@ -83,7 +84,7 @@ def command_lines(body: list[str]) -> list[str]:
             lines[-1] = lines[-1][:-1].rstrip() + " " + raw.strip()
         else:
             lines.append(raw)
-        match = re.search(r"<<-?'?(\w+)'?", lines[-1])
+        match = HEREDOC.search(lines[-1])
         heredoc_end = match.group(1) if match else None
     return lines
 
@@ -130,7 +131,7 @@ def parse(pages: list[tuple[str, str]]) -> list[Block]:
                     script += [line] if heredoc_kept else []
                     heredoc_end = None if line.strip() == heredoc_end else heredoc_end
                     continue
-                opens = re.search(r"<<-?'?(\w+)'?", line)
+                opens = HEREDOC.search(line)
                 heredoc_end = opens.group(1) if opens else None
                 comment = line.partition("#")[2] if "#" in line else ""
                 mark = block_mark or not_here(comment)
@@ -158,7 +159,8 @@ def fresh_clone(tmp_path_factory, shakespeare_data) -> Path:
     # The pages' `make` commands name the set-up's venv. Were its stamps older than the pins, they
     # would reinstall into it, ds_gpt included, from this copy: the other test worker's commands
     # would then find no ds_gpt mid-install, and the venv would point at a directory soon removed.
-    stamps = [f"{VENV}/.installed-{part}" for part in ("ds_gpt", "hf", "wandb", "eval")]
+    extras = [p.stem.removeprefix("requirements-") for p in REPO_ROOT.glob("requirements-*.txt")]
+    stamps = [f"{VENV}/.installed-{part}" for part in ("ds_gpt", *extras)]
     if subprocess.run(["make", "-q", f"VENV={VENV}", *stamps], cwd=REPO_ROOT, capture_output=True).returncode:
         pytest.fail(f"{VENV} is older than requirements*.txt or pyproject.toml: run `make setup` "
                     "(make test does), then the suite")
