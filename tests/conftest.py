@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import REPO_ROOT, TINY_RUN_TOKENIZER, tiny_run_args, write_token_bins
 
 from ds_gpt.ops import put_venv_ninja_first
@@ -17,9 +16,9 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(os.environ["DS_GPT_CACHE"])
 # Two test workers share the machine's cores (pytest.ini: -n 2): each process they start gets
 # one OpenMP thread, as the trainer gives each of several ranks on a node its share (engine.py),
 # so that the workers' threads do not spin against each other.
+# Set before anything here imports torch, which reads it then.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # this process imported torch already
 # Tests that start DeepSpeed in-process (not through the trainer) load its ops too: with the
 # same ninja as every run (see ds_gpt.ops), or each switch between two ninjas recompiles them.
 put_venv_ninja_first()
