@@ -33,10 +33,10 @@ class NonFiniteGuard:
     def _drop_if_bad(self, grad: torch.Tensor) -> torch.Tensor:
         return grad if self._bad is None else grad.masked_fill(self._bad, 0.0)
 
-    def mark(self, finite: torch.Tensor) -> None:
-        """The loss about to be back-propagated is `finite` (a bool tensor on the device)."""
+    def mark(self, loss: torch.Tensor) -> None:
+        """`loss` (on the device) is about to be back-propagated."""
         if self.policy == "skip":
-            self._bad = ~finite
+            self._bad = ~torch.isfinite(loss)
 
     def decide(self, nonfinite: int) -> str:
         """"ok", "skip" or "stop" for a step whose micro-batches (all ranks) had `nonfinite` bad losses."""

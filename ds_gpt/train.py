@@ -79,22 +79,23 @@ def train_step(eng, batches: BatchPrefetcher, step: int, guard: NonFiniteGuard, 
     micro-batch's gradient out of the step (see ds_gpt.nonfinite). `before_update(step)` runs
     once the gradients are complete, right before the optimizer steps.
     """
-    device = ds_engine.device()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    bad = torch.zeros((), dtype=torch.float64, device=device)
     grad_accum = batches.sampler.grad_accum
+    losses = []
     for micro, (x, y) in enumerate(batches.batches(step)):  # read ahead while the model computes
         with profile.count(step, x):
             loss = eng(x, y)[1]
-        finite = torch.isfinite(loss)
-        guard.mark(finite)
-        loss_sum += torch.where(finite, loss.detach(), 0.0)
-        bad += (~finite).double()
+        guard.mark(loss)
+        losses.append(loss.detach())
         eng.backward(loss)
         if micro < grad_accum - 1:
             eng.step()  # DeepSpeed counts micro-steps here; the optimizer steps at the boundary
+    # Checked once per step, not per micro-batch: on a GPU each check is a kernel launch.
+    losses_fp64 = torch.stack(losses).double()
+    finite = torch.isfinite(losses_fp64)
+    # A fill, not torch.tensor(): copying a host value to a GPU would wait for the backward to finish.
+    stop_flag = torch.full((), float(stop.requested), dtype=torch.float64, device=losses_fp64.device)
     total, n_bad, n_stop = collectives.all_reduce_sum(
-        torch.stack([loss_sum, bad, torch.tensor(float(stop.requested), dtype=torch.float64, device=device)]))
+        torch.stack([torch.where(finite, losses_fp64, 0.0).sum(), (~finite).sum(dtype=torch.float64), stop_flag]))
     n_finite = guard.micro_batches_per_step - n_bad
     action = guard.decide(int(n_bad))
     if action == "skip":

@@ -7,9 +7,13 @@ import sys
 import pytest
 import torch
 from helpers import free_port, write_token_bins
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Each of these waits for the device to finish before it returns a host value.
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# torch.tensor(host value, device=gpu) runs lift_fresh, then a blocking host-to-device copy: a host
+# wait for everything queued before it. On CPU there is no copy, but lift_fresh is there to see.
+HOST_MADE = "aten.lift_fresh.default"
 
 pytestmark = pytest.mark.slow  # a real engine built in this process (~5 s, more with a cold import)
 
@@ -39,6 +43,22 @@ def counting_host_reads(counts: dict[str, list[str]]):
 RUN_FLAGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "512",
              "--dtype", "float32", "--compile", "False", "--micro_batch_size", "2",
              "--gradient_accumulation_steps", "4"]
+
+
+class OpsOfDsGpt(TorchDispatchMode):
+    """The aten ops that ds_gpt's own code calls (its nearest caller outside torch is ds_gpt)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_globals.get("__name__", "").startswith("torch"):
+            frame = frame.f_back
+        if frame is not None and frame.f_globals.get("__name__", "").startswith("ds_gpt"):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +101,14 @@ def test_one_step_reads_the_device_once(one_rank_run, policy):
     counts: dict[str, list[str]] = {}
     from ds_gpt.data import BatchPrefetcher
 
-    with BatchPrefetcher(sampler, "cpu") as batches, counting_host_reads(counts):
+    ops = OpsOfDsGpt()
+    with BatchPrefetcher(sampler, "cpu") as batches, counting_host_reads(counts), ops:
         result = train_step(eng, batches, 0, guard, GracefulStop(), profile)
     assert result.action == "ok" and result.loss == result.loss
     assert sum(len(callers) for callers in counts.values()) == 1, counts
     assert counts == {"tolist": ["ds_gpt.collectives"]}  # the step's one all-reduce, read back once
+    assert "aten.full.default" in ops.ops  # the stop flag, filled on the device (the recorder sees ds_gpt)
+    assert HOST_MADE not in ops.ops  # no tensor made from a host value: no hidden host wait on a GPU
 
 
 def test_deepspeed_does_not_synchronize_the_device_in_a_step(one_rank_run, monkeypatch):
