@@ -156,6 +156,22 @@ def test_offload_overrides_a_json_that_asks_for_torch_adam(tmp_path):
     assert any("torch_adam True -> False" in line for line in log)
 
 
+@pytest.mark.parametrize("path, params, fused", [
+    ("zero1.json", {}, True),  # AdamW on CPU: torch's fused kernel
+    ("zero1.json", {"fused": False}, False),  # a JSON's own choice stands
+    ("zero1.json", {"foreach": True}, None),  # torch refuses fused and foreach together
+    ("zero1_muon.json", {}, None),  # Muon's auxiliary AdamW takes no such option
+    ("zero2_offload.json", {}, None),  # DeepSpeed's CPU Adam
+])
+def test_adamw_on_cpu_steps_with_torchs_fused_kernel(tmp_path, path, params, fused):
+    ds = json.loads((REPO_ROOT / "ds_configs" / path).read_text())
+    ds["optimizer"]["params"].update(params)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    for cuda, want in ((False, fused), (True, params.get("fused"))):  # GPUs: DeepSpeed's FusedAdam
+        run = resolve(parse_args(["--deepspeed_config", str(tmp_path / "ds.json")]), 1, cuda=cuda)
+        assert run.ds_config["optimizer"]["params"].get("fused") is want, cuda
+
+
 # ---------------------------------------------------------------------------------------------
 # real DeepSpeed engines, in one process (python tests/test_scale.py <out.json>)
 

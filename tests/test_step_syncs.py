@@ -111,6 +111,13 @@ def test_one_step_reads_the_device_once(one_rank_run, policy):
     assert HOST_MADE not in ops.ops  # no tensor made from a host value: no hidden host wait on a GPU
 
 
+def test_the_cpu_engine_steps_torchs_fused_adamw(one_rank_run):
+    """The resolver's `fused` reaches the AdamW that DeepSpeed builds (here inside ZeRO-1's wrapper)."""
+    eng, _ = one_rank_run
+    base = eng.optimizer.optimizer
+    assert isinstance(base, torch.optim.AdamW) and all(group["fused"] for group in base.param_groups)
+
+
 def test_deepspeed_does_not_synchronize_the_device_in_a_step(one_rank_run, monkeypatch):
     """DeepSpeed's throughput timer would synchronize the device at every forward and step()
     from the engine's third step on (two host waits per micro-batch on a GPU): the resolved
