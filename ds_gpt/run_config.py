@@ -379,7 +379,7 @@ def resolve(cfg: TrainConfig, world_size: int, *, cuda: bool, overrides_log: lis
         override(("optimizer", "params", "torch_adam"), False, "offload_optimizer")
     elif not cuda:
         # DeepSpeed's FusedAdam on CPU is a C++ op built at first use. torch's AdamW ships a fused
-        # CPU kernel as fast (4-9x its default per-tensor loop, nanoGPT's on CPU: docs/benchmarks.md).
+        # CPU kernel as fast: 4.5x its default per-tensor loop, nanoGPT's on CPU (docs/benchmarks.md).
         # Muon's auxiliary AdamW takes no such option; a JSON's own fused or foreach is kept.
         override(("optimizer", "params", "torch_adam"), True, "cpu")
         if ds_optimizer(ds) == "adamw" and "fused" not in params and not params.get("foreach"):
