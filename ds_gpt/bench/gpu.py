@@ -140,7 +140,8 @@ def bench_gpu(args: argparse.Namespace) -> None:
         print(f"  {'trainer 124M bf16 ' + name:34s} {r['ms_per_iter']:9.1f} {r['tokens_per_s']:11,.0f} "
               f"{r['mfu']:7.1%}{profiled}")
     print(f"  Muon step / AdamW step: {figures['muon_vs_adamw_step']:.2f}x; DeepSpeed overhead vs the plain loop "
-          f"{figures['step']['overhead_paired']:+.1%}")
+          f"{figures['step']['overhead_paired']:+.1%}; host waits per step "
+          f"{figures['step']['host_syncs_per_step']} (the trainer's promise: 1)")
     print(f"  memory: plan {figures['memory']['plan_peak_gib']:.2f} GiB, measured peak "
           f"{figures['memory']['measured_peak_gib']:.2f} GiB (max_memory_allocated)")
     for r in figures["adamw"]["hellaswag"]:

@@ -7,7 +7,9 @@ import copy
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -50,6 +52,19 @@ def add_step(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: table, or measured on CPU)")
     add_json_arg(p)
     p.set_defaults(func=bench_step)
+
+
+def host_syncs_in(step: Callable[[int], object], it: int) -> int:
+    """The synchronizing CUDA calls (a device-to-host read, a blocking copy) that `step(it)` makes."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(it)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 def bench_step(args: argparse.Namespace) -> None:
@@ -149,6 +164,10 @@ def bench_step(args: argparse.Namespace) -> None:
             with (marked_forward(eng.module), marked_forward(plain), marked_method(eng, "_take_model_step"),
                   marked_method(plain_iter, "update")):
                 breakdown = profile_steps(steps, profiled, cuda=cuda)
+        # On a GPU, how often each loop's step makes the host wait for the device: the trainer
+        # promises one, its read of the step's losses. CPU work is synchronous: nothing to count.
+        host_syncs = {name: host_syncs_in(step, args.warmup + args.iters + args.profile_iters)
+                      for name, step in steps.items()} if cuda else None
 
     peak, source = mfu.peak_flops_per_device(ds_engine.device_name(), run.dtype, args.peak_tflops)
     fpt = mfu.flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_embd, model_cfg.block_size)
@@ -194,9 +213,13 @@ def bench_step(args: argparse.Namespace) -> None:
         print(f"  ds_gpt's overhead beyond the plain loop's: {excess:+.2%} of its step (target <= 2%)")
     elif args.compile:
         print("  (no split of the step under --compile: the profiler's markers would be compiled into the model)")
+    if host_syncs is not None:
+        print("  host waits for the GPU in one step (torch's sync debug mode): "
+              + ", ".join(f"{name} {n}" for name, n in host_syncs.items()) + " (the trainer's promise: 1)")
     write_json(args.json, "step", {
         "setting": setting, "device": ds_engine.device_name(), "peak_flops": peak, "peak_source": source,
         "tokens_per_iter": run.tokens_per_iter, "results": figures, "overhead_paired": paired,
         "speed_ratio_paired": speed, "verdict": verdict, "breakdown": breakdown,
-        "overhead_excess_fraction": excess if breakdown else None, "max_loss_difference": drift})
+        "overhead_excess_fraction": excess if breakdown else None, "max_loss_difference": drift,
+        "host_syncs_per_step": host_syncs})
     ds_engine.shutdown()  # as the trainer does: the process group goes before the interpreter
