@@ -243,8 +243,13 @@ EOF
         in_node "$n" /usr/sbin/sshd -f "$STATE/sshd-$n.config"
     done
     for n in "${NODES[@]}"; do
-        # sshd forks into the background before it listens: wait for its port.
-        for _ in $(seq 50); do (exec 3<>"/dev/tcp/${NODE_ADDR[$n]}/22") 2>/dev/null && break; sleep 0.1; done
+        # sshd forks into the background before it listens: wait for its port (slow on a loaded machine).
+        local listening=""
+        for _ in $(seq 300); do
+            (exec 3<>"/dev/tcp/${NODE_ADDR[$n]}/22") 2>/dev/null && { listening=1; break; }
+            sleep 0.1
+        done
+        [[ -n $listening ]] || die "sshd of $n does not listen on ${NODE_ADDR[$n]}:22 after 30 s; see $STATE/sshd-$n.config"
         # Record the host key once, so the deepspeed launcher's non-interactive ssh never prompts.
         ssh-keygen -F "$n" >/dev/null 2>&1 && continue
         for _ in $(seq 50); do ssh-keyscan -T 2 "$n" >"$STATE/keyscan" 2>/dev/null && [[ -s $STATE/keyscan ]] && break; sleep 0.1; done

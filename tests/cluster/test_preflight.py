@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from cluster_jobs import CLUSTER_SH, NODE_LOCAL, NODES, SHARED_MNT, job_env, on_node, tail
+from cluster_jobs import NODE_LOCAL, NODES, SHARED_MNT, job_env, local_cluster, on_node, tail
 from helpers import PYTHON, REPO_ROOT, free_port
 
 TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--vocab_size", "512",
@@ -230,11 +230,11 @@ def test_healthy_cluster_passes(staged_runs) -> None:
 
 
 def test_stopped_sshd_is_named(allocation, meta_data: Path, tmp_path: Path) -> None:
-    subprocess.run(["bash", str(CLUSTER_SH), "stop-sshd", "node2"], check=True, capture_output=True)
+    local_cluster("stop-sshd", "node2")
     try:
         result = preflight(allocation, tmp_path, meta_data, tmp_path / "out")()
     finally:
-        subprocess.run(["bash", str(CLUSTER_SH), "up"], check=True, capture_output=True, timeout=300)
+        local_cluster("up")
     assert_fails_with(result, {"ssh": ["node2"]})
 
 
