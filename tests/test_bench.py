@@ -66,7 +66,7 @@ def test_loader_reports_every_loader_warm_and_cold(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage,extra", [("0", ()), ("1", ("--compile",))])
+@pytest.mark.parametrize("zero_stage,extra", [("0", ()), ("1", ("--compile", "--plain_fused"))])
 def test_step_reports_tokens_per_s_overhead_and_mfu(tmp_path, zero_stage, extra):
     figures = bench(tmp_path, "step", "--zero_stage", zero_stage, "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
                     "--block_size", "32", "--vocab_size", "256", "--iters", "2", "--warmup", "1",
@@ -77,6 +77,7 @@ def test_step_reports_tokens_per_s_overhead_and_mfu(tmp_path, zero_stage, extra)
     for result in figures["results"].values():
         assert 0 < result["mfu"] < 1 and result["tokens_per_s"] * result["ms_per_iter"] / 1000 == pytest.approx(256)
     assert ("torch.compile" in figures["setting"]) == ("--compile" in extra)
+    assert ("plain loop with fused AdamW" in figures["setting"]) == ("--plain_fused" in extra)
     assert "host_syncs_per_step" in figures and figures["host_syncs_per_step"] is None  # counted on a GPU only
     # ds_gpt's speed over the plain loop's, one ratio per pair of back-to-back steps, with its spread.
     speed = figures["speed_ratio_paired"]

@@ -44,6 +44,9 @@ def add_step(sub: argparse._SubParsersAction) -> None:
     for flag, default in CPU_SHAPE.items():
         p.add_argument(f"--{flag}", type=positive_int, help=f"default {default}, or the recipe's with --recipe")
     p.add_argument("--compile", action="store_true", help="torch.compile both: engine.compile() and torch.compile()")
+    p.add_argument("--plain_fused", action="store_true",
+                   help="the plain loop steps torch's fused AdamW on CPU too, as ds_gpt does (nanoGPT asks for it "
+                        "on CUDA only): the same optimizer kernel on both sides")
     p.add_argument("--iters", type=positive_int, default=20,
                    help="timed iterations of each, taking turns: the pairs of back-to-back steps compared")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations of each first (compilation included)")
@@ -96,11 +99,13 @@ def bench_step(args: argparse.Namespace) -> None:
         trainer_step = TrainerStep(model, run)
         eng = trainer_step.engine
 
-        # The plain loop is nanoGPT's train.py step: torch AdamW (fused on GPUs) over the same param
-        # groups and JSON hyper-parameters, autocast for bf16, loss / accum, clipping, torch.compile.
+        # The plain loop is nanoGPT's train.py step: torch AdamW (fused on GPUs; with --plain_fused on
+        # CPU too) over the same param groups and JSON hyper-parameters, autocast for bf16,
+        # loss / accum, clipping, torch.compile.
         hp = run.ds_config["optimizer"]["params"]
         opt = torch.optim.AdamW(plain.optimizer_param_groups(run.weight_decay), lr=run.learning_rate,
-                                betas=tuple(hp.get("betas", (0.9, 0.999))), eps=hp.get("eps", 1e-8), fused=cuda or None)
+                                betas=tuple(hp.get("betas", (0.9, 0.999))), eps=hp.get("eps", 1e-8),
+                                fused=cuda or args.plain_fused or None)
         if args.compile:
             eng.compile()
             plain_forward = torch.compile(plain)
@@ -174,7 +179,8 @@ def bench_step(args: argparse.Namespace) -> None:
     setting = (f"ZeRO-{run.zero_stage} {run.dtype}{', torch.compile' if args.compile else ''}, 1 rank on "
                f"{ds_engine.device_name()}; {model_cfg.n_layer} layers, d={model_cfg.n_embd}, "
                f"T={model_cfg.block_size}, vocab {model_cfg.vocab_size}, {n_params / 1e6:.2f}M params; "
-               f"batch {run.batch.micro} x {run.batch.grad_accum} accum = {run.tokens_per_iter:,} tokens/iter")
+               f"batch {run.batch.micro} x {run.batch.grad_accum} accum = {run.tokens_per_iter:,} tokens/iter"
+               + ("; plain loop with fused AdamW" if args.plain_fused else ""))
     print(f"\nstep benchmark: {setting}; {args.iters} timed iterations of each after {args.warmup} warm-up")
     print(f"machine: {machine()}; {load()}; peak {peak / 1e12:.3g} TFLOPS ({source})")
     # Medians, and overhead paired by iteration: two steps run back to back see the same load,
