@@ -104,6 +104,11 @@ def writing(root: Path) -> Iterator[None]:
         raise
 
 
+def meta_json(meta: dict) -> bytes:
+    """A published set's meta.json, as every writer of one writes it: indented, newline-terminated."""
+    return (json.dumps(meta, indent=2) + "\n").encode()
+
+
 def write_synced(path: Path, data: bytes) -> dict:
     """Write and fsync a file to stage it; returns its {"bytes", "sha256"} for the journal."""
     with open(path, "wb") as f:

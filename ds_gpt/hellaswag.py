@@ -202,7 +202,7 @@ def publish(out_dir: Path, hs: HellaSwagSet, wanted: dict) -> dict:
     meta = {**wanted, "items": len(hs), "tokens": int(len(hs.contexts) + len(hs.endings)), "file": SET_FILE,
             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    contents = {SET_FILE: data, META_FILE: (json.dumps(meta, indent=2) + "\n").encode()}
+    contents = {SET_FILE: data, META_FILE: fileset.meta_json(meta)}
     staged = {name: fileset.staged_path(out_dir, name) for name in contents}
     with fileset.writing(out_dir):
         try:

@@ -196,7 +196,7 @@ def publish(out_dir: Path, wanted: dict, splits: dict, staged: dict[str, Path]) 
             "splits": splits, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"tiktoken": tiktoken.__version__, "datasets": datasets.__version__}}
     expected = {f"{split}.bin": {k: s[k] for k in ("bytes", "sha256")} for split, s in splits.items()}
-    expected["meta.json"] = fileset.write_synced(staged["meta.json"], (json.dumps(meta, indent=2) + "\n").encode())
+    expected["meta.json"] = fileset.write_synced(staged["meta.json"], fileset.meta_json(meta))
     fileset.publish(out_dir, staged, expected)
     return meta
 
