@@ -134,7 +134,9 @@ def bench_step(args: argparse.Namespace) -> None:
                     group["lr"] = run.lr_at(it)
                 total = torch.zeros((), device=dev)
                 for micro in range(run.batch.grad_accum):
-                    x, y = (t.to(dev) for t in sampler.micro_batch(it, micro))
+                    # nanoGPT's get_batch: on CUDA from pinned memory, without waiting for the copy
+                    x, y = (t.pin_memory().to(dev, non_blocking=True) if cuda else t
+                            for t in sampler.micro_batch(it, micro))
                     with autocast:
                         loss = plain_forward(x, y)[1]
                     total += loss.detach()  # on the device: like nanoGPT, no host sync per micro-batch
