@@ -101,8 +101,10 @@ def _loaded_with(root: Path) -> dict:
     """What a load of the ops depends on, read without importing torch (receipt: RECEIPT)."""
     from importlib.metadata import version
 
-    builds = {str(so.relative_to(root)): [so.stat().st_size, so.stat().st_mtime_ns]
-              for so in sorted(root.glob("*/*.so"))}
+    builds = {}
+    for so in sorted(root.glob("*/*.so")):
+        stat = so.stat()  # once: size and mtime of the same file
+        builds[str(so.relative_to(root))] = [stat.st_size, stat.st_mtime_ns]
     return {"torch": version("torch"), "deepspeed": version("deepspeed"), "venv": os.path.realpath(sys.prefix),
             "cxx": os.environ.get("CXX", ""), "builds": builds}
 
