@@ -124,8 +124,8 @@ def pytest_xdist_make_scheduler(config, log):
     (Its `loadgroup` marks do not reach the scheduler under pytest 9, whose node ids ignore them.)"""
     from xdist.scheduler import LoadScopeScheduling
 
-    class SerialChainsFirst(LoadScopeScheduling):
+    class OneSerialScope(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return "serial" if nodeid.startswith(SERIAL) else nodeid
 
-    return SerialChainsFirst(config, log)
+    return OneSerialScope(config, log)

@@ -78,7 +78,7 @@ def test_step_reports_tokens_per_s_overhead_and_mfu(tmp_path, zero_stage, extra)
         assert 0 < result["mfu"] < 1 and result["tokens_per_s"] * result["ms_per_iter"] / 1000 == pytest.approx(256)
     assert ("torch.compile" in figures["setting"]) == ("--compile" in extra)
     assert ("plain loop with fused AdamW" in figures["setting"]) == ("--plain_fused" in extra)
-    assert "host_syncs_per_step" in figures and figures["host_syncs_per_step"] is None  # counted on a GPU only
+    assert figures["host_syncs_per_step"] is None  # counted on a GPU only: CPU work is synchronous
     # ds_gpt's speed over the plain loop's, one ratio per pair of back-to-back steps, with its spread.
     speed = figures["speed_ratio_paired"]
     assert len(speed["values"]) == 2 and speed["median"] == pytest.approx(statistics.median(speed["values"]))
