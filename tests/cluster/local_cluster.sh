@@ -43,21 +43,35 @@ need_root() {
         || die "needs apt-get (Debian/Ubuntu) to install slurm, munge, sshd and pdsh" 3
 }
 
+# The first line of FILE into the variable named VAR; false if FILE cannot be read. Files that
+# can vanish between a check and the read (a daemon's pid file as it exits, /proc/PID of a
+# process that has just exited) are never read with $(<FILE): under `set -e` bash ends the
+# whole script when that read fails, even inside a condition.
+read_line() {  # read_line VAR FILE
+    local -n line_into=$1
+    line_into=
+    { IFS= read -r line_into <"$2" || [[ -n $line_into ]]; } 2>/dev/null
+}
+
 # Whether a process runs. One that has exited but is not yet reaped (a zombie) does not: the
 # daemons' parent here is the machine's init, which can take seconds to reap them.
 running() {  # running PID
     local stat
-    stat=$(<"/proc/$1/stat") 2>/dev/null || return 1
+    read_line stat "/proc/$1/stat" || return 1
     stat=${stat##*) }  # the fields after "(comm) "; the first is the state
     [[ ${stat:0:1} != Z ]]
 }
 
-# A pid file's process, if it is alive and is the program we expect (pids get reused).
+# Whether PID is alive and is the program we expect (pids get reused).
+runs_as() {  # runs_as PID COMM
+    local comm
+    [[ -n $1 ]] && running "$1" && read_line comm "/proc/$1/comm" && [[ $comm == "$2"* ]]
+}
+
+# A pid file's process, if it is alive and is the program we expect.
 alive() {  # alive PIDFILE COMM
     local pid
-    [[ -s $1 ]] || return 1
-    pid=$(<"$1")
-    running "$pid" && [[ -r /proc/$pid/comm ]] && [[ $(</proc/$pid/comm) == "$2"* ]]
+    read_line pid "$1" && runs_as "$pid" "$2"
 }
 
 install_packages() {
@@ -159,8 +173,8 @@ EOF
 # Stop the process a pid file names, if it is still the program we expect.
 stop_pidfile() {  # stop_pidfile NAME COMM
     local file=$STATE/$1.pid
-    if alive "$file" "$2"; then
-        local pid; pid=$(<"$file")  # read once: a daemon removes its pid file as it exits
+    local pid  # read once: a daemon removes its pid file as it exits
+    if read_line pid "$file" && runs_as "$pid" "$2"; then
         kill "$pid" && say "stopped $2 ($pid)"
         for _ in $(seq 50); do running "$pid" || break; sleep 0.1; done
     fi
@@ -195,8 +209,9 @@ node_namespace() {  # node_namespace NODE
 
 in_node() {  # in_node NODE CMD...: run CMD in NODE's mount namespace
     local n=$1; shift
-    alive "$STATE/ns-$n.pid" sleep || die "$n is not up (tests/cluster/local_cluster.sh up)"
-    nsenter --target "$(<"$STATE/ns-$n.pid")" --mount -- "$@"
+    local pid
+    read_line pid "$STATE/ns-$n.pid" && runs_as "$pid" sleep || die "$n is not up (tests/cluster/local_cluster.sh up)"
+    nsenter --target "$pid" --mount -- "$@"
 }
 
 start_slurm() {
@@ -283,7 +298,7 @@ down() {
         scancel --quiet --full --signal=KILL --state=RUNNING 2>/dev/null || true
         scancel --quiet 2>/dev/null || true
     fi
-    local what
+    local what pid
     for what in sshd:sshd sshd-node1:sshd sshd-node2:sshd slurmd-node1:slurmd slurmd-node2:slurmd \
                 ns-node1:sleep ns-node2:sleep slurmctld:slurmctld munged:munged; do
         stop_pidfile "${what%%:*}" "${what##*:}"
@@ -298,10 +313,10 @@ down() {
 }
 
 status() {
-    local what
+    local what pid
     for what in munged:munged slurmctld:slurmctld ns-node1:sleep ns-node2:sleep slurmd-node1:slurmd \
                 slurmd-node2:slurmd sshd-node1:sshd sshd-node2:sshd; do
-        if alive "$STATE/${what%%:*}.pid" "${what##*:}"; then echo "${what%%:*}: running ($(<"$STATE/${what%%:*}.pid"))"
+        if read_line pid "$STATE/${what%%:*}.pid" && runs_as "$pid" "${what##*:}"; then echo "${what%%:*}: running ($pid)"
         else echo "${what%%:*}: not started here"; fi
     done
     sinfo -N 2>/dev/null || echo "sinfo: no controller"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cluster_jobs import (
+    CLUSTER_SH,
     ENDED,
     JOB_TIMEOUT_S,
     SBATCH_TINY,
@@ -40,6 +41,26 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 # -----------------------------------------------------------------------------
 # the harness itself
+
+@pytest.mark.parametrize("owner", ["exited", "another program"])
+def test_the_cluster_script_leaves_a_pid_that_is_not_its_daemon(owner: str, tmp_path: Path) -> None:
+    """A pid file whose process has exited, or is now another program, reads as stopped: the
+    script goes on (up restarts the daemon) and signals nothing. A daemon that exits between
+    the script's checks once ended `up` with bash's own error and no word of which daemon."""
+    other = subprocess.Popen(["sleep", "30"] if owner == "another program" else ["true"])
+    try:
+        if owner == "exited":
+            other.wait()
+        (tmp_path / "sshd-node1.pid").write_text(f"{other.pid}\n")
+        proc = subprocess.run(["bash", str(CLUSTER_SH), "stop-sshd", "node1"], capture_output=True, text=True,
+                              env={**os.environ, "DS_GPT_CLUSTER_STATE": str(tmp_path)}, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == "" and not (tmp_path / "sshd-node1.pid").exists()
+        assert other.poll() is None if owner == "another program" else other.returncode == 0
+    finally:
+        other.kill()
+        other.wait()
+
 
 def test_srun_ranks_span_both_nodes(cluster) -> None:
     """srun's tasks are recognised as srun ranks; the batch shell is not one."""
