@@ -72,12 +72,13 @@ def not_here(comment: str) -> str | None:
 
 
 def command_lines(body: list[str]) -> list[str]:
-    """The block's lines with backslash continuations joined; heredoc bodies kept verbatim."""
+    """The block's commands: backslash continuations joined, and a heredoc's body kept verbatim
+    with the command that opens it (after a newline), so that it runs, or is left out, with it."""
     lines: list[str] = []
     heredoc_end = None
     for raw in body:
         if heredoc_end is not None:
-            lines.append(raw)
+            lines[-1] += "\n" + raw
             heredoc_end = None if raw.strip() == heredoc_end else heredoc_end
             continue
         if lines and lines[-1].endswith("\\") and not lines[-1].startswith("#"):
@@ -125,30 +126,21 @@ def parse(pages: list[tuple[str, str]]) -> list[Block]:
             lines = command_lines(body)
             block_mark = not_here(lines[0]) if lines and lines[0].lstrip().startswith("#") else None
             script, skipped = [], []
-            heredoc_end, heredoc_kept = None, False
             for line in lines:
-                if heredoc_end is not None:  # a heredoc's body goes (or is left out) with its command, verbatim
-                    script += [line] if heredoc_kept else []
-                    heredoc_end = None if line.strip() == heredoc_end else heredoc_end
+                head, newline, heredoc = line.partition("\n")
+                mark = block_mark or not_here(head.partition("#")[2])
+                if head.lstrip().startswith("#") or not head.strip():
                     continue
-                opens = HEREDOC.search(line)
-                heredoc_end = opens.group(1) if opens else None
-                comment = line.partition("#")[2] if "#" in line else ""
-                mark = block_mark or not_here(comment)
-                if line.lstrip().startswith("#") or not line.strip():
-                    continue
-                command = " ".join(line.partition(" #")[0].split())
-                heredoc_kept = False
-                if line.lstrip().startswith("make test"):
-                    skipped.append(f"{line.strip()}  [the suite itself]")
+                command = " ".join(head.partition(" #")[0].split())
+                if head.lstrip().startswith("make test"):
+                    skipped.append(f"{head.strip()}  [the suite itself]")
                 elif mark:
-                    skipped.append(f"{line.strip()}  [{NOT_HERE[mark]}]")
+                    skipped.append(f"{head.strip()}  [{NOT_HERE[mark]}]")
                 elif command in first_run and IDEMPOTENT.match(command):
-                    skipped.append(f"{line.strip()}  [ran at {first_run[command]}]")
+                    skipped.append(f"{head.strip()}  [ran at {first_run[command]}]")
                 else:
                     first_run.setdefault(command, f"{name}:{start}")
-                    script.append(as_run_here(line))
-                    heredoc_kept = True
+                    script.append(as_run_here(head) + newline + heredoc)
             found.append(Block(name, start, "\n".join(script), skipped))
     return found
 
@@ -205,7 +197,7 @@ def test_the_parser_joins_continuations_keeps_heredocs_and_honours_marks(tmp_pat
     lines = command_lines(["python -m ds_gpt.plan --model 124M \\", "    --gpus 8   # on a cluster: 8 GPUs",
                            "python - <<'EOF'", "x = 1 \\", "EOF", "echo done"])
     assert lines == ["python -m ds_gpt.plan --model 124M --gpus 8   # on a cluster: 8 GPUs",
-                     "python - <<'EOF'", "x = 1 \\", "EOF", "echo done"]
+                     "python - <<'EOF'\nx = 1 \\\nEOF", "echo done"]
     assert not_here(lines[0].partition("#")[2]) == "on a cluster"
     assert not_here("# writes out/x") is None
     capped = as_run_here("deepspeed --num_gpus 2 ds_gpt/train.py --max_iters 100  # two ranks")
