@@ -54,11 +54,13 @@ def job_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def local_cluster(*args: str, timeout: int = 300) -> None:
-    """`local_cluster.sh ARGS`; a failure shows what the script said (which step, which node)."""
-    proc = subprocess.run(["bash", str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=timeout)
+def local_cluster(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`local_cluster.sh ARGS`, which must succeed; a failure shows what the script said (which
+    step, which node)."""
+    proc = subprocess.run(["bash", str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=timeout, env=env)
     said = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"local_cluster.sh {' '.join(args)} exited {proc.returncode}:\n{said}"
+    return proc
 
 
 def on_node(node: str, *cmd: str) -> subprocess.CompletedProcess:

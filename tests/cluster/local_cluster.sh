@@ -298,7 +298,7 @@ down() {
         scancel --quiet --full --signal=KILL --state=RUNNING 2>/dev/null || true
         scancel --quiet 2>/dev/null || true
     fi
-    local what pid
+    local what
     for what in sshd:sshd sshd-node1:sshd sshd-node2:sshd slurmd-node1:slurmd slurmd-node2:slurmd \
                 ns-node1:sleep ns-node2:sleep slurmctld:slurmctld munged:munged; do
         stop_pidfile "${what%%:*}" "${what##*:}"

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from cluster_jobs import (
-    CLUSTER_SH,
     ENDED,
     JOB_TIMEOUT_S,
     SBATCH_TINY,
@@ -26,6 +25,7 @@ from cluster_jobs import (
     Watch,
     assert_two_node_run,
     job_env,
+    local_cluster,
     runs_of,
     sbatch,
     signalled_run,
@@ -52,9 +52,8 @@ def test_the_cluster_script_leaves_a_pid_that_is_not_its_daemon(owner: str, tmp_
         if owner == "exited":
             other.wait()
         (tmp_path / "sshd-node1.pid").write_text(f"{other.pid}\n")
-        proc = subprocess.run(["bash", str(CLUSTER_SH), "stop-sshd", "node1"], capture_output=True, text=True,
-                              env={**os.environ, "DS_GPT_CLUSTER_STATE": str(tmp_path)}, timeout=30)
-        assert proc.returncode == 0, proc.stderr
+        state = {**os.environ, "DS_GPT_CLUSTER_STATE": str(tmp_path)}
+        proc = local_cluster("stop-sshd", "node1", timeout=30, env=state)
         assert proc.stderr == "" and not (tmp_path / "sshd-node1.pid").exists()
         assert other.poll() is None if owner == "another program" else other.returncode == 0
     finally:
