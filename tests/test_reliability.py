@@ -420,7 +420,9 @@ def test_a_dead_or_stalled_rank_makes_the_others_exit_4(data_dir, tmp_path, sig,
     lines = error_lines(stderr)
     assert len(lines) == 1 and "rank 0: a peer rank failed or a collective timed out" in lines[0], stderr[-3000:]
     assert "Traceback" not in stderr
-    if sig == signal.SIGSTOP:  # nothing tells rank 0 but the clock
-        assert pg_timeout - 2 <= elapsed <= pg_timeout + 30, elapsed
+    # A stalled rank is noticed by the clock alone. A dead one is noticed at once when gloo sees
+    # its connection close; a send already waiting on it when it died waits out the timeout.
+    if sig == signal.SIGKILL and "Timed out waiting" not in lines[0]:
+        assert elapsed < pg_timeout - 2, elapsed
     else:
-        assert elapsed <= pg_timeout, elapsed
+        assert pg_timeout - 2 <= elapsed <= pg_timeout + 30, elapsed
